@@ -1,0 +1,336 @@
+"""Command-line flags, YAML config files, variant presets and the one place that validates them.
+
+Precedence, lowest first: parser defaults < variant preset (``configs/variants.yaml``) <
+``--config FILE`` (and the files it names in ``_base_``) < flags on the command line.
+YAML keys are flag names; values are type-checked by the same parser as the command line.
+"""
+import argparse
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+VARIANTS_FILE = os.path.join(CONFIG_DIR, "variants.yaml")
+
+BOOL = argparse.BooleanOptionalAction
+
+
+def _int_list(text: str) -> List[int]:
+    return [int(v) for v in str(text).replace(",", " ").split()]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """All flags of training, evaluation, the model and the research variants (upstream names)."""
+    p = argparse.ArgumentParser("Deformable DETR with cross-attention-guided encoder references", add_help=True)
+    p.add_argument("--config", default=None, type=str, help="YAML file whose keys are flag names")
+    p.add_argument("--variant", default=None, type=str,
+                   help="preset from configs/variants.yaml: baseline|cascade|v3.0.1|v3.0.2|v3.0.3|v3.0.4")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", default=2e-4, type=float)
+    g.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+")
+    g.add_argument("--lr_backbone", default=2e-5, type=float)
+    g.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str, nargs="+")
+    g.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
+    g.add_argument("--batch_size", default=2, type=int, help="per process")
+    g.add_argument("--weight_decay", default=1e-4, type=float)
+    g.add_argument("--epochs", default=50, type=int)
+    g.add_argument("--lr_drop", default=40, type=int)
+    g.add_argument("--lr_drop_epochs", default=None, type=int, nargs="+", help="multi-step drops; overrides --lr_drop")
+    g.add_argument("--clip_max_norm", default=0.1, type=float, help="0 disables clipping")
+    g.add_argument("--sgd", action="store_true")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    g.add_argument("--backbone_weights", default=None, type=str,
+                   help="ImageNet weights file; 'none' for random init; unset: torchvision's cache")
+    g.add_argument("--dilation", action=BOOL, default=False)
+    g.add_argument("--position_embedding", default="sine", choices=["sine"])
+    g.add_argument("--position_embedding_scale", default=2 * math.pi, type=float)
+    g.add_argument("--num_feature_levels", default=4, type=int)
+
+    g = p.add_argument_group("transformer")
+    g.add_argument("--enc_layers", default=6, type=int)
+    g.add_argument("--dec_layers", default=6, type=int)
+    g.add_argument("--stages", default=None, type=str,
+                   help="comma-separated E:D stages, e.g. '6:6' (stock) or '1:1,1:1,1:1,1:1,1:1,1:1'")
+    g.add_argument("--dim_feedforward", default=1024, type=int)
+    g.add_argument("--hidden_dim", default=256, type=int)
+    g.add_argument("--dropout", default=0.1, type=float)
+    g.add_argument("--nheads", default=8, type=int)
+    g.add_argument("--num_queries_one2one", "--num_queries", dest="num_queries_one2one", default=300, type=int)
+    g.add_argument("--num_queries_one2many", default=0, type=int)
+    g.add_argument("--dec_n_points", default=4, type=int)
+    g.add_argument("--enc_n_points", default=4, type=int)
+    g.add_argument("--with_box_refine", action=BOOL, default=False)
+    g.add_argument("--two_stage", action=BOOL, default=False)
+    g.add_argument("--mixed_selection", action=BOOL, default=False)
+    g.add_argument("--look_forward_twice", action=BOOL, default=False)
+    g.add_argument("--use_ms_detr", action=BOOL, default=False, help="MS-DETR mixed supervision")
+    g.add_argument("--use_aux_ffn", action=BOOL, default=True, help="MS-DETR auxiliary FFN for one-to-many")
+
+    g = p.add_argument_group("matching and losses")
+    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
+    g.add_argument("--set_cost_class", default=2.0, type=float)
+    g.add_argument("--set_cost_bbox", default=5.0, type=float)
+    g.add_argument("--set_cost_giou", default=2.0, type=float)
+    g.add_argument("--cls_loss_coef", default=2.0, type=float)
+    g.add_argument("--bbox_loss_coef", default=5.0, type=float)
+    g.add_argument("--giou_loss_coef", default=2.0, type=float)
+    g.add_argument("--enc_cls_loss_coef", default=None, type=float, help="unset: --cls_loss_coef")
+    g.add_argument("--enc_bbox_loss_coef", default=None, type=float, help="unset: --bbox_loss_coef")
+    g.add_argument("--enc_giou_loss_coef", default=None, type=float, help="unset: --giou_loss_coef")
+    g.add_argument("--focal_alpha", default=0.25, type=float)
+    g.add_argument("--k_one2many", default=6, type=int)
+    g.add_argument("--lambda_one2many", default=1.0, type=float)
+    g.add_argument("--o2m_matcher_threshold", default=0.4, type=float)
+    g.add_argument("--o2m_matcher_k", default=6, type=int)
+    g.add_argument("--o2m_cls_loss_coef", default=2.0, type=float)
+    g.add_argument("--o2m_bbox_loss_coef", default=5.0, type=float)
+    g.add_argument("--o2m_giou_loss_coef", default=2.0, type=float)
+    g.add_argument("--topk_eval", default=100, type=int)
+
+    g = p.add_argument_group("cross-attention-guided encoder references (research)")
+    g.add_argument("--enc_ref_mode", default="none", choices=["none", "per_level", "per_point"],
+                   help="none: stock token grid; per_level: v3.0.1; per_point: v3.0.2-4")
+    g.add_argument("--ref_rank", default="attn", choices=["cls", "attn", "attn_cls"])
+    g.add_argument("--ref_queries", default="all", choices=["all", "o2o"])
+    g.add_argument("--ref_keep_self", action=BOOL, default=False)
+    g.add_argument("--ref_grad", action=BOOL, default=False)
+    g.add_argument("--enc_ref_progressive", action=BOOL, default=False)
+    g.add_argument("--attn_map_accum", default="none", choices=["none", "sum", "mean", "max"])
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_file", default="coco", choices=["coco", "synthetic"])
+    g.add_argument("--coco_path", default="data/coco", type=str)
+    g.add_argument("--train_ann", default="instances_train2017.json", type=str)
+    g.add_argument("--val_ann", default="instances_val2017.json", type=str)
+    g.add_argument("--num_classes", default=None, type=int, help="unset: from the dataset (91 for COCO)")
+    g.add_argument("--min_size", default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], type=int, nargs="+")
+    g.add_argument("--max_size", default=1333, type=int)
+    g.add_argument("--eval_size", default=None, type=int, help="unset: max(--min_size)")
+    g.add_argument("--random_crop", action=BOOL, default=True)
+    g.add_argument("--crop_min_size", default=[400, 500, 600], type=int, nargs="+")
+    g.add_argument("--crop_size", default=[384, 600], type=int, nargs=2)
+    g.add_argument("--skip_bad_images", action=BOOL, default=False)
+    g.add_argument("--synthetic_num_train", default=512, type=int)
+    g.add_argument("--synthetic_num_val", default=128, type=int)
+    g.add_argument("--synthetic_image_size", default=256, type=int)
+    g.add_argument("--synthetic_seed", default=0, type=int)
+    g.add_argument("--num_workers", default=2, type=int)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="", type=str)
+    g.add_argument("--device", default="cuda", type=str, help="cuda or cpu (cuda falls back to cpu if absent)")
+    g.add_argument("--seed", default=42, type=int)
+    g.add_argument("--resume", default="", type=str, help="checkpoint to resume training (or evaluate) from")
+    g.add_argument("--auto_resume", action=BOOL, default=False, help="resume from the latest checkpoint in output_dir")
+    g.add_argument("--pretrained", default="", type=str, help="weights only (state dict or checkpoint with 'model')")
+    g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--eval", action="store_true")
+    g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
+    g.add_argument("--print_freq", default=10, type=int, help="iterations per progress/log window")
+    g.add_argument("--max_iters_per_epoch", default=None, type=int, help="cap iterations (smoke runs)")
+    g.add_argument("--tensorboard", action=BOOL, default=True)
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", default=0, type=int,
+                   help="set by torch.distributed.launch")
+    return p
+
+
+# ----------------------------------------------------------------------------- config files
+
+def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
+    """Read a YAML config, merging the files listed under ``_base_`` (paths relative to it) first."""
+    path = os.path.abspath(path)
+    _seen = _seen or ()
+    if path in _seen:
+        raise ValueError(f"config {path}: circular _base_ chain {' -> '.join(_seen + (path,))}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path}: top level must be a mapping of flag names to values")
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        merged.update(load_yaml_config(os.path.join(os.path.dirname(path), base), _seen + (path,)))
+    merged.update(data)
+    return merged
+
+
+def _flag_table(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def _to_tokens(values: Dict[str, Any], parser: argparse.ArgumentParser, source: str) -> List[str]:
+    """Turn {flag: value} into command-line tokens so the parser type-checks config values too."""
+    table = _flag_table(parser)
+    tokens: List[str] = []
+    for key, value in values.items():
+        if key not in table:
+            raise ValueError(f"{source}: unknown key '{key}' (not a flag of main.py)")
+        action = table[key]
+        flag = next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+        if isinstance(action, BOOL):
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: '{key}' must be true or false, got {value!r}")
+            tokens.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreTrueAction) or isinstance(action, argparse._StoreFalseAction):
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: '{key}' must be true or false, got {value!r}")
+            store_true = isinstance(action, argparse._StoreTrueAction)
+            if value != action.default and (value is store_true):
+                tokens.append(flag)
+            elif value != action.default:
+                raise ValueError(f"{source}: '{key}: {value}' cannot be expressed with flag {flag}")
+        elif value is None:
+            if action.default is not None:
+                raise ValueError(f"{source}: '{key}' cannot be null")
+        elif action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            tokens.append(flag)
+            tokens.extend(str(v) for v in items)
+        else:
+            if isinstance(value, (list, dict)):
+                raise ValueError(f"{source}: '{key}' takes a single value, got {value!r}")
+            tokens.extend([flag, str(value)])
+    return tokens
+
+
+def load_variants(path: str = VARIANTS_FILE) -> Dict[str, Dict[str, Any]]:
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags with presets and config files applied, then validate. Raises SystemExit/ValueError."""
+    parser = get_args_parser()
+    cli = list(argv) if argv is not None else None
+    first = parser.parse_args(cli)
+    file_values = load_yaml_config(first.config) if first.config else {}
+    variant = first.variant if first.variant is not None else file_values.get("variant")
+    preset_tokens: List[str] = []
+    if variant is not None:
+        variants = load_variants()
+        if variant not in variants:
+            raise ValueError(f"--variant {variant}: unknown; choose from {', '.join(variants)}")
+        preset_tokens = _to_tokens(variants[variant], parser, f"variant preset '{variant}'")
+    file_tokens = _to_tokens(file_values, parser, f"config {first.config}") if file_values else []
+    import sys
+    cli_tokens = cli if cli is not None else sys.argv[1:]
+    args = parser.parse_args(preset_tokens + file_tokens + cli_tokens)
+    args.variant = variant
+    validate_args(args)
+    return args
+
+
+# ----------------------------------------------------------------------------- validation
+
+def parse_stages(stages: str, enc_layers: int, dec_layers: int) -> List[Tuple[int, int]]:
+    """'1:1,1:1' -> [(1, 1), (1, 1)]; checks sums against the layer counts."""
+    pairs = []
+    for part in stages.split(","):
+        part = part.strip()
+        try:
+            e, d = part.split(":")
+            pairs.append((int(e), int(d)))
+        except ValueError:
+            raise ValueError(f"--stages '{stages}': '{part}' is not of the form E:D with integers") from None
+    for e, d in pairs:
+        if e < 0 or d < 0 or e + d == 0:
+            raise ValueError(f"--stages '{stages}': each stage needs E, D >= 0 and at least one layer, got {e}:{d}")
+    total_e, total_d = sum(e for e, _ in pairs), sum(d for _, d in pairs)
+    if total_e != enc_layers:
+        raise ValueError(f"--stages '{stages}': encoder layers sum to {total_e}, but --enc_layers is {enc_layers}")
+    if total_d != dec_layers:
+        raise ValueError(f"--stages '{stages}': decoder layers sum to {total_d}, but --dec_layers is {dec_layers}")
+    return pairs
+
+
+def num_guided_encoder_layers(pairs: List[Tuple[int, int]]) -> int:
+    """Encoder layers that run after at least one decoder layer (the only ones that can be guided)."""
+    seen_decoder, guided = False, 0
+    for e, d in pairs:
+        if seen_decoder:
+            guided += e
+        seen_decoder = seen_decoder or d > 0
+    return guided
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """The one place that checks the whole configuration; raises ValueError naming the flags."""
+    def fail(msg: str):
+        raise ValueError(f"invalid configuration: {msg}")
+
+    if args.stages is None:
+        args.stages = f"{args.enc_layers}:{args.dec_layers}"
+    pairs = parse_stages(args.stages, args.enc_layers, args.dec_layers)
+    if args.enc_layers < 1 or args.dec_layers < 1:
+        fail("--enc_layers and --dec_layers must be >= 1")
+    if args.hidden_dim % args.nheads != 0:
+        fail(f"--hidden_dim {args.hidden_dim} is not divisible by --nheads {args.nheads}")
+    if args.hidden_dim % 32 != 0:
+        fail(f"--hidden_dim {args.hidden_dim} must be a multiple of 32 (GroupNorm(32) input projections)")
+    if not 1 <= args.num_feature_levels <= 5:
+        fail(f"--num_feature_levels {args.num_feature_levels} must be in 1..5")
+    if args.mixed_selection and not args.two_stage:
+        fail("--mixed_selection needs --two_stage (queries' positions come from encoder proposals)")
+    if args.look_forward_twice and not args.with_box_refine:
+        fail("--look_forward_twice needs --with_box_refine")
+    if args.num_queries_one2one < 1:
+        fail("--num_queries_one2one must be >= 1")
+    if args.num_queries_one2many < 0:
+        fail("--num_queries_one2many must be >= 0")
+    if args.use_ms_detr and args.num_queries_one2many > 0:
+        fail("--use_ms_detr (mixed supervision on the same queries) and --num_queries_one2many > 0 "
+             "(hybrid extra query group) are two different one-to-many forms; pick one")
+    if args.num_queries_one2many > 0 and args.k_one2many < 1:
+        fail("--k_one2many must be >= 1 with --num_queries_one2many > 0")
+    if args.use_ms_detr and (args.o2m_matcher_k < 1 or not 0.0 <= args.o2m_matcher_threshold <= 1.0):
+        fail("--o2m_matcher_k must be >= 1 and --o2m_matcher_threshold in [0, 1]")
+    if args.topk_eval < 1:
+        fail("--topk_eval must be >= 1")
+    if args.backbone_weights not in (None, "none") and not os.path.isfile(args.backbone_weights):
+        fail(f"--backbone_weights {args.backbone_weights}: file not found")
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        fail(f"--pretrained {args.pretrained}: file not found")
+    if args.resume and not args.resume.startswith("https://") and not os.path.isfile(args.resume):
+        fail(f"--resume {args.resume}: file not found")
+    if args.eval and not (args.resume or args.pretrained):
+        print("warning: --eval without --resume/--pretrained evaluates an untrained model")
+    if args.batch_size < 1 or args.epochs < 0:
+        fail("--batch_size must be >= 1 and --epochs >= 0")
+
+    guided_mode = args.enc_ref_mode != "none"
+    if guided_mode:
+        if num_guided_encoder_layers(pairs) == 0:
+            fail(f"--enc_ref_mode {args.enc_ref_mode} guides encoder layers that run after a decoder layer, "
+                 f"but --stages {args.stages} runs no encoder layer after a decoder layer")
+        n_candidates = args.num_queries_one2one + (args.num_queries_one2many if args.ref_queries == "all" else 0)
+        if args.enc_ref_mode == "per_level" and n_candidates < args.num_feature_levels:
+            fail(f"--enc_ref_mode per_level picks {args.num_feature_levels} queries but only {n_candidates} "
+                 "are candidates")
+        if args.enc_ref_mode == "per_level" and args.ref_rank != "cls":
+            fail("--enc_ref_mode per_level (v3.0.1) ranks candidates by class score: use --ref_rank cls")
+        if args.enc_ref_mode == "per_point" and args.ref_rank == "cls":
+            fail("--enc_ref_mode per_point ranks candidates per token by map weight: "
+                 "--ref_rank attn or attn_cls")
+    else:
+        for flag, value, default in (("--ref_keep_self", args.ref_keep_self, False), ("--ref_grad", args.ref_grad, False),
+                                     ("--attn_map_accum", args.attn_map_accum, "none"),
+                                     ("--ref_queries", args.ref_queries, "all")):
+            if value != default:
+                fail(f"{flag} {value} has no effect without --enc_ref_mode per_level|per_point")
+    if args.ref_keep_self and args.enc_ref_mode != "per_point":
+        fail("--ref_keep_self needs --enc_ref_mode per_point")
+    if args.ref_keep_self and args.enc_n_points < 2:
+        fail("--ref_keep_self keeps point 0 for the token itself: needs --enc_n_points >= 2")
+    if args.ref_queries == "o2o" and args.num_queries_one2many == 0 and not args.use_ms_detr:
+        print("warning: --ref_queries o2o without a one-to-many form: all queries are one-to-one already")
+    if args.amp == "fp16" and str(args.device).startswith("cpu"):
+        fail("--amp fp16 is for GPUs; use --amp bf16 or off on CPU")
