@@ -244,6 +244,9 @@ def parse_stages(stages: str, enc_layers: int, dec_layers: int) -> List[Tuple[in
     for e, d in pairs:
         if e < 0 or d < 0 or e + d == 0:
             raise ValueError(f"--stages '{stages}': each stage needs E, D >= 0 and at least one layer, got {e}:{d}")
+    if pairs[-1][1] == 0:
+        raise ValueError(f"--stages '{stages}': the last stage runs no decoder layer, so its encoder layers "
+                         "could not affect any prediction")
     total_e, total_d = sum(e for e, _ in pairs), sum(d for _, d in pairs)
     if total_e != enc_layers:
         raise ValueError(f"--stages '{stages}': encoder layers sum to {total_e}, but --enc_layers is {enc_layers}")

@@ -1,0 +1,43 @@
+"""Model construction from parsed flags: ``build_model(args) -> (model, criterion, postprocessors)``."""
+from util.config import parse_stages
+
+from .backbone import build_backbone
+from .deformable_detr import DeformableDETR
+from .deformable_transformer import DeformableTransformer
+from .weights import load_pretrained
+
+__all__ = ["build_model", "build_transformer", "load_pretrained"]
+
+
+def build_transformer(args) -> DeformableTransformer:
+    generator = None
+    if args.enc_ref_mode != "none":
+        from .enc_reference import build_enc_reference_generator
+        generator = build_enc_reference_generator(args)
+    return DeformableTransformer(
+        d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
+        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
+        num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points,
+        two_stage=args.two_stage, with_box_refine=args.with_box_refine, look_forward_twice=args.look_forward_twice,
+        mixed_selection=args.mixed_selection, use_ms_detr=args.use_ms_detr, use_aux_ffn=args.use_aux_ffn,
+        stages=parse_stages(args.stages or f"{args.enc_layers}:{args.dec_layers}", args.enc_layers, args.dec_layers),
+        enc_ref_progressive=args.enc_ref_progressive, enc_reference_generator=generator)
+
+
+def build_model(args):
+    """Parsed flags (``util.config.parse_args``) -> (model, criterion, postprocessors).
+
+    ``args.num_classes`` must be set (main.py derives it from the dataset when unset).
+    """
+    from .criterion import build_criterion
+    from .postprocess import build_postprocessors
+
+    if getattr(args, "num_classes", None) is None:
+        raise ValueError("build_model: args.num_classes is not set (91 for COCO; datasets.num_classes(args))")
+    model = DeformableDETR(
+        build_backbone(args), build_transformer(args), num_classes=args.num_classes,
+        num_feature_levels=args.num_feature_levels, num_queries_one2one=args.num_queries_one2one,
+        num_queries_one2many=args.num_queries_one2many, aux_loss=args.aux_loss,
+        with_box_refine=args.with_box_refine, two_stage=args.two_stage, mixed_selection=args.mixed_selection,
+        use_ms_detr=args.use_ms_detr)
+    return model, build_criterion(args, args.num_classes), build_postprocessors(args)

@@ -1,0 +1,135 @@
+"""ResNet backbone with frozen BatchNorm returning multi-scale features and their padding masks."""
+import os
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+from util.nested_tensor import NestedTensor
+
+from .position_encoding import build_position_encoding
+
+_WEIGHTS_ENUM = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters (all buffers, never trained).
+
+    Detection batches are too small for useful batch statistics, so the ImageNet ones are kept.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # torchvision checkpoints carry a BatchNorm counter that a frozen layer has no use for
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, C, H, W)."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def _imagenet_weights_path(name: str, weights: str) -> str:
+    """Where the ImageNet weights are: the given file, or torchvision's cache. Never downloads."""
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"--backbone_weights {weights}: file not found")
+        return weights
+    enum = getattr(torchvision.models, _WEIGHTS_ENUM[name]).IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
+    if not os.path.isfile(cached):
+        raise FileNotFoundError(
+            f"ImageNet weights for {name} are not in torchvision's cache ({cached}). Pass "
+            f"--backbone_weights PATH to a torchvision {name} state dict, or --backbone_weights none for random init.")
+    return cached
+
+
+def build_resnet(name: str, dilation: bool, weights: str) -> nn.Module:
+    """A torchvision ResNet with FrozenBatchNorm2d; weights from a local file or the cache, or random."""
+    net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
+                                           norm_layer=FrozenBatchNorm2d)
+    if weights != "none":
+        path = _imagenet_weights_path(name, weights)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise RuntimeError(f"backbone weights {path} do not fit {name}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    return net
+
+
+class Backbone(nn.Module):
+    """ResNet trunk returning stride 8/16/32 maps (or stride 32 only) with downsampled masks."""
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool, weights: str):
+        super().__init__()
+        net = build_resnet(name, dilation, weights)
+        # pretrained stem and layer1 stay frozen as upstream; from random init everything must learn
+        trainable = ("layer2", "layer3", "layer4") if weights != "none" else ("",)
+        for pname, param in net.named_parameters():
+            if not train_backbone or not any(t in pname for t in trainable):
+                param.requires_grad_(False)
+        if return_interm_layers:
+            return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
+            self.strides = [8, 16, 32]
+        else:
+            return_layers = {"layer4": "0"}
+            self.strides = [32]
+        last = 512 if name in ("resnet18", "resnet34") else 2048
+        self.num_channels = [last // 4, last // 2, last] if return_interm_layers else [last]
+        if dilation:
+            self.strides[-1] //= 2
+        self.body = IntermediateLayerGetter(net, return_layers=return_layers)
+
+    def forward(self, tensor_list: NestedTensor) -> List[NestedTensor]:
+        """images (B, 3, H, W) + mask (B, H, W) -> per level features (B, C_l, H_l, W_l) + masks."""
+        features: Dict[str, torch.Tensor] = self.body(tensor_list.tensors)
+        out = []
+        for x in features.values():
+            mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:])[0].to(torch.bool)
+            out.append(NestedTensor(x, mask))
+        return out
+
+
+class Joiner(nn.Sequential):
+    """(backbone, position encoding) so state-dict keys read backbone.0.body.* as upstream."""
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+    def forward(self, tensor_list: NestedTensor):
+        features = self[0](tensor_list)
+        pos = [self[1](f).to(f.tensors.dtype) for f in features]
+        return features, pos
+
+
+def build_backbone(args) -> Joiner:
+    weights = args.backbone_weights
+    weights = "none" if isinstance(weights, str) and weights.lower() == "none" else weights
+    backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
+                        return_interm_layers=args.num_feature_levels > 1, dilation=args.dilation, weights=weights)
+    return Joiner(backbone, build_position_encoding(args))

@@ -1,0 +1,50 @@
+"""Loading published / foreign weights into the model (weights only, never optimiser state)."""
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+# Upstream attaches the detector's heads to its decoder, which saves every head a second time
+# under these prefixes. Our decoder does not own the heads, so these aliases are dropped.
+UPSTREAM_HEAD_ALIASES = ("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A raw state dict, or a checkpoint holding one under 'model' (DDP 'module.' prefixes removed)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: say which
+        raise RuntimeError(f"cannot read weights from {path}: {exc}") from exc
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path} holds no state dict (expected a dict or a checkpoint with 'model')")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def drop_upstream_aliases(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    kept = {k: v for k, v in state.items() if not k.startswith(UPSTREAM_HEAD_ALIASES)}
+    return kept, sorted(set(state) - set(kept))
+
+
+def load_pretrained(model: nn.Module, path: str, verbose: bool = True) -> Tuple[List[str], List[str]]:
+    """Load weights from ``path`` into ``model`` non-strictly; returns (missing, unexpected) keys.
+
+    Upstream head aliases are dropped (and counted); tensors whose shape does not fit
+    (e.g. a classifier for another number of classes) are skipped and reported as missing.
+    """
+    state, aliases = drop_upstream_aliases(read_state_dict(path))
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    for k in mismatched:
+        state.pop(k)
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    if verbose:
+        print(f"loaded weights from {path}: {len(state) - len(unexpected)} tensors")
+        if aliases:
+            print(f"  dropped {len(aliases)} upstream head aliases (transformer.decoder.{{class,bbox}}_embed.*)")
+        for k in mismatched:
+            print(f"  shape mismatch, skipped: {k} (model {tuple(own[k].shape)})")
+        print(f"  missing keys ({len(missing)}): {missing if missing else 'none'}")
+        print(f"  unexpected keys ({len(unexpected)}): {unexpected if unexpected else 'none'}")
+    return missing, unexpected
