@@ -1,0 +1,292 @@
+"""Training losses: sigmoid focal classification, L1 and GIoU on matched boxes.
+
+``SetCriterion(outputs, targets)`` returns a dict of UNWEIGHTED scalar losses (plus
+the logging-only ``class_error``); the engine weights them with
+``criterion.weight_dict``. Key scheme:
+
+    loss_ce, loss_bbox, loss_giou            last decoder layer (one-to-one)
+    <key>_{i}, i = 0..L-2                    earlier decoder layers ('aux_outputs')
+    <key>_enc                                two-stage encoder proposals ('enc_outputs')
+    <key>_one2many, <key>_one2many_{i}       one-to-many branch, main and aux layers
+
+One-to-many supervision comes in two forms:
+    'hybrid' (H-DETR): extra queries, targets repeated k_one2many times, Hungarian matching.
+    'mixed'  (MS-DETR): the same queries' one-to-many head, ``TopkIoUAssigner``.
+"""
+import copy
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from util.dist import all_reduce_sum, get_world_size
+
+from .matcher import TopkIoUAssigner, build_matcher
+
+LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Focal loss (Lin et al. 2017) with Deformable DETR's normalisation.
+
+    Args:
+        inputs: (B, Q, K) logits.
+        targets: (B, Q, K) binary targets, same dtype as inputs.
+        num_boxes: float or 0-dim tensor, the normaliser.
+        alpha: weight of positives (negatives get 1 - alpha); < 0 disables weighting.
+    Returns:
+        0-dim tensor: per-element loss averaged over queries, summed over batch and
+        classes, divided by num_boxes. (``SetCriterion`` multiplies it by Q, as
+        upstream does, which turns the query mean into a sum.)
+    """
+    prob = inputs.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_boxes
+
+
+def repeat_targets(targets: List[Dict[str, Tensor]], k: int) -> List[Dict[str, Tensor]]:
+    """H-DETR's one-to-many targets: every image's labels (N,) and boxes (N, 4) tiled k times."""
+    repeated = []
+    for t in targets:
+        r = dict(t)
+        r["labels"] = t["labels"].repeat(k)
+        r["boxes"] = t["boxes"].repeat(k, 1)
+        repeated.append(r)
+    return repeated
+
+
+def _class_agnostic(targets: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
+    """Targets with every label set to 0 (two-stage proposals are object/no-object)."""
+    out = []
+    for t in targets:
+        r = dict(t)
+        r["labels"] = torch.zeros_like(t["labels"])
+        out.append(r)
+    return out
+
+
+def _src_index(indices):
+    """Flatten per-image (index_i, index_j) into (batch_idx, query_idx), each (M,)."""
+    batch = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
+    query = torch.cat([src for src, _ in indices])
+    return batch, query
+
+
+class SetCriterion(nn.Module):
+    """Matches predictions to targets and computes focal / L1 / GIoU losses.
+
+    Args:
+        num_classes: K, number of sigmoid classes (no background class).
+        matcher: one-to-one matcher (``HungarianMatcher``).
+        weight_dict: loss key -> weight, used by the engine (not applied here).
+        focal_alpha: alpha of the focal loss.
+        aux_loss: supervise 'aux_outputs' (and their one-to-many counterparts).
+        one2many: None, 'hybrid' or 'mixed' (see module docstring).
+        o2m_matcher: assigner for the one-to-many branch: ``HungarianMatcher`` on
+            repeated targets for 'hybrid', ``TopkIoUAssigner`` for 'mixed'.
+        k_one2many: target repetition for 'hybrid'.
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
+                 focal_alpha: float = 0.25, aux_loss: bool = True, one2many: Optional[str] = None,
+                 o2m_matcher: Optional[nn.Module] = None, k_one2many: int = 6):
+        super().__init__()
+        if one2many not in (None, "hybrid", "mixed"):
+            raise ValueError(f"SetCriterion: one2many must be None, 'hybrid' or 'mixed', got {one2many!r}")
+        if one2many is not None and o2m_matcher is None:
+            raise ValueError(f"SetCriterion: one2many={one2many!r} needs an o2m_matcher")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.focal_alpha = focal_alpha
+        self.aux_loss = aux_loss
+        self.one2many = one2many
+        self.o2m_matcher = o2m_matcher
+        self.k_one2many = k_one2many
+
+    # ----- individual losses -------------------------------------------------
+
+    def loss_labels(self, outputs, targets, indices, num_boxes, log: bool = False) -> Dict[str, Tensor]:
+        """Focal loss over all queries and classes; matched queries are positive on their label.
+
+        outputs['pred_logits']: (B, Q, K). Returns {'loss_ce'} (+ 'class_error' if log).
+        """
+        logits = outputs["pred_logits"]
+        batch_idx, query_idx = _src_index(indices)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, query_idx, matched_labels] = 1
+        loss = sigmoid_focal_loss(logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=2.0)
+        # upstream scales by Q: the focal loss averages over queries, the DETR
+        # recipe's coefficients were tuned for a sum
+        losses = {"loss_ce": loss * logits.shape[1]}
+        if log:
+            losses["class_error"] = self._class_error(logits[batch_idx, query_idx], matched_labels)
+        return losses
+
+    @staticmethod
+    @torch.no_grad()
+    def _class_error(matched_logits: Tensor, labels: Tensor) -> Tensor:
+        """100 - top-1 accuracy (%) of the matched queries; 100 when nothing matched (as upstream)."""
+        if labels.numel() == 0:
+            return torch.full((), 100.0, device=matched_logits.device)
+        correct = (matched_logits.argmax(-1) == labels).float().mean()
+        return 100.0 * (1.0 - correct)
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+        """L1 (cxcywh) and 1 - GIoU (xyxy) over matched pairs, each summed / num_boxes.
+
+        outputs['pred_boxes']: (B, Q, 4) cxcywh. Returns {'loss_bbox', 'loss_giou'}.
+        """
+        batch_idx, query_idx = _src_index(indices)
+        src = outputs["pred_boxes"][batch_idx, query_idx]
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src.dtype)
+        loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
+        # check=False: cxcywh with non-negative sizes is well formed; checking would sync the GPU
+        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt), check=False)
+        loss_giou = (1 - giou).sum() / num_boxes
+        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def _match_and_loss(self, outputs, targets, matcher, num_boxes, log: bool = False) -> Dict[str, Tensor]:
+        """Match one set of predictions and return its three losses (unsuffixed)."""
+        indices = matcher(outputs, targets)
+        device = outputs["pred_logits"].device
+        # indices from scipy live on CPU; move once so every gather is on-device
+        indices = [(i.to(device), j.to(device)) for i, j in indices]
+        losses = self.loss_labels(outputs, targets, indices, num_boxes, log=log)
+        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        return losses
+
+    # ----- normalisation -----------------------------------------------------
+
+    @staticmethod
+    def num_boxes(targets: List[Dict[str, Tensor]], device) -> Tensor:
+        """Average number of targets per process, >= 1, as a 0-dim tensor (no host sync)."""
+        local = float(sum(len(t["labels"]) for t in targets))
+        total = all_reduce_sum(torch.tensor(local, dtype=torch.float32, device=device))
+        return (total / get_world_size()).clamp(min=1.0)
+
+    # ----- groups of outputs ---------------------------------------------------
+
+    def _decoder_losses(self, main: Dict[str, Tensor], aux: List[Dict[str, Tensor]], targets, matcher,
+                        num_boxes, suffix: str, log: bool) -> Dict[str, Tensor]:
+        """Losses of the last layer (key + suffix) and of earlier layers (key + suffix + _i)."""
+        losses = {}
+        for k, v in self._match_and_loss(main, targets, matcher, num_boxes, log=log).items():
+            losses[k + suffix if k in LOSS_NAMES else k] = v
+        if self.aux_loss:
+            for i, layer in enumerate(aux):
+                for k, v in self._match_and_loss(layer, targets, matcher, num_boxes).items():
+                    losses[f"{k}{suffix}_{i}"] = v
+        return losses
+
+    def _one2many_losses(self, outputs, targets, num_boxes) -> Dict[str, Tensor]:
+        main = {"pred_logits": outputs["pred_logits_one2many"], "pred_boxes": outputs["pred_boxes_one2many"]}
+        aux = outputs.get("aux_outputs_one2many", [])
+        if self.one2many == "hybrid":
+            # H-DETR runs the criterion again on k-times repeated targets, so its
+            # normaliser is the repeated count too
+            targets = repeat_targets(targets, self.k_one2many)
+            num_boxes = num_boxes * self.k_one2many
+        return self._decoder_losses(main, aux, targets, self.o2m_matcher, num_boxes, "_one2many", log=False)
+
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """Args:
+            outputs: model output dict ('pred_logits' (B, Q, K), 'pred_boxes' (B, Q, 4), optional
+                'aux_outputs', 'enc_outputs', 'pred_logits_one2many', 'pred_boxes_one2many',
+                'aux_outputs_one2many').
+            targets: B dicts with 'labels' (N_b,) int64 and 'boxes' (N_b, 4) cxcywh in [0, 1].
+        Returns:
+            dict of unweighted 0-dim losses (+ 'class_error' for logging).
+        """
+        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        main = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
+        losses = self._decoder_losses(main, outputs.get("aux_outputs", []), targets, self.matcher,
+                                      num_boxes, suffix="", log=True)
+        if "enc_outputs" in outputs:
+            enc = self._match_and_loss(outputs["enc_outputs"], _class_agnostic(targets), self.matcher, num_boxes)
+            losses.update({k + "_enc": v for k, v in enc.items()})
+        if self.one2many is not None and "pred_logits_one2many" in outputs:
+            losses.update(self._one2many_losses(outputs, targets, num_boxes))
+        return losses
+
+
+# ----- construction -------------------------------------------------------------
+
+def _coef(args, name: str, fallback: float) -> float:
+    value = getattr(args, name, None)
+    return fallback if value is None else value
+
+
+def build_weight_dict(args) -> Dict[str, float]:
+    """Loss weights for every key the criterion can produce under ``args``.
+
+    main: cls/bbox/giou_loss_coef (2, 5, 2), repeated for each aux layer (dec_layers - 1);
+    enc: enc_*_loss_coef, None -> the main coefficient;
+    one-to-many: hybrid -> main weights * lambda_one2many; mixed -> o2m_*_loss_coef (2, 5, 2).
+    """
+    base = {
+        "loss_ce": _coef(args, "cls_loss_coef", 2.0),
+        "loss_bbox": _coef(args, "bbox_loss_coef", 5.0),
+        "loss_giou": _coef(args, "giou_loss_coef", 2.0),
+    }
+    num_aux = getattr(args, "dec_layers", 6) - 1 if getattr(args, "aux_loss", True) else 0
+
+    def with_aux(weights: Dict[str, float], suffix: str) -> Dict[str, float]:
+        out = {k + suffix: v for k, v in weights.items()}
+        for i in range(num_aux):
+            out.update({f"{k}{suffix}_{i}": v for k, v in weights.items()})
+        return out
+
+    weight_dict = with_aux(base, "")
+    weight_dict.update({
+        "loss_ce_enc": _coef(args, "enc_cls_loss_coef", base["loss_ce"]),
+        "loss_bbox_enc": _coef(args, "enc_bbox_loss_coef", base["loss_bbox"]),
+        "loss_giou_enc": _coef(args, "enc_giou_loss_coef", base["loss_giou"]),
+    })
+    mode = one2many_mode(args)
+    if mode == "hybrid":
+        lam = getattr(args, "lambda_one2many", 1.0)
+        weight_dict.update(with_aux({k: v * lam for k, v in base.items()}, "_one2many"))
+    elif mode == "mixed":
+        o2m = {
+            "loss_ce": _coef(args, "o2m_cls_loss_coef", 2.0),
+            "loss_bbox": _coef(args, "o2m_bbox_loss_coef", 5.0),
+            "loss_giou": _coef(args, "o2m_giou_loss_coef", 2.0),
+        }
+        weight_dict.update(with_aux(o2m, "_one2many"))
+    return weight_dict
+
+
+def one2many_mode(args) -> Optional[str]:
+    """'mixed' with --use_ms_detr, 'hybrid' with --num_queries_one2many > 0, else None."""
+    if getattr(args, "use_ms_detr", False):
+        return "mixed"
+    if getattr(args, "num_queries_one2many", 0) > 0:
+        return "hybrid"
+    return None
+
+
+def build_criterion(args, num_classes: int) -> SetCriterion:
+    """SetCriterion (with ``.weight_dict``) configured from parsed flags."""
+    matcher = build_matcher(args)
+    mode = one2many_mode(args)
+    o2m_matcher = None
+    if mode == "hybrid":
+        o2m_matcher = copy.deepcopy(matcher)
+    elif mode == "mixed":
+        o2m_matcher = TopkIoUAssigner(k=getattr(args, "o2m_matcher_k", 6),
+                                      threshold=getattr(args, "o2m_matcher_threshold", 0.4))
+    return SetCriterion(
+        num_classes, matcher, build_weight_dict(args),
+        focal_alpha=getattr(args, "focal_alpha", 0.25),
+        aux_loss=getattr(args, "aux_loss", True),
+        one2many=mode, o2m_matcher=o2m_matcher,
+        k_one2many=getattr(args, "k_one2many", 6),
+    )
