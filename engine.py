@@ -1,0 +1,255 @@
+"""One training epoch and one COCO evaluation pass.
+
+``train_one_epoch`` keeps the accelerator busy: losses are summed on the device and read back
+once per ``--print_freq`` window (``util.logger.LossWindow``), which is also where a
+non-finite loss is detected (the first bad iteration and terms are remembered on the device).
+"""
+import contextlib
+import json
+import os
+import time
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from util.checkpoint import atomic_write_text
+from util.dist import is_main_process
+from util.logger import JsonlLogger, LossWindow, ProgressBar, TensorboardLogger
+
+COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+COCO_STAT_LINES = [
+    ("Average Precision", "AP", "0.50:0.95", "all", 100),
+    ("Average Precision", "AP", "0.50", "all", 100),
+    ("Average Precision", "AP", "0.75", "all", 100),
+    ("Average Precision", "AP", "0.50:0.95", "small", 100),
+    ("Average Precision", "AP", "0.50:0.95", "medium", 100),
+    ("Average Precision", "AP", "0.50:0.95", "large", 100),
+    ("Average Recall", "AR", "0.50:0.95", "all", 1),
+    ("Average Recall", "AR", "0.50:0.95", "all", 10),
+    ("Average Recall", "AR", "0.50:0.95", "all", 100),
+    ("Average Recall", "AR", "0.50:0.95", "small", 100),
+    ("Average Recall", "AR", "0.50:0.95", "medium", 100),
+    ("Average Recall", "AR", "0.50:0.95", "large", 100),
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the epoch, iteration and terms."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def autocast(device: torch.device, amp: str):
+    """Mixed precision on the device's type for ``--amp bf16|fp16``; a no-op context for 'off'."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def outputs_to_float(value):
+    """Cast floating tensors in a (nested) output structure to float32.
+
+    The criterion runs outside autocast: the Hungarian matcher hands its cost matrix to scipy,
+    which cannot read bf16, and losses are better summed in full precision.
+    """
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: outputs_to_float(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(outputs_to_float(v) for v in value)
+    return value
+
+
+def move_to_device(samples, targets: List[Dict], device: torch.device):
+    """Batch images (NestedTensor) and every tensor in the target dicts onto ``device``."""
+    samples = samples.to(device, non_blocking=True)
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in targets]
+    return samples, targets
+
+
+def weigh_losses(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Total loss and the values to log: each weighted term under its own name, its raw value
+    as '<name>_unscaled', logging-only terms (e.g. class_error) as they are, and 'loss'."""
+    weighted = [loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict]
+    if not weighted:
+        raise RuntimeError(f"none of the criterion's terms {sorted(loss_dict)} has a weight in weight_dict")
+    total = torch.stack(weighted).sum()
+    values: Dict[str, torch.Tensor] = {"loss": total}
+    for k, v in loss_dict.items():
+        if k in weight_dict:
+            values[k] = v * weight_dict[k]
+            values[k + "_unscaled"] = v
+        else:
+            values[k] = v
+    return total, values
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
+    """Learning rate of every parameter group by its name ('lr' is the main group's)."""
+    lrs = {}
+    for i, group in enumerate(optimizer.param_groups):
+        lrs["lr" if i == 0 else f"lr_{group.get('name', i)}"] = group["lr"]
+    return lrs
+
+
+def _nonfinite_message(epoch: int, window: LossWindow, first_iter: int, last_iter: int, stats: Dict) -> str:
+    report = window.nonfinite_report()
+    if report is None:  # another rank saw it; this rank only knows the window
+        return (f"non-finite loss at epoch {epoch}, iterations {first_iter}..{last_iter} (on another rank); "
+                "training stopped, the last checkpoint is kept")
+    terms = ", ".join(report["terms"]) if report["terms"] else "the total only (every term finite)"
+    return (f"non-finite loss at epoch {epoch}, iteration {report['iteration']}: non-finite terms: {terms}; "
+            "training stopped, no checkpoint written for this epoch (the last good one is kept)")
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, args, scaler: Optional[torch.amp.GradScaler] = None,
+                    logger: Optional[JsonlLogger] = None, tb_logger: Optional[TensorboardLogger] = None
+                    ) -> Dict[str, float]:
+    """Train for one epoch (or ``args.max_iters_per_epoch`` iterations); returns epoch means.
+
+    Per window of ``args.print_freq`` iterations: one host sync, a progress line, a JSON
+    record (``type: train``) and TensorBoard scalars. Raises ``NonFiniteLossError`` when a
+    loss is NaN/inf (detected at the end of the window it happened in).
+    """
+    model.train()
+    criterion.train()
+    amp = getattr(args, "amp", "off")
+    clip = getattr(args, "clip_max_norm", 0.0) or 0.0
+    print_freq = max(int(getattr(args, "print_freq", 10) or 10), 1)
+    total_iters = len(data_loader)
+    if getattr(args, "max_iters_per_epoch", None):
+        total_iters = min(total_iters, args.max_iters_per_epoch)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    window = LossWindow(device)
+    bar = ProgressBar(total_iters, f"Epoch {epoch}", enabled=is_main_process())
+    epoch_sums: Dict[str, float] = {}
+    epoch_count = 0
+    epoch_start = window_start = time.time()
+    data_time = 0.0
+    window_first = 0
+    fetch_start = time.time()
+    for it, (samples, targets) in enumerate(data_loader):
+        if it >= total_iters:
+            break
+        data_time += time.time() - fetch_start
+        samples, targets = move_to_device(samples, targets, device)
+        with autocast(device, amp):
+            outputs = model(samples)
+        loss_dict = criterion(outputs_to_float(outputs), targets)
+        total, values = weigh_losses(loss_dict, criterion.weight_dict)
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            if clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                values["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            total.backward()
+            if clip > 0:
+                values["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+
+        window.add(it, values)
+        bar.tick(it + 1)
+        last = it + 1 == total_iters
+        if (it + 1) % print_freq == 0 or last:
+            stats = window.close()  # the one host sync of the window
+            if stats.pop("_nonfinite", 0) > 0:
+                message = _nonfinite_message(epoch, window, window_first, it, stats)
+                bar.close()
+                if logger is not None:
+                    logger.write({"type": "error", "epoch": epoch, "iter": it, "message": message})
+                raise NonFiniteLossError(message)
+            n = it + 1 - window_first
+            elapsed = time.time() - window_start
+            lrs = current_lrs(optimizer)
+            for k, v in stats.items():
+                epoch_sums[k] = epoch_sums.get(k, 0.0) + v * n
+            epoch_count += n
+            record = {"type": "train", "epoch": epoch, "iter": it + 1, "iters": total_iters, **lrs,
+                      "sec_per_iter": elapsed / n, "data_sec_per_iter": data_time / n, **stats}
+            if logger is not None:
+                logger.write(record)
+            if tb_logger is not None:
+                step = epoch * total_iters + it + 1
+                tb_logger.scalars("train", {**stats, **lrs, "sec_per_iter": elapsed / n}, step)
+            fields = {"loss": f"{stats['loss']:.4f}", "lr": f"{lrs['lr']:.2e}"}
+            if "class_error" in stats:
+                fields["cls_err"] = f"{stats['class_error']:.1f}"
+            bar.update(it + 1, fields, rate=n / max(elapsed, 1e-9))
+            window_start, window_first, data_time = time.time(), it + 1, 0.0
+        fetch_start = time.time()
+    bar.close()
+    means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
+    means["epoch_time"] = time.time() - epoch_start
+    means["iters"] = epoch_count
+    return means
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def format_coco_table(stats: Dict[str, float]) -> str:
+    """The 12-line table pycocotools prints, from the stats dict."""
+    lines = []
+    for name, (title, short, iou, area, dets) in zip(COCO_STAT_NAMES, COCO_STAT_LINES):
+        value = stats.get(name, float("nan"))
+        lines.append(f" {title:<18} ({short}) @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = {value:0.3f}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Dict, data_loader: Iterable, base_ds,
+             device: torch.device, args, epoch: Optional[int] = None, output_dir: Optional[str] = None,
+             detections_name: str = "detections_val.json") -> Dict[str, float]:
+    """COCO box evaluation of ``model`` on ``data_loader``; returns {AP, AP50, ..., ARl}.
+
+    Prints the 12-number table (main process) and writes the detections as a COCO results
+    file ``output_dir/detections_name``. ``criterion`` is accepted for the upstream call
+    signature; evaluation losses are not computed (they would double the evaluation time).
+    """
+    from datasets.coco_eval import CocoEvaluator
+
+    model.eval()
+    amp = getattr(args, "amp", "off")
+    evaluator = CocoEvaluator(base_ds, ("bbox",))
+    total = len(data_loader)
+    desc = "Eval" if epoch is None else f"Eval {epoch}"
+    bar = ProgressBar(total, desc, enabled=is_main_process())
+    print_freq = max(int(getattr(args, "print_freq", 10) or 10), 1)
+    start = time.time()
+    for it, (samples, targets) in enumerate(data_loader):
+        samples, targets = move_to_device(samples, targets, device)
+        with autocast(device, amp):
+            outputs = model(samples)
+        outputs = outputs_to_float(outputs)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocessors["bbox"](outputs, orig_sizes)
+        by_image = {int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)}
+        evaluator.update(by_image)
+        bar.tick(it + 1)
+        if (it + 1) % print_freq == 0 or it + 1 == total:
+            bar.update(it + 1, {}, rate=(it + 1) / max(time.time() - start, 1e-9))
+    bar.close()
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    stats = evaluator.summarize()
+    stats = {k: float(v) for k, v in stats.items()}
+    if is_main_process():
+        print(format_coco_table(stats), flush=True)
+        if output_dir:
+            detections = evaluator.coco_results()
+            atomic_write_text(os.path.join(output_dir, detections_name), json.dumps(detections))
+    stats["eval_time"] = time.time() - start
+    return stats
