@@ -1,0 +1,311 @@
+"""Training-step time and peak memory of the whole detector on a synthetic batch.
+
+usage: python scripts/bench_model.py --config FILE [--image_size H W] [--warmup N] [--repeats N]
+                                     [--compare VARIANT [VARIANT ...]] [any main.py flag]
+       (or: python scripts/benchmark.py model ...)
+
+One step is what training does per iteration: forward, losses, backward, gradient clipping and
+the optimiser step (CUDA is synchronised around it on GPUs). Data loading is left out so the
+numbers compare model variants, not input pipelines. Prints one JSON object per line.
+
+``--compare A B ...`` builds one model per variant in this process and interleaves their steps
+(A B A B ...) so drifting clocks, thermal state and background load hit every variant alike;
+it then prints a ratio line of each later variant against the first.
+"""
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from util.config import parse_args  # noqa: E402
+from util.nested_tensor import nested_tensor_from_tensor_list  # noqa: E402
+
+DTYPE_NAMES = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's own flags; everything else is handed to main.py's parser."""
+    parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="padded batch size in pixels (default: eval_size x max_size of the config)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--objects", type=int, default=5, help="ground-truth boxes per synthetic image")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="VARIANT",
+                        help="measure these presets side by side, interleaving their steps")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def model_args(main_argv: Sequence[str], variant: Optional[str] = None) -> argparse.Namespace:
+    """main.py flags (+ an overriding --variant) -> validated args with num_classes and a usable device.
+
+    Backbone weights are irrelevant to speed, so random init is used unless the flags name a file.
+    """
+    argv = list(main_argv)
+    if "--backbone_weights" not in argv:
+        argv += ["--backbone_weights", "none"]
+    if variant is not None:
+        argv += ["--variant", variant]
+    args = parse_args(argv)
+    if args.num_classes is None:
+        args.num_classes = _dataset_classes(args)
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        args.device = "cpu"
+    return args
+
+
+def _dataset_classes(args) -> int:
+    """The dataset's class count without reading the dataset when the package can tell it."""
+    try:
+        from datasets import num_classes
+        return int(num_classes(args))
+    except (ImportError, AttributeError, FileNotFoundError):
+        return 91  # COCO's id range, what main.py uses for COCO
+
+
+def default_image_size(args) -> Tuple[int, int]:
+    """Worst case of evaluation-size images: shorter side eval_size, longer side max_size."""
+    short = args.eval_size or max(args.min_size)
+    return short, max(short, args.max_size)
+
+
+def synthetic_batch(args, size: Tuple[int, int], objects: int, device) -> Tuple[object, List[Dict]]:
+    """Random images of one size (no padding) and random well-formed boxes, fixed by a seed."""
+    g = torch.Generator().manual_seed(1234)
+    h, w = size
+    images = [torch.randn(3, h, w, generator=g) for _ in range(args.batch_size)]
+    targets = []
+    for _ in range(args.batch_size):
+        centres = torch.rand(objects, 2, generator=g) * 0.6 + 0.2
+        sizes = torch.rand(objects, 2, generator=g) * 0.3 + 0.05
+        labels = torch.randint(0, args.num_classes, (objects,), generator=g)
+        targets.append({"boxes": torch.cat([centres, sizes], 1).to(device), "labels": labels.to(device)})
+    return nested_tensor_from_tensor_list(images).to(device), targets
+
+
+@dataclass
+class Subject:
+    """One variant being measured: its model, criterion and optimiser, and what was measured."""
+    name: str
+    args: argparse.Namespace
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[object]
+    times: List[float] = field(default_factory=list)
+    peaks: List[float] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def build_subject(name: str, args) -> Subject:
+    """Model, criterion and the optimiser main.py would use (AdamW, or SGD with --sgd)."""
+    from models import build_model
+    torch.manual_seed(args.seed)
+    model, criterion, _ = build_model(args)
+    device = torch.device(args.device)
+    model.to(device).train()
+    criterion.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.sgd:
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    return Subject(name, args, model, criterion, optimizer, scaler)
+
+
+# ----------------------------------------------------------------------------- one step
+
+def train_step(subject: Subject, samples, targets) -> None:
+    """Forward, weighted loss, backward, clipping, optimiser step: one training iteration."""
+    args = subject.args
+    device_type = torch.device(args.device).type
+    autocast = torch.autocast(device_type, dtype=AUTOCAST_DTYPES[args.amp]) if args.amp != "off" else None
+    subject.optimizer.zero_grad(set_to_none=True)
+    with autocast if autocast is not None else _null():
+        outputs = subject.model(samples)
+        losses = subject.criterion(outputs, targets)
+        weights = subject.criterion.weight_dict
+        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+    if subject.scaler is not None:
+        subject.scaler.scale(loss).backward()
+        subject.scaler.unscale_(subject.optimizer)
+    else:
+        loss.backward()
+    if args.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(subject.model.parameters(), args.clip_max_norm)
+    if subject.scaler is not None:
+        subject.scaler.step(subject.optimizer)
+        subject.scaler.update()
+    else:
+        subject.optimizer.step()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class RssPeak:
+    """Samples RSS on a thread while a step runs: the step's peak growth over the RSS before it.
+
+    ru_maxrss is a lifetime maximum, so it cannot separate interleaved variants; PyTorch's CPU
+    allocator has no peak counter either, and torch releases the GIL inside ops so sampling works.
+    """
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s = interval_s
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self):
+        gc.collect()
+        self.base = self.peak = _rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        return False
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def persistent_bytes(subject: Subject) -> int:
+    """Parameters, gradients and optimiser state: what a model holds between steps."""
+    tensors = list(subject.model.parameters()) + list(subject.model.buffers())
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    total += sum(p.grad.numel() * p.grad.element_size() for p in subject.model.parameters() if p.grad is not None)
+    for state in subject.optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+def measure_step(subject: Subject, samples, targets, alone: bool) -> Tuple[float, float, str]:
+    """Time one step and its peak memory in MiB; returns (seconds, peak_mb, mem_kind).
+
+    On a GPU with a single model the peak is torch.cuda.max_memory_allocated as usual. When
+    several models share the process, that counter would include the other models' weights, so
+    the peak is this step's growth over what was allocated before it plus this model's own
+    persistent state; on CPU the same is done with sampled RSS.
+    """
+    device = torch.device(subject.args.device)
+    mib = 1024.0 ** 2
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        train_step(subject, samples, targets)
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device)
+        if alone:
+            return seconds, peak / mib, "cuda_max_allocated"
+        return seconds, (peak - before + persistent_bytes(subject)) / mib, "cuda_step_growth_plus_state"
+    with RssPeak() as rss:
+        start = time.perf_counter()
+        train_step(subject, samples, targets)
+        seconds = time.perf_counter() - start
+    return seconds, (rss.growth + persistent_bytes(subject)) / mib, "cpu_rss_step_growth_plus_state"
+
+
+# ----------------------------------------------------------------------------- reports
+
+def result_line(subject: Subject, size: Tuple[int, int], mem_kind: str, warmup: int) -> Dict:
+    args = subject.args
+    return {
+        "variant": args.variant or "custom", "stages": args.stages, "two_stage": bool(args.two_stage),
+        "image_size": list(size), "batch_size": args.batch_size, "device": str(torch.device(args.device)),
+        "dtype": DTYPE_NAMES[args.amp], "step_s": round(statistics.median(subject.times), 5),
+        "step_s_min": round(min(subject.times), 5), "repeats": len(subject.times), "warmup": warmup,
+        # the median peak: on CPU single samples can catch allocator noise in either direction
+        "peak_mem_mb": round(statistics.median(subject.peaks), 1), "mem_kind": mem_kind,
+        "params": subject.params, "threads": torch.get_num_threads(),
+    }
+
+
+def ratio_line(num: Dict, den: Dict) -> Dict:
+    return {"ratio": f"{num['variant']}/{den['variant']}", "step_s": round(num["step_s"] / den["step_s"], 4),
+            "peak_mem": round(num["peak_mem_mb"] / den["peak_mem_mb"], 4) if den["peak_mem_mb"] > 0 else None}
+
+
+def run(bench: argparse.Namespace, main_argv: Sequence[str], emit=print) -> List[Dict]:
+    """Measure one configuration, or each of ``bench.compare`` interleaved; returns the JSON records."""
+    names = bench.compare or [None]
+    subjects = []
+    for name in names:
+        args = model_args(main_argv, name)
+        subjects.append(build_subject(name or args.variant or "custom", args))
+    size = tuple(bench.image_size) if bench.image_size else default_image_size(subjects[0].args)
+    device = torch.device(subjects[0].args.device)
+    samples, targets = synthetic_batch(subjects[0].args, size, bench.objects, device)
+    alone = len(subjects) == 1
+    for subject in subjects:
+        for _ in range(bench.warmup):
+            train_step(subject, samples, targets)
+    kinds = {}
+    for _ in range(bench.repeats):
+        for subject in subjects:  # A B A B ...: every variant sees the same machine state
+            seconds, peak, kinds[subject.name] = measure_step(subject, samples, targets, alone)
+            subject.times.append(seconds)
+            subject.peaks.append(peak)
+    records = [result_line(s, size, kinds[s.name], bench.warmup) for s in subjects]
+    records += [ratio_line(r, records[0]) for r in records[1:]]
+    for record in records:
+        emit(json.dumps(record))
+    return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    add_arguments(parser)
+    bench, main_argv = parser.parse_known_args(argv)
+    if bench.repeats < 1 or bench.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    run(bench, main_argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
