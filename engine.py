@@ -97,14 +97,20 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
     return lrs
 
 
-def _nonfinite_message(epoch: int, window: LossWindow, first_iter: int, last_iter: int, stats: Dict) -> str:
+def _nonfinite_message(epoch: int, window: LossWindow, first_iter: int, last_iter: int, total: int) -> str:
+    """Iterations are 1-based counts within the epoch (as the progress bar shows them)."""
     report = window.nonfinite_report()
     if report is None:  # another rank saw it; this rank only knows the window
-        return (f"non-finite loss at epoch {epoch}, iterations {first_iter}..{last_iter} (on another rank); "
-                "training stopped, the last checkpoint is kept")
-    terms = ", ".join(report["terms"]) if report["terms"] else "the total only (every term finite)"
-    return (f"non-finite loss at epoch {epoch}, iteration {report['iteration']}: non-finite terms: {terms}; "
-            "training stopped, no checkpoint written for this epoch (the last good one is kept)")
+        where = f"iterations {first_iter}..{last_iter}/{total} (on another rank)"
+        terms = "see that rank's message"
+    else:
+        where = f"iteration {report['iteration']}/{total}"
+        # each term is logged weighted and '_unscaled'; name it once, and leave out the total
+        names = sorted({t[: -len("_unscaled")] if t.endswith("_unscaled") else t for t in report["terms"]}
+                       - {"loss", "grad_norm"})
+        terms = ", ".join(names) if names else "none by itself (their weighted sum overflowed)"
+    return (f"non-finite loss at epoch {epoch}, {where}; non-finite terms: {terms}. Training stopped; "
+            "no checkpoint was written for this epoch (the last good one is kept)")
 
 
 # ----------------------------------------------------------------------------- training
@@ -161,13 +167,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                 values["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
 
-        window.add(it, values)
+        window.add(it + 1, values)  # 1-based, as the progress bar counts
         bar.tick(it + 1)
         last = it + 1 == total_iters
         if (it + 1) % print_freq == 0 or last:
             stats = window.close()  # the one host sync of the window
             if stats.pop("_nonfinite", 0) > 0:
-                message = _nonfinite_message(epoch, window, window_first, it, stats)
+                message = _nonfinite_message(epoch, window, window_first + 1, it + 1, total_iters)
                 bar.close()
                 if logger is not None:
                     logger.write({"type": "error", "epoch": epoch, "iter": it, "message": message})
