@@ -1,0 +1,201 @@
+"""CPU tests of the multi-scale deformable attention operator's PyTorch path and dispatcher."""
+import logging
+
+import pytest
+import torch
+
+import ops
+from ops import ms_deform_attn, ms_deform_attn_pytorch
+
+
+def make_inputs(bs, len_q, heads, channels, shapes, points, dtype=torch.float64, spread=(-0.1, 1.1), seed=0):
+    """Random operator inputs; locations uniform in ``spread`` so some land outside [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    ss = torch.tensor(shapes, dtype=torch.int64)
+    sizes = ss.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    len_in = int(sizes.sum())
+    levels = len(shapes)
+    value = torch.randn(bs, len_in, heads, channels, generator=g, dtype=dtype)
+    lo, hi = spread
+    loc = torch.rand(bs, len_q, heads, levels, points, 2, generator=g, dtype=dtype) * (hi - lo) + lo
+    attn = torch.rand(bs, len_q, heads, levels, points, generator=g, dtype=dtype)
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    return value, ss, starts, loc, attn
+
+
+def reference(value, shapes, starts, loc, attn):
+    """Per-sample float64 loop: explicit bilinear interpolation with zero padding.
+
+    Pixel coordinates follow align_corners=False: x = loc_x * W - 0.5, so pixel centres sit
+    at (i + 0.5) / W. Returns (bs, Lq, heads * C).
+    """
+    value, loc, attn = value.double(), loc.double(), attn.double()
+    bs, _, heads, channels = value.shape
+    _, len_q, _, levels, points, _ = loc.shape
+    out = torch.zeros(bs, len_q, heads, channels, dtype=torch.float64)
+    for b in range(bs):
+        for q in range(len_q):
+            for h in range(heads):
+                for lvl in range(levels):
+                    hl, wl = (int(s) for s in shapes[lvl])
+                    start = int(starts[lvl])
+                    for p in range(points):
+                        x = float(loc[b, q, h, lvl, p, 0]) * wl - 0.5
+                        y = float(loc[b, q, h, lvl, p, 1]) * hl - 0.5
+                        x0, y0 = int(torch.floor(torch.tensor(x))), int(torch.floor(torch.tensor(y)))
+                        fx, fy = x - x0, y - y0
+                        sample = torch.zeros(channels, dtype=torch.float64)
+                        for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                                          (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+                            xi, yi = x0 + dx, y0 + dy
+                            if 0 <= xi < wl and 0 <= yi < hl:
+                                sample += w * value[b, start + yi * wl + xi, h]
+                        out[b, q, h] += attn[b, q, h, lvl, p] * sample
+    return out.reshape(bs, len_q, heads * channels)
+
+
+CASES = [
+    # bs, Lq, heads, C, level shapes (H, W), points
+    (1, 5, 1, 3, [(4, 6)], 1),
+    (2, 7, 2, 4, [(5, 3), (3, 7), (1, 2)], 2),
+    (2, 4, 3, 5, [(6, 9), (3, 5), (2, 3), (1, 1)], 4),
+    (1, 9, 2, 8, [(2, 11), (7, 1)], 3),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_loop_reference(case):
+    bs, len_q, heads, channels, shapes, points = case
+    value, ss, starts, loc, attn = make_inputs(bs, len_q, heads, channels, shapes, points, spread=(-0.3, 1.3))
+    # Make sure the draw really exercises the border: some samples outside, some inside.
+    assert ((loc < 0) | (loc > 1)).any() and ((loc > 0.2) & (loc < 0.8)).any()
+    out = ms_deform_attn_pytorch(value, ss, starts, loc, attn)
+    assert out.shape == (bs, len_q, heads * channels) and out.dtype == torch.float64
+    torch.testing.assert_close(out, reference(value, ss, starts, loc, attn), rtol=1e-12, atol=1e-12)
+
+
+def test_far_outside_samples_give_zero():
+    value, ss, starts, loc, attn = make_inputs(1, 3, 2, 4, [(3, 4), (2, 2)], 2)
+    loc = torch.stack([loc[..., 0] + 5.0, loc[..., 1] - 7.0], dim=-1)
+    out = ms_deform_attn_pytorch(value, ss, starts, loc, attn)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_pixel_centre_reads_exact_value():
+    """A location at a pixel centre ((i + 0.5) / W) returns that pixel, the align_corners=False convention."""
+    value, ss, starts, loc, attn = make_inputs(1, 1, 1, 2, [(3, 5)], 1)
+    xi, yi = 3, 1
+    loc[...] = torch.tensor([(xi + 0.5) / 5, (yi + 0.5) / 3], dtype=torch.float64)
+    attn[...] = 1.0
+    out = ms_deform_attn_pytorch(value, ss, starts, loc, attn)
+    torch.testing.assert_close(out[0, 0], value[0, yi * 5 + xi, 0])
+
+
+def test_float32_matches_reference():
+    value, ss, starts, loc, attn = make_inputs(2, 6, 2, 4, [(5, 7), (3, 4)], 2)
+    out = ms_deform_attn_pytorch(value.float(), ss, starts, loc.float(), attn.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(value.float(), ss, starts, loc.float(), attn.float()),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_half_value_with_float_locations_returns_value_dtype():
+    value, ss, starts, loc, attn = make_inputs(1, 5, 2, 4, [(4, 4), (2, 3)], 2)
+    out = ms_deform_attn_pytorch(value.bfloat16(), ss, starts, loc.float(), attn.float())
+    assert out.dtype == torch.bfloat16
+    ref = reference(value.bfloat16().double(), ss, starts, loc.float(), attn.float())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_gradcheck_value_locations_weights():
+    value, ss, starts, loc, attn = make_inputs(1, 3, 2, 3, [(3, 4), (2, 3)], 2, spread=(-0.2, 1.2), seed=3)
+    value.requires_grad_(True)
+    loc.requires_grad_(True)
+    attn.requires_grad_(True)
+
+    def fn(v, l, a):
+        return ms_deform_attn_pytorch(v, ss, starts, l, a, [(3, 4), (2, 3)])
+
+    # Random float64 locations are almost surely away from integer pixel coordinates,
+    # where bilinear interpolation has kinks and finite differences would disagree.
+    assert torch.autograd.gradcheck(fn, (value, loc, attn), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_shapes_list_given_or_derived_agree():
+    shapes = [(5, 6), (3, 3), (2, 1)]
+    value, ss, starts, loc, attn = make_inputs(2, 5, 2, 4, shapes, 3)
+    a = ms_deform_attn_pytorch(value, ss, starts, loc, attn)
+    b = ms_deform_attn_pytorch(value, ss, starts, loc, attn, spatial_shapes_list=shapes)
+    c = ms_deform_attn(value, ss, starts, loc, attn, spatial_shapes_list=[list(s) for s in shapes])
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_inconsistent_shapes_are_clear_errors():
+    value, ss, starts, loc, attn = make_inputs(1, 2, 2, 4, [(3, 3), (2, 2)], 2)
+    with pytest.raises(ValueError, match="add up to"):
+        ms_deform_attn_pytorch(value[:, :-1], ss, starts, loc, attn)
+    with pytest.raises(ValueError, match="attention_weights"):
+        ms_deform_attn_pytorch(value, ss, starts, loc, attn[..., :1])
+
+
+@pytest.fixture
+def restore_impl(monkeypatch):
+    monkeypatch.delenv("MSDA_IMPL", raising=False)
+    yield monkeypatch
+    ops.set_impl(None)
+
+
+def test_dispatcher_on_cpu_equals_pytorch_path(restore_impl):
+    value, ss, starts, loc, attn = make_inputs(2, 6, 2, 4, [(4, 5), (2, 3)], 2, dtype=torch.float32)
+    assert ops.get_impl() == "auto"
+    assert ops.active_impl(torch.device("cpu")) == "pytorch"
+    assert torch.equal(ms_deform_attn(value, ss, starts, loc, attn),
+                       ms_deform_attn_pytorch(value, ss, starts, loc, attn))
+
+
+def test_forcing_pytorch_by_env_and_setter(restore_impl):
+    value, ss, starts, loc, attn = make_inputs(1, 4, 2, 4, [(3, 3)], 2, dtype=torch.float32)
+    expected = ms_deform_attn_pytorch(value, ss, starts, loc, attn)
+    restore_impl.setenv("MSDA_IMPL", "pytorch")
+    assert ops.get_impl() == "pytorch" and ops.active_impl("cuda") == "pytorch"
+    assert torch.equal(ms_deform_attn(value, ss, starts, loc, attn), expected)
+    restore_impl.setenv("MSDA_IMPL", "auto")
+    ops.set_impl("PyTorch")
+    assert ops.get_impl() == "pytorch" and ops.active_impl("cuda") == "pytorch"
+    ops.set_impl(None)
+    assert ops.get_impl() == "auto"
+
+
+def test_bad_impl_names_and_forced_cuda_on_cpu_fail_clearly(restore_impl):
+    with pytest.raises(ValueError, match="expected one of"):
+        ops.set_impl("triton")
+    restore_impl.setenv("MSDA_IMPL", "nonsense")
+    with pytest.raises(ValueError, match="MSDA_IMPL"):
+        ops.get_impl()
+    restore_impl.setenv("MSDA_IMPL", "cuda")
+    value, ss, starts, loc, attn = make_inputs(1, 2, 1, 2, [(2, 2)], 1, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="forced to 'cuda'"):
+        ms_deform_attn(value, ss, starts, loc, attn)
+
+
+def test_fallback_warning_is_logged_once(restore_impl, caplog):
+    """Without a usable compiled op, CUDA inputs fall back with exactly one log line.
+
+    Exercised through ``active_impl('cuda')`` with the loader's state patched, so it runs without a GPU.
+    """
+    import ops._ext as ext
+    import ops.dispatch as dispatch
+
+    restore_impl.setattr(ext, "_tried", True)
+    restore_impl.setattr(ext, "_module", None)
+    restore_impl.setattr(ext, "_error", "test: pretend the build failed")
+    restore_impl.setattr(dispatch, "_warned_fallback", False)
+    with caplog.at_level(logging.WARNING, logger="ops"):
+        assert ops.active_impl("cuda") == "pytorch"
+        assert ops.active_impl("cuda") == "pytorch"
+    lines = [r for r in caplog.records if "PyTorch path" in r.getMessage()]
+    assert len(lines) == 1 and "pretend the build failed" in lines[0].getMessage()
+    restore_impl.setenv("MSDA_IMPL", "cuda")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        ops.active_impl("cuda")
