@@ -21,7 +21,7 @@ import yaml
 # COCO's 12 summary numbers come in this order (pycocotools COCOeval.stats); we report the first six.
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # keys under which a per-iteration time may be logged, most specific first
-TIME_KEYS = ["sec_per_iter", "s_per_iter", "iter_time", "time_per_iter", "step_time", "time"]
+TIME_KEYS = ["sec_per_iter", "s_per_iter", "iter_time", "time_per_iter"]
 
 
 @dataclass
@@ -33,7 +33,8 @@ class Run:
     epochs_planned: Optional[int]
     curve: List[Dict[str, float]] = field(default_factory=list)   # per evaluated epoch: epoch + METRICS
     iter_times: List[float] = field(default_factory=list)
-    epochs_logged: int = 0
+    epochs_logged: int = 0          # epochs completed (an epoch record was written)
+    epoch_training: int = -1        # highest epoch a training window was logged for
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -173,7 +174,12 @@ def load_run(run_dir: str) -> Run:
             seconds = iteration_time(record)
             if seconds is not None:
                 run.iter_times.append(seconds)
+            epoch = _as_number(record.get("epoch"))
+            if epoch is not None:
+                run.epoch_training = max(run.epoch_training, int(epoch))
     run.curve.sort(key=lambda point: point["epoch"])
+    if run.epoch_training >= run.epochs_logged:
+        run.notes.append(f"training epoch {run.epoch_training + 1}")
     if not run.curve:
         run.notes.append("no evaluation yet")
     return run

@@ -1,0 +1,233 @@
+"""The research scripts: run summary, reference visualisation, model benchmark, configs and launchers."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "scripts")
+for path in (ROOT, SCRIPTS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import bench_model  # noqa: E402
+import summarize  # noqa: E402
+import visualize_refs  # noqa: E402
+from util.config import load_variants, parse_args  # noqa: E402
+
+VARIANTS = ["baseline", "cascade", "v3.0.1", "v3.0.2", "v3.0.3", "v3.0.4"]
+
+# a small model whose cascade schedule has one guided encoder layer (the second)
+TINY_GUIDED = ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32",
+               "--nheads", "4", "--dim_feedforward", "64", "--enc_layers", "2", "--dec_layers", "2",
+               "--stages", "1:1,1:1", "--num_queries_one2one", "10", "--dropout", "0.0", "--num_classes", "4"]
+
+
+# ----------------------------------------------------------------------------- summarize
+
+def _write_run(run_dir, config, records, tail=""):
+    os.makedirs(run_dir, exist_ok=True)
+    if config is not None:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config, f)
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.write(tail)
+
+
+def _epoch(epoch, ap):
+    """An epoch record as main.py writes it: train means plus test_<COCO stat>."""
+    stats = {"AP": ap, "AP50": ap * 2, "AP75": ap / 2, "APs": 0.01, "APm": 0.02, "APl": 0.03, "AR100": 0.5}
+    return {"type": "epoch", "epoch": epoch, "train_loss": 5.0, **{f"test_{k}": v for k, v in stats.items()}}
+
+
+def _train(epoch, it, sec):
+    return {"type": "train", "epoch": epoch, "iter": it, "iters": 20, "lr": 2e-4, "sec_per_iter": sec, "loss": 4.0}
+
+
+def test_summarize_table_and_plot(tmp_path, capsys):
+    done = tmp_path / "v3.0.4-two_stage"
+    _write_run(done, {"variant": "v3.0.4", "two_stage": True, "epochs": 2},
+               [_train(0, 10, 0.50), _train(0, 20, 0.30), _epoch(0, 0.10),
+                _train(1, 10, 0.40), _epoch(1, 0.20)])
+    # still training: one window logged, no evaluation, and a half-written last line
+    running = tmp_path / "cascade"
+    _write_run(running, {"variant": "cascade", "two_stage": False, "epochs": 12}, [_train(0, 10, 1.25)],
+               tail='{"type": "train", "epo')
+    missing = tmp_path / "not_started"
+    out_md, out_png = tmp_path / "results.md", tmp_path / "ap.png"
+
+    assert summarize.main([str(done), str(running), str(missing), "--out", str(out_md), "--plot", str(out_png)]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in printed.splitlines() if line.startswith("| ") and "---" not in line}
+    # AP numbers in percent from the last evaluated epoch; epochs done / planned; median s/iter
+    assert rows["v3.0.4 +two-stage"][:8] == ["20.0", "40.0", "10.0", "1.0", "2.0", "3.0", "2/2", "0.400"]
+    assert rows["cascade"][:8] == ["–"] * 6 + ["0/12", "1.250"]
+    assert "no evaluation yet" in rows["cascade"][8] and "training epoch 1" in rows["cascade"][8]
+    assert "no log.jsonl" in rows["not_started"][8]
+    assert out_md.read_text() == printed
+    assert out_png.stat().st_size > 1000
+
+
+def test_summarize_reads_upstream_list_form(tmp_path):
+    record = {"epoch": 3, "train_loss": 1.0, "test_coco_eval_bbox": [0.3, 0.5, 0.31, 0.1, 0.3, 0.4] + [0.0] * 6}
+    _write_run(tmp_path / "run", None, [record])
+    run = summarize.load_run(str(tmp_path / "run"))
+    assert run.final["AP"] == pytest.approx(0.3) and run.final["APl"] == pytest.approx(0.4)
+    assert run.epochs_logged == 4 and run.label == "run"
+
+
+# ----------------------------------------------------------------------------- visualize_refs
+
+def test_reference_entries_shapes():
+    """Each supported reference layout becomes (x, y, colour, label) entries, duplicates dropped."""
+    per_level = torch.tensor([[[[0.1, 0.2], [0.3, 0.4], [0.1, 0.2], [0.5, 0.6]]]])       # (1, 1, L=4, 2)
+    entries = visualize_refs.reference_entries(per_level, 0)
+    assert [e[2] for e in entries] == [0, 1, 2, 3]                   # colour per level
+    per_point = torch.tensor([[0.2, 0.2], [0.7, 0.1]]).expand(1, 1, 3, 2, 2)             # (1, 1, L, P=2, 2)
+    entries = visualize_refs.reference_entries(per_point, 0)
+    assert sorted((e[2], e[3]) for e in entries) == [(0, "point 0"), (1, "point 1")]    # same on every level
+    per_head = torch.rand(1, 2, 4, 3, 2, 2)                                              # (bs, T, H, L, P, 2)
+    assert {e[2] for e in visualize_refs.reference_entries(per_head, 1)} == {0, 1}
+    boxes = torch.tensor([0.5, 0.5, 0.2, 0.2]).expand(1, 1, 2, 4)                       # (1, 1, L, 4)
+    assert [(e[0], e[1]) for e in visualize_refs.reference_entries(boxes, 0)] == [(0.5, 0.5)] * 2
+
+
+def test_choose_tokens_spreads_over_levels():
+    shapes = [(4, 4), (2, 2), (1, 1)]
+    weights = torch.zeros(21)
+    weights[5], weights[16 + 3], weights[20] = 1.0, 5.0, 9.0
+    tokens = visualize_refs.choose_tokens(weights, shapes, 3)
+    assert tokens == [5, 19, 20]  # the best of each level, finest first
+    assert visualize_refs.token_position(19, shapes) == (1, 0.75, 0.75)
+
+
+def test_visualize_refs_guided_random_init(tmp_path):
+    """A random-init guided model: non-empty PNGs, and the guided layer's references are not stock."""
+    args = visualize_refs.build_args(TINY_GUIDED + ["--variant", "v3.0.4"])
+    model, postprocessors = visualize_refs.load_model(args)
+    image = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(0))
+
+    _, capture = visualize_refs.run_model(model, image, args.device)
+    stock, guided = capture.encoder_refs
+    assert guided.shape[:2] == stock.shape[:2] and guided.shape[-3:] == (4, 4, 2)  # (bs, T, L, P, 2)
+    # v3.0.4 keeps point 0 at the token itself; the other points come from the map
+    assert torch.allclose(guided[..., 0, :], stock, atol=1e-5)
+    assert not torch.allclose(guided[..., 1:, :], stock[..., None, :].expand_as(guided[..., 1:, :]), atol=1e-3)
+
+    paths = visualize_refs.visualize(args, image, str(tmp_path / "vis"), tokens=2, model=model,
+                                     postprocessors=postprocessors)
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == ["attn_map.png", "predictions.png", "refs_token_0.png", "refs_token_1.png"]
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_visualize_refs_command_line_on_image_file(tmp_path):
+    from PIL import Image
+    pixels = (torch.rand(50, 70, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    out = tmp_path / "vis"
+    argv = ["--image", str(tmp_path / "img.png"), "--out", str(out), "--tokens", "1", "--eval_size", "64",
+            "--max_size", "96", "--map_queries", "top"] + TINY_GUIDED + ["--variant", "cascade"]
+    assert visualize_refs.main(argv) == 0
+    assert sorted(os.listdir(out)) == ["attn_map.png", "predictions.png", "refs_token_0.png"]
+
+
+# ----------------------------------------------------------------------------- bench_model
+
+REQUIRED_BENCH_KEYS = {"variant", "stages", "image_size", "batch_size", "device", "dtype", "step_s", "peak_mem_mb",
+                       "mem_kind", "params"}
+
+
+def test_bench_model_prints_json(capsys):
+    argv = ["--image_size", "64", "128", "--warmup", "0", "--repeats", "1", "--batch_size", "1"] + TINY_GUIDED
+    assert bench_model.main(argv + ["--variant", "v3.0.4"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1
+    record = lines[0]
+    assert REQUIRED_BENCH_KEYS <= set(record)
+    assert record["variant"] == "v3.0.4" and record["stages"] == "1:1,1:1" and record["image_size"] == [64, 128]
+    assert record["device"] == "cpu" and record["dtype"] == "fp32" and record["step_s"] > 0
+    assert record["peak_mem_mb"] > 0 and record["params"] > 0
+
+
+def test_bench_model_compare_interleaves(capsys):
+    argv = ["--image_size", "64", "128", "--warmup", "1", "--repeats", "2", "--batch_size", "1",
+            "--compare", "cascade", "v3.0.4"] + TINY_GUIDED
+    assert bench_model.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [r.get("variant") for r in lines[:2]] == ["cascade", "v3.0.4"]
+    assert all(r["repeats"] == 2 for r in lines[:2])
+    ratio = lines[2]
+    assert ratio["ratio"] == "v3.0.4/cascade"
+    assert ratio["step_s"] == pytest.approx(lines[1]["step_s"] / lines[0]["step_s"], rel=1e-2)
+
+
+def test_benchmark_dispatcher_model(capsys):
+    import benchmark
+    argv = ["model", "--image_size", "64", "128", "--warmup", "0", "--repeats", "1", "--batch_size", "1"]
+    assert benchmark.main(argv + TINY_GUIDED + ["--variant", "cascade"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["variant"] == "cascade"
+    assert benchmark.main(["nonsense"]) == 2
+
+
+# ----------------------------------------------------------------------------- configs and launchers
+
+def _config_files():
+    # variants.yaml holds the presets themselves, not a config for --config
+    return sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")) if not p.endswith("variants.yaml"))
+
+
+@pytest.mark.parametrize("path", _config_files(), ids=os.path.basename)
+def test_config_file_parses(path):
+    args = parse_args(["--config", path, "--device", "cpu", "--backbone_weights", "none"])
+    assert args.device == "cpu"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_config_keeps_its_preset(variant):
+    """The research base file must not override the knobs the variant preset sets."""
+    args = parse_args(["--config", os.path.join(ROOT, "configs", f"{variant}.yaml"), "--device", "cpu",
+                       "--backbone_weights", "none"])
+    assert args.variant == variant
+    for key, value in load_variants()[variant].items():
+        assert getattr(args, key) == value, f"{variant}: {key}"
+    # the research setting of the notes
+    assert (args.backbone, args.enc_layers, args.dec_layers, args.epochs, args.lr_drop) == ("resnet18", 6, 6, 12, 11)
+
+
+def _launch(script, *args, env_extra=None, tmp_path):
+    """Run a launcher with a stand-in for dist_train.sh that prints the arguments it got."""
+    fake = tmp_path / "fake_dist_train.sh"
+    fake.write_text('printf "%s\\n" "$@"\n')
+    env = dict(os.environ, DIST_TRAIN=str(fake), **(env_extra or {}))
+    done = subprocess.run(["bash", os.path.join(SCRIPTS, script), *args], env=env, capture_output=True, text=True,
+                          check=True)
+    return done.stdout.split("\n")[:-1]
+
+
+def test_variant_script_command_line(tmp_path):
+    got = _launch("v3.0.4.sh", "2", "--epochs", "1", tmp_path=tmp_path, env_extra={"COCO_PATH": "/data/coco"})
+    assert got[0] == "2"
+    assert got[got.index("--config") + 1] == os.path.join(ROOT, "configs", "v3.0.4.yaml")
+    assert got[got.index("--coco_path") + 1] == "/data/coco"
+    assert got[got.index("--output_dir") + 1] == "outputs/v3.0.4"
+    assert got[-2:] == ["--epochs", "1"] and "--two_stage" not in got
+
+
+def test_variant_script_two_stage_and_default_gpus(tmp_path):
+    got = _launch("cascade.sh", "--lr", "1e-4", tmp_path=tmp_path, env_extra={"TWO_STAGE": "1", "TAG": "try"})
+    assert got[0] == "4"
+    assert got[got.index("--output_dir") + 1] == "outputs/cascade-try-two_stage"
+    assert "--two_stage" in got and "--mixed_selection" in got
+
+
+def test_shell_scripts_are_valid_bash():
+    for script in glob.glob(os.path.join(SCRIPTS, "*.sh")):
+        subprocess.run(["bash", "-n", script], check=True)
