@@ -5,7 +5,7 @@
 # usage: bash scripts/ablation.sh [NGPUS=4] [extra main.py flags for every run]
 #   env VARIANTS="baseline cascade ..."  rows to run (default: all six)
 #   env STAGE_MODES="single two"         which forms to run (default: both)
-#   env COCO_PATH, TAG, DIST_TRAIN       passed on to scripts/_run_variant.sh
+#   env COCO_PATH, TAG, DIST_TRAIN       passed on to scripts/_run_variant.sh; PYTHON (python3)
 # A failed run is reported and skipped so one crash does not cost the rest of the table.
 set -uo pipefail
 
@@ -32,7 +32,7 @@ for mode in "${modes[@]}"; do
     done
 done
 
-python scripts/summarize.py "${dirs[@]}" --out outputs/ablation.md --plot outputs/ablation.png
+"${PYTHON:-python3}" scripts/summarize.py "${dirs[@]}" --out outputs/ablation.md --plot outputs/ablation.png
 if [[ ${#failed[@]} -gt 0 ]]; then
     echo "failed runs: ${failed[*]}" >&2
     exit 1
