@@ -113,7 +113,42 @@ def _nonfinite_message(epoch: int, window: LossWindow, first_iter: int, last_ite
             "no checkpoint was written for this epoch (the last good one is kept)")
 
 
+def _nonfinite_error(epoch: int, window: LossWindow, first_iter: int, last_iter: int, total: int,
+                     bar: ProgressBar, logger: Optional[JsonlLogger]) -> NonFiniteLossError:
+    """Close the bar, log an 'error' record and build the exception to raise."""
+    message = _nonfinite_message(epoch, window, first_iter, last_iter, total)
+    bar.close()
+    if logger is not None:
+        logger.write({"type": "error", "epoch": epoch, "iter": last_iter, "message": message})
+    return NonFiniteLossError(message)
+
+
 # ----------------------------------------------------------------------------- training
+
+def train_step(model, criterion, samples, targets, optimizer, device, amp: str, clip: float, params,
+               scaler=None) -> Dict[str, torch.Tensor]:
+    """Forward, loss, backward, (clip), optimiser step; returns the device-side values to log."""
+    samples, targets = move_to_device(samples, targets, device)
+    with autocast(device, amp):
+        outputs = model(samples)
+    loss_dict = criterion(outputs_to_float(outputs), targets)
+    total, values = weigh_losses(loss_dict, criterion.weight_dict)
+
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        if clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            values["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        if clip > 0:
+            values["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+    return values
+
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, args, scaler: Optional[torch.amp.GradScaler] = None,
@@ -147,37 +182,21 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         if it >= total_iters:
             break
         data_time += time.time() - fetch_start
-        samples, targets = move_to_device(samples, targets, device)
-        with autocast(device, amp):
-            outputs = model(samples)
-        loss_dict = criterion(outputs_to_float(outputs), targets)
-        total, values = weigh_losses(loss_dict, criterion.weight_dict)
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            if clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                values["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            total.backward()
-            if clip > 0:
-                values["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
-
+        try:
+            values = train_step(model, criterion, samples, targets, optimizer, device, amp, clip, params, scaler)
+        except Exception as exc:
+            # once a loss was NaN the weights are too, and a later step may fail anywhere
+            # (e.g. the matcher); report the cause, not the symptom
+            if window.nonfinite_report() is not None:
+                raise _nonfinite_error(epoch, window, window_first + 1, it + 1, total_iters, bar, logger) from exc
+            raise
         window.add(it + 1, values)  # 1-based, as the progress bar counts
         bar.tick(it + 1)
         last = it + 1 == total_iters
         if (it + 1) % print_freq == 0 or last:
             stats = window.close()  # the one host sync of the window
             if stats.pop("_nonfinite", 0) > 0:
-                message = _nonfinite_message(epoch, window, window_first + 1, it + 1, total_iters)
-                bar.close()
-                if logger is not None:
-                    logger.write({"type": "error", "epoch": epoch, "iter": it, "message": message})
-                raise NonFiniteLossError(message)
+                raise _nonfinite_error(epoch, window, window_first + 1, it + 1, total_iters, bar, logger)
             n = it + 1 - window_first
             elapsed = time.time() - window_start
             lrs = current_lrs(optimizer)
@@ -199,6 +218,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         fetch_start = time.time()
     bar.close()
     means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
+    means.update(current_lrs(optimizer))  # the rates this epoch trained with (the scheduler steps after)
     means["epoch_time"] = time.time() - epoch_start
     means["iters"] = epoch_count
     return means
