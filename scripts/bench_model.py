@@ -4,8 +4,8 @@ usage: python scripts/bench_model.py --config FILE [--image_size H W] [--warmup 
                                      [--compare VARIANT [VARIANT ...]] [any main.py flag]
        (or: python scripts/benchmark.py model ...)
 
-One step is what training does per iteration: forward, losses, backward, gradient clipping and
-the optimiser step (CUDA is synchronised around it on GPUs). Data loading is left out so the
+One step is ``engine.train_step``, what training does per iteration: forward, losses, backward,
+gradient clipping and the optimiser step (CUDA is synchronised around it on GPUs). Data loading is left out so the
 numbers compare model variants, not input pipelines. Prints one JSON object per line.
 
 ``--compare A B ...`` builds one model per variant in this process and interleaves their steps
@@ -33,7 +33,6 @@ from util.config import parse_args  # noqa: E402
 from util.nested_tensor import nested_tensor_from_tensor_list  # noqa: E402
 
 DTYPE_NAMES = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +104,7 @@ class Subject:
     criterion: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Optional[object]
+    trainable: List[torch.nn.Parameter] = field(default_factory=list)   # what clipping walks over
     times: List[float] = field(default_factory=list)
     peaks: List[float] = field(default_factory=list)
 
@@ -114,55 +114,27 @@ class Subject:
 
 
 def build_subject(name: str, args) -> Subject:
-    """Model, criterion and the optimiser main.py would use (AdamW, or SGD with --sgd)."""
+    """Model, criterion and the optimiser main.py builds (parameter groups, AdamW or SGD)."""
     from models import build_model
+    from util.optim import build_optimizer
     torch.manual_seed(args.seed)
     model, criterion, _ = build_model(args)
     device = torch.device(args.device)
     model.to(device).train()
     criterion.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.sgd:
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-    return Subject(name, args, model, criterion, optimizer, scaler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return Subject(name, args, model, criterion, build_optimizer(model, args), scaler, trainable)
 
 
 # ----------------------------------------------------------------------------- one step
 
 def train_step(subject: Subject, samples, targets) -> None:
-    """Forward, weighted loss, backward, clipping, optimiser step: one training iteration."""
+    """One training iteration exactly as the engine runs it (forward, losses, backward, clip, step)."""
+    from engine import train_step as engine_step
     args = subject.args
-    device_type = torch.device(args.device).type
-    autocast = torch.autocast(device_type, dtype=AUTOCAST_DTYPES[args.amp]) if args.amp != "off" else None
-    subject.optimizer.zero_grad(set_to_none=True)
-    with autocast if autocast is not None else _null():
-        outputs = subject.model(samples)
-        losses = subject.criterion(outputs, targets)
-        weights = subject.criterion.weight_dict
-        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
-    if subject.scaler is not None:
-        subject.scaler.scale(loss).backward()
-        subject.scaler.unscale_(subject.optimizer)
-    else:
-        loss.backward()
-    if args.clip_max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(subject.model.parameters(), args.clip_max_norm)
-    if subject.scaler is not None:
-        subject.scaler.step(subject.optimizer)
-        subject.scaler.update()
-    else:
-        subject.optimizer.step()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    engine_step(subject.model, subject.criterion, samples, targets, subject.optimizer, torch.device(args.device),
+                args.amp, args.clip_max_norm or 0.0, subject.trainable, scaler=subject.scaler)
 
 
 def _rss_bytes() -> int:
