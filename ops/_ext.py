@@ -33,10 +33,11 @@ logger = logging.getLogger("ops")
 SRC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
 SOURCES = [os.path.join(SRC_DIR, "msda_binding.cpp"), os.path.join(SRC_DIR, "msda_kernels.cu")]
 JIT_NAME = "msda_C"
-# Kept identical to setup.py so both builds behave the same. No --use_fast_math: its
-# approximate division and flush-to-zero buy nothing here and would blur the fp32 tolerance.
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# Shared with setup.py so both builds behave the same. The C++ standard is left to torch
+# (C++17 or C++20 depending on its version). No --use_fast_math: its approximate division
+# and flush-to-zero buy nothing here and would blur the fp32 tolerance.
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+CXX_FLAGS = ["-O3"]
 
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
