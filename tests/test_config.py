@@ -137,3 +137,9 @@ def test_lr_schedules():
     lrs = _lrs_per_epoch(opt, build_lr_scheduler(opt, args), 12)
     assert lrs[7] == 1.0 and lrs[8] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.01)
     assert lr_drop_epochs(args) == [8, 11]
+
+
+def test_readme_flags_table_is_current():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "flags_table.py"), "--check",
+                           os.path.join(REPO, "README.md")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
