@@ -28,6 +28,12 @@ from util.optim import build_lr_scheduler, build_optimizer, lr_drop_epochs
 _RUNTIME_KEYS = {"config", "distributed", "rank", "world_size", "gpu", "dist_backend"}
 
 
+def say(*parts, **kwargs) -> None:
+    """print() on the main process only, so an N-process run does not repeat every line N times."""
+    if dist_utils.is_main_process():
+        print(*parts, **kwargs)
+
+
 # ----------------------------------------------------------------------------- seeding
 
 def mix_seed(*parts: int) -> int:
@@ -182,7 +188,7 @@ def resume_training_state(path: str, optimizer, lr_scheduler, scaler, args) -> i
     saved_args = checkpoint.get("args") or {}
     for name in ("lr", "lr_drop", "lr_drop_epochs", "batch_size"):
         if name in saved_args and saved_args[name] != getattr(args, name):
-            print(f"warning: --{name} is {getattr(args, name)} now but was {saved_args[name]} in {path}; "
+            say(f"warning: --{name} is {getattr(args, name)} now but was {saved_args[name]} in {path}; "
                   "the optimiser and schedule continue from the checkpoint's state", flush=True)
     return int(checkpoint["epoch"]) + 1
 
@@ -209,7 +215,7 @@ def main(args) -> Dict:
     if args.auto_resume and not args.resume:
         latest = find_latest_checkpoint(output_dir)
         if latest:
-            print(f"auto-resume: continuing from {latest}", flush=True)
+            say(f"auto-resume: continuing from {latest}", flush=True)
             args.resume = latest
     writes = is_main and output_dir is not None
     if writes:
@@ -221,7 +227,7 @@ def main(args) -> Dict:
     criterion.to(device)
     model_without_ddp = model
     trainable, total = count_parameters(model)
-    print(f"number of params: {trainable:,} trainable / {total:,} total", flush=True)
+    say(f"number of params: {trainable:,} trainable / {total:,} total", flush=True)
 
     if args.pretrained:
         load_model_weights(model_without_ddp, args.pretrained, strict=False)
@@ -248,13 +254,13 @@ def main(args) -> Dict:
     start_epoch = args.start_epoch
     if args.resume:
         start_epoch = resume_training_state(args.resume, optimizer, lr_scheduler, scaler, args)
-        print(f"resumed from {args.resume}: starting at epoch {start_epoch}", flush=True)
+        say(f"resumed from {args.resume}: starting at epoch {start_epoch}", flush=True)
     if start_epoch >= args.epochs:
-        print(f"nothing to train: start epoch {start_epoch} >= --epochs {args.epochs}", flush=True)
+        say(f"nothing to train: start epoch {start_epoch} >= --epochs {args.epochs}", flush=True)
 
     tb_logger = TensorboardLogger(os.path.join(output_dir, "tensorboard") if writes else None, args.tensorboard)
     stats: Dict = {}
-    print(f"training epochs {start_epoch}..{args.epochs - 1}", flush=True)
+    say(f"training epochs {start_epoch}..{args.epochs - 1}", flush=True)
     run_start = time.time()
     for epoch in range(start_epoch, args.epochs):
         # reseeding per epoch makes an epoch's randomness independent of what ran before it

@@ -132,3 +132,12 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, monk
     assert state["epoch"] == 0  # epoch 1 never saved
     errors = [r for r in read_log(out / "log.jsonl") if r["type"] == "error"]
     assert errors and "iteration 2/3" in errors[0]["message"]
+
+
+def test_bf16_autocast_on_cpu(tmp_path, data_dir):
+    argv = [*TINY, *data_flags(data_dir), "--amp", "bf16", "--max_iters_per_epoch", "2", "--epochs", "1",
+            "--no-tensorboard", "--output_dir", str(tmp_path / "run")]
+    stats = main_module.main(parse_args(argv))
+    assert "AP50" in stats
+    records = read_log(tmp_path / "run" / "log.jsonl")
+    assert all(r["loss"] == r["loss"] for r in records if r["type"] == "train")  # finite, not NaN
