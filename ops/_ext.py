@@ -78,6 +78,9 @@ def load_extension(verbose: bool = False) -> Optional[ModuleType]:
                 reasons.append("this torch build has no CUDA support")
             elif os.environ.get("MSDA_JIT", "1") == "0":
                 reasons.append("JIT build disabled by MSDA_JIT=0")
+            elif not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+                # torch infers the target architecture from the visible GPUs; with none it fails obscurely.
+                reasons.append("no CUDA device visible to build for (set TORCH_CUDA_ARCH_LIST to build anyway)")
             else:
                 try:
                     _module = _jit_build(verbose)
