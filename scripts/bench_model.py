@@ -5,8 +5,13 @@ usage: python scripts/bench_model.py --config FILE [--image_size H W] [--warmup 
        (or: python scripts/benchmark.py model ...)
 
 One step is ``engine.train_step``, what training does per iteration: forward, losses, backward,
-gradient clipping and the optimiser step (CUDA is synchronised around it on GPUs). Data loading is left out so the
-numbers compare model variants, not input pipelines. Prints one JSON object per line.
+gradient clipping and the optimiser step (CUDA is synchronised around it on GPUs). Data loading
+is left out so the numbers compare model variants, not input pipelines. Prints one JSON object
+per line; ``step_s`` is the median over the repeats.
+
+Peak memory (``mem_kind`` says which): on a GPU torch.cuda.max_memory_allocated over the timed
+steps; on CPU the peak of live tensor bytes (model footprint + what the step allocates),
+counted op by op in one extra, untimed step.
 
 ``--compare A B ...`` builds one model per variant in this process and interleaves their steps
 (A B A B ...) so drifting clocks, thermal state and background load hit every variant alike;
@@ -18,12 +23,14 @@ import json
 import os
 import statistics
 import sys
-import threading
+import weakref
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -137,89 +144,88 @@ def train_step(subject: Subject, samples, targets) -> None:
                 args.amp, args.clip_max_norm or 0.0, subject.trainable, scaler=subject.scaler)
 
 
-def _rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts CPU tensor storage allocated by ops run inside the mode while it is alive; keeps the peak.
 
-
-class RssPeak:
-    """Samples RSS on a thread while a step runs: the step's peak growth over the RSS before it.
-
-    ru_maxrss is a lifetime maximum, so it cannot separate interleaved variants; PyTorch's CPU
-    allocator has no peak counter either, and torch releases the GIL inside ops so sampling works.
+    PyTorch's CPU allocator keeps no peak counter and RSS mostly shows what glibc has not given
+    back yet (interleaved variants then look smaller the later they run), so the live bytes are
+    counted at the op level instead: every new output storage adds its size, and a weak
+    reference subtracts it when the storage is released. ``watch`` are tensors that exist
+    before the step but may be released inside it (the previous step's gradients).
     """
 
-    def __init__(self, interval_s: float = 0.0005):
-        self.interval_s = interval_s
-        self.base = self.peak = 0
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+    def __init__(self, watch: Sequence[torch.Tensor] = ()):
+        super().__init__()
+        self.live = self.peak = 0
+        self._finalizers: Dict[int, weakref.finalize] = {}
+        for tensor in watch:
+            self._track(tensor.untyped_storage(), counted=False)
 
-    def __enter__(self):
-        gc.collect()
-        self.base = self.peak = _rss_bytes()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
+    def _track(self, storage, counted: bool = True) -> None:
+        key = storage._cdata
+        if key in self._finalizers:
+            return
+        size = storage.nbytes()
+        self._finalizers[key] = weakref.finalize(storage, self._released, key, size)
+        if counted:
+            self.live += size
+            self.peak = max(self.peak, self.live)
 
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval_s)
+    def _released(self, key: int, size: int) -> None:
+        self._finalizers.pop(key, None)
+        self.live -= size
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        return False
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            # views and in-place results share an input's storage: nothing new was allocated
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                if storage._cdata not in inputs:
+                    self._track(storage)
+        return out
 
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
 
-
-def persistent_bytes(subject: Subject) -> int:
-    """Parameters, gradients and optimiser state: what a model holds between steps."""
+def footprint_bytes(subject: Subject) -> int:
+    """What the model holds between steps: parameters, buffers, gradients and optimiser state."""
     tensors = list(subject.model.parameters()) + list(subject.model.buffers())
-    total = sum(t.numel() * t.element_size() for t in tensors)
-    total += sum(p.grad.numel() * p.grad.element_size() for p in subject.model.parameters() if p.grad is not None)
+    tensors += [p.grad for p in subject.model.parameters() if p.grad is not None]
     for state in subject.optimizer.state.values():
-        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-    return total
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure_step(subject: Subject, samples, targets, alone: bool) -> Tuple[float, float, str]:
-    """Time one step and its peak memory in MiB; returns (seconds, peak_mb, mem_kind).
-
-    On a GPU with a single model the peak is torch.cuda.max_memory_allocated as usual. When
-    several models share the process, that counter would include the other models' weights, so
-    the peak is this step's growth over what was allocated before it plus this model's own
-    persistent state; on CPU the same is done with sampled RSS.
-    """
+def time_step(subject: Subject, samples, targets, alone: bool) -> Tuple[float, Optional[float]]:
+    """Seconds of one step; on a GPU also its peak memory in bytes (None on CPU: see ``cpu_peak``)."""
     device = torch.device(subject.args.device)
-    mib = 1024.0 ** 2
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    if device.type != "cuda":
         start = time.perf_counter()
         train_step(subject, samples, targets)
-        torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device)
-        if alone:
-            return seconds, peak / mib, "cuda_max_allocated"
-        return seconds, (peak - before + persistent_bytes(subject)) / mib, "cuda_step_growth_plus_state"
-    with RssPeak() as rss:
-        start = time.perf_counter()
+        return time.perf_counter() - start, None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before, own = torch.cuda.memory_allocated(device), footprint_bytes(subject)
+    start = time.perf_counter()
+    train_step(subject, samples, targets)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if alone:
+        return seconds, torch.cuda.max_memory_allocated(device)
+    # other models in the process hold constant memory through this step: the growth over the
+    # allocation before it, plus this model's own footprint, is what it would peak at alone
+    return seconds, torch.cuda.max_memory_allocated(device) - before + own
+
+
+def cpu_peak(subject: Subject, samples, targets) -> float:
+    """Peak bytes of one (untimed: dispatch tracking slows ops down) CPU step, footprint included."""
+    gc.collect()
+    own = footprint_bytes(subject)
+    grads = [p.grad for p in subject.model.parameters() if p.grad is not None]
+    with LiveTensorBytes(watch=grads) as tracker:
+        del grads  # the tracker must see the old gradients go when the step drops them
         train_step(subject, samples, targets)
-        seconds = time.perf_counter() - start
-    return seconds, (rss.growth + persistent_bytes(subject)) / mib, "cpu_rss_step_growth_plus_state"
+    return own + tracker.peak
 
 
 # ----------------------------------------------------------------------------- reports
@@ -231,8 +237,7 @@ def result_line(subject: Subject, size: Tuple[int, int], mem_kind: str, warmup: 
         "image_size": list(size), "batch_size": args.batch_size, "device": str(torch.device(args.device)),
         "dtype": DTYPE_NAMES[args.amp], "step_s": round(statistics.median(subject.times), 5),
         "step_s_min": round(min(subject.times), 5), "repeats": len(subject.times), "warmup": warmup,
-        # the median peak: on CPU single samples can catch allocator noise in either direction
-        "peak_mem_mb": round(statistics.median(subject.peaks), 1), "mem_kind": mem_kind,
+        "peak_mem_mb": round(max(subject.peaks), 1), "mem_kind": mem_kind,
         "params": subject.params, "threads": torch.get_num_threads(),
     }
 
@@ -256,13 +261,18 @@ def run(bench: argparse.Namespace, main_argv: Sequence[str], emit=print) -> List
     for subject in subjects:
         for _ in range(bench.warmup):
             train_step(subject, samples, targets)
-    kinds = {}
+    on_gpu = device.type == "cuda"
     for _ in range(bench.repeats):
         for subject in subjects:  # A B A B ...: every variant sees the same machine state
-            seconds, peak, kinds[subject.name] = measure_step(subject, samples, targets, alone)
+            seconds, peak = time_step(subject, samples, targets, alone)
             subject.times.append(seconds)
-            subject.peaks.append(peak)
-    records = [result_line(s, size, kinds[s.name], bench.warmup) for s in subjects]
+            if peak is not None:
+                subject.peaks.append(peak / 2 ** 20)
+    if not on_gpu:
+        for subject in subjects:
+            subject.peaks.append(cpu_peak(subject, samples, targets) / 2 ** 20)
+    kind = "cpu_tensor_live_peak" if not on_gpu else ("cuda_max_allocated" if alone else "cuda_step_growth_plus_own")
+    records = [result_line(s, size, kind, bench.warmup) for s in subjects]
     records += [ratio_line(r, records[0]) for r in records[1:]]
     for record in records:
         emit(json.dumps(record))
