@@ -169,6 +169,20 @@ def test_bench_model_compare_interleaves(capsys):
     assert ratio["step_s"] == pytest.approx(lines[1]["step_s"] / lines[0]["step_s"], rel=1e-2)
 
 
+def test_live_tensor_bytes_counts_allocations_and_releases():
+    """The CPU peak counter: new storages count until released; views and in-place ops do not."""
+    base = torch.zeros(1000)                       # exists before: not counted
+    with bench_model.LiveTensorBytes() as tracker:
+        a = base + 1                               # 4000 new bytes
+        view = a[:10]                              # a view: nothing new
+        a.mul_(2)                                  # in place: nothing new
+        b = torch.ones(500) * 3                    # 2000 (ones) + 2000 (product), ones freed at once
+        del a, view
+        after_release = tracker.live
+    assert tracker.peak == 4000 + 2000 + 2000
+    assert after_release == 2000 and b.numel() == 500
+
+
 def test_benchmark_dispatcher_model(capsys):
     import benchmark
     argv = ["model", "--image_size", "64", "128", "--warmup", "0", "--repeats", "1", "--batch_size", "1"]
