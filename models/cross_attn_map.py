@@ -1,0 +1,256 @@
+"""The decoder's cross-attention map: which encoder tokens each query attended to, and how much.
+
+A deformable cross-attention sample (query q, head h, level l, point p) at normalised location
+s with weight a reads the four pixels around s by bilinear interpolation. Spreading a over
+those four pixels, with the operator's own convention (grid_sample, zero padding,
+align_corners=False: pixel x = s_x * W_l - 0.5), and flattening all levels gives
+
+    M[b, t, q] = sum_{h, l, p} a(q, h, l, p) * bilinear(s(q, h, l, p), t)        (DESIGN §5)
+
+Three forms live here:
+  * ``attention_footprint``: the sparse form, (token index, weight) for every corner of every
+    sample, shape (bs, Q, K) with K = heads * levels * points * 4;
+  * ``cross_attention_map``: the dense reference (bs, T, Q) (or per head), for tests and plots;
+  * ``CrossAttnMapAccumulator``: combines the sparse maps of several decoder layers
+    (``--attn_map_accum none|sum|mean|max``) without ever building a (T, Q) tensor.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["CORNERS", "attention_footprint", "footprint_to_dense", "cross_attention_map", "reduce_rows",
+           "CrossAttnMapAccumulator", "ACCUM_MODES"]
+
+CORNERS = 4
+ACCUM_MODES = ("none", "sum", "mean", "max")
+
+
+def _axis_corners(pixel: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pixel coordinate (...) along one axis of a level of ``size`` pixels -> the two neighbouring
+    pixel indices (..., 2) int64, clamped into the level, and their bilinear factors (..., 2).
+
+    The factors are written as grid_sample writes them ((i0 + 1) - x rather than 1 - fraction),
+    so the rounding matches the operator's; a neighbour outside the level gets factor 0 (zero
+    padding), which the 2-D outer product then carries to every corner that uses it.
+    """
+    low = pixel.floor()
+    both = torch.stack((low, low + 1), -1)
+    factors = torch.stack((low + 1 - pixel, pixel - low), -1)
+    size_f = size.to(pixel.dtype)[..., None]
+    factors = factors.masked_fill((both < 0) | (both >= size_f), 0.0)
+    # clamp in floating point first: far-away samples must not overflow the integer conversion
+    index = torch.minimum(both.clamp(min=0).to(torch.int64), size[..., None] - 1)
+    return index, factors
+
+
+def attention_footprint(sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                        spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                        padding_mask: Optional[torch.Tensor] = None,
+                        spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every bilinear corner of every sample as (flattened token index, weight).
+
+    Args:
+        sampling_locations: (bs, Q, heads, levels, points, 2), normalised (x, y); values outside
+            [0, 1] are allowed (their outside corners get weight 0).
+        attention_weights: (bs, Q, heads, levels, points).
+        spatial_shapes: (levels, 2) int64 (H, W). Used on its own device, so nothing is read on
+            the host and the call never synchronises.
+        level_start_index: (levels,) int64 offset of each level in the token axis.
+        padding_mask: optional (bs, T) bool, True on padding; padded tokens get weight 0.
+        spatial_shapes_list: accepted for symmetry with the operator; not needed, since the
+            level sizes are broadcast from the tensor on the device.
+
+    Returns:
+        token_index (bs, Q, K) int64 and weight (bs, Q, K) float (at least float32), with
+        K = heads * levels * points * 4 ordered (head, level, point, corner), corner = 2 * dy + dx
+        (so head = k // (levels * points * 4)). Corners outside their level and padded tokens
+        carry weight 0 and a clamped, valid index.
+    """
+    del spatial_shapes_list  # level sizes come from the device tensor (no host read needed)
+    bs, num_q, _, levels, _, _ = sampling_locations.shape
+    dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
+    # level sizes broadcast over (bs, Q, heads, levels, points): one pass covers all levels
+    height = spatial_shapes[:, 0].view(1, 1, 1, levels, 1)
+    width = spatial_shapes[:, 1].view(1, 1, 1, levels, 1)
+    # the operator feeds grid_sample g = 2 * loc - 1, which maps it back to pixels as ((g + 1) * W - 1) / 2
+    grid = sampling_locations.to(dtype) * 2 - 1
+    x_index, x_factor = _axis_corners(((grid[..., 0] + 1) * width.to(dtype) - 1) / 2, width)
+    y_index, y_factor = _axis_corners(((grid[..., 1] + 1) * height.to(dtype) - 1) / 2, height)
+    # corners as outer products (dy, dx) -> (..., 2, 2), flattened to corner = 2 * dy + dx
+    row_start = level_start_index.view(1, 1, 1, levels, 1, 1) + y_index * width[..., None]
+    token_index = (row_start[..., :, None] + x_index[..., None, :]).reshape(bs, num_q, -1)
+    weight = attention_weights.to(dtype)[..., None, None] * y_factor[..., :, None] * x_factor[..., None, :]
+    weight = weight.reshape(bs, num_q, -1)
+    if padding_mask is not None:
+        padded = padding_mask.gather(1, token_index.view(bs, -1)).view(bs, num_q, -1)
+        weight = weight.masked_fill(padded, 0.0)
+    return token_index, weight
+
+
+def footprint_to_dense(token_index: torch.Tensor, weight: torch.Tensor, num_tokens: int,
+                       heads: Optional[int] = None) -> torch.Tensor:
+    """Scatter-add a footprint into the dense map.
+
+    token_index, weight: (bs, Q, K) (any K; with ``heads`` K must be heads * k_per_head with the
+    head outermost, as ``attention_footprint`` orders it).
+    Returns (bs, T, Q) with T = num_tokens, or (bs, heads, T, Q) when ``heads`` is given.
+    """
+    bs, num_q, k = token_index.shape
+    device = token_index.device
+    groups = 1 if heads is None else heads
+    # flat position ((b * groups + g) * T + t) * Q + q, g = head of entry k (or 0)
+    batch = torch.arange(bs, device=device).view(bs, 1, 1)
+    group = (torch.arange(k, device=device) // (k // groups)).view(1, 1, k)
+    query = torch.arange(num_q, device=device).view(1, num_q, 1)
+    flat = ((batch * groups + group) * num_tokens + token_index) * num_q + query
+    dense = weight.new_zeros(bs * groups * num_tokens * num_q)
+    dense.index_add_(0, flat.reshape(-1), weight.reshape(-1))
+    if heads is None:
+        return dense.view(bs, num_tokens, num_q)
+    return dense.view(bs, heads, num_tokens, num_q)
+
+
+def _num_tokens(spatial_shapes: torch.Tensor, padding_mask: Optional[torch.Tensor],
+                spatial_shapes_list: Optional[Sequence[Sequence[int]]]) -> int:
+    """T = sum of H_l * W_l, from whichever source needs no host read (python int)."""
+    if padding_mask is not None:
+        return padding_mask.shape[1]
+    if spatial_shapes_list is not None:
+        return sum(int(h) * int(w) for h, w in spatial_shapes_list)
+    return int(spatial_shapes.prod(1).sum())
+
+
+def cross_attention_map(sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                        spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                        padding_mask: Optional[torch.Tensor] = None, per_head: bool = False,
+                        spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+    """Dense cross-attention map (the reference form; the model uses the sparse footprint).
+
+    Args:
+        sampling_locations: (bs, Q, heads, levels, points, 2) normalised (x, y).
+        attention_weights: (bs, Q, heads, levels, points).
+        spatial_shapes: (levels, 2) int64 (H, W); level_start_index: (levels,).
+        padding_mask: optional (bs, T) True on padding.
+        per_head: keep heads apart.
+        spatial_shapes_list: optional [(H, W), ...] to learn T without reading the tensor.
+
+    Returns:
+        (bs, T, Q), or (bs, heads, T, Q) with ``per_head``; M[b, t, q] as in the module doc.
+    """
+    token_index, weight = attention_footprint(sampling_locations, attention_weights, spatial_shapes,
+                                              level_start_index, padding_mask)
+    num_tokens = _num_tokens(spatial_shapes, padding_mask, spatial_shapes_list)
+    heads = sampling_locations.shape[2] if per_head else None
+    return footprint_to_dense(token_index, weight, num_tokens, heads)
+
+
+def reduce_rows(token_index: torch.Tensor, weight: torch.Tensor, reduce: str = "sum"
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge repeated tokens within each row of a footprint.
+
+    A query reaches the same token through several heads, points and corners; the map entry
+    M[t, q] is their sum (or, for combining layers, their max). Rows are independent, so a
+    batched sort along the last axis groups equal tokens without any global sort or host sync.
+
+    Args:
+        token_index: (..., E) int64; weight: (..., E) non-negative.
+        reduce: "sum" or "max" over entries of a row that share a token.
+
+    Returns:
+        token_index (..., E) sorted within each row, and weight (..., E) holding each distinct
+        token's total on its first entry and 0 on the repeats, so every (row, token) appears at
+        most once with non-zero weight.
+    """
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce_rows: reduce must be 'sum' or 'max', got {reduce!r}")
+    lead, width = token_index.shape[:-1], token_index.shape[-1]
+    tokens = token_index.reshape(-1, width)
+    rows = tokens.shape[0]
+    sorted_tokens, order = tokens.sort(dim=-1, stable=True)
+    sorted_weight = weight.reshape(-1, width).gather(-1, order)
+    first = torch.ones_like(sorted_tokens, dtype=torch.bool)
+    first[:, 1:] = sorted_tokens[:, 1:] != sorted_tokens[:, :-1]
+    # a run of equal tokens is named by the position of its first entry, so the totals land on
+    # exactly those positions and every repeat's slot stays 0: no compaction or gather needed
+    position = torch.arange(width, device=tokens.device)
+    run_start = torch.where(first, position, 0).cummax(-1).values
+    run_start = (run_start + torch.arange(rows, device=tokens.device)[:, None] * width).view(-1)
+    totals = sorted_weight.new_zeros(rows * width)
+    if reduce == "sum":
+        totals.index_add_(0, run_start, sorted_weight.view(-1))
+    else:  # weights are >= 0, so the zero start is neutral for the max
+        totals.scatter_reduce_(0, run_start, sorted_weight.view(-1), "amax")
+    return sorted_tokens.view(*lead, width), totals.view(*lead, width)
+
+
+class CrossAttnMapAccumulator:
+    """Combines the sparse maps of successive decoder layers (``--attn_map_accum``).
+
+    ``add(token_index, weight)`` once per decoder layer with that layer's footprint (bs, Q, K);
+    ``combined()`` returns the map to use now as a row-merged footprint (bs, Q, E):
+      none  the latest layer's map;
+      sum   sum over the layers added so far;   mean  that sum / number of layers;
+      max   elementwise max over the layers' maps (each layer's map merged first).
+    Footprints are stored detached; nothing of size T x Q is ever built. Work is deferred to
+    ``combined()`` (cached until the next ``add``), so a layer whose map is never used costs
+    only its footprint.
+    """
+
+    def __init__(self, mode: str = "none"):
+        if mode not in ACCUM_MODES:
+            raise ValueError(f"attn_map_accum must be one of {ACCUM_MODES}, got {mode!r}")
+        self.mode = mode
+        self.num_layers = 0
+        self._raw: List[Tuple[torch.Tensor, torch.Tensor]] = []      # footprints not merged yet
+        self._merged: List[Tuple[torch.Tensor, torch.Tensor]] = []   # max mode: per-layer merged maps
+        self._cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def add(self, token_index: torch.Tensor, weight: torch.Tensor) -> None:
+        """Record one decoder layer's footprint: token_index, weight (bs, Q, K)."""
+        if self._raw and self._raw[-1][0].shape[:2] != token_index.shape[:2]:
+            raise ValueError(f"CrossAttnMapAccumulator: footprint {tuple(token_index.shape)} does not match "
+                             f"the earlier layers' {tuple(self._raw[-1][0].shape)} in batch or queries")
+        entry = (token_index.detach(), weight.detach())
+        if self.mode == "none":
+            self._raw = [entry]
+        else:
+            self._raw.append(entry)
+        self.num_layers += 1
+        self._cache = None
+
+    def combined(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The combined map as (token_index (bs, Q, E), weight (bs, Q, E)), tokens unique per row.
+
+        E is the number of stored footprint entries per query (K for none, up to M * K for
+        sum/mean/max after M layers). Raises if no layer was added.
+        """
+        if self.num_layers == 0:
+            raise RuntimeError("CrossAttnMapAccumulator.combined: no decoder layer has been added")
+        if self._cache is None:
+            self._cache = self._combine()
+        return self._cache
+
+    def _combine(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Merge the stored footprints according to the mode -> (bs, Q, E) pair."""
+        if self.mode == "max":
+            # a layer's map entry is a sum over its own samples, so merge per layer before the max
+            self._merged.extend(reduce_rows(t, w, "sum") for t, w in self._raw)
+            self._raw = []
+            tokens = torch.cat([t for t, _ in self._merged], -1)
+            weights = torch.cat([w for _, w in self._merged], -1)
+            return reduce_rows(tokens, weights, "max")
+        tokens = torch.cat([t for t, _ in self._raw], -1)
+        weights = torch.cat([w for _, w in self._raw], -1)
+        tokens, weights = reduce_rows(tokens, weights, "sum")
+        if self.mode == "mean":
+            weights = weights / self.num_layers
+        return tokens, weights
+
+    def dense(self, num_tokens: int) -> torch.Tensor:
+        """The combined map as a dense (bs, T, Q) tensor (tests and visualisation only)."""
+        tokens, weights = self.combined()
+        return footprint_to_dense(tokens, weights, num_tokens)

@@ -1,0 +1,446 @@
+"""Encoder reference points from the decoder (v3.0.1-v3.0.4) on hand-built maps, boxes and scores.
+
+Maps are built exactly: with power-of-two level sizes a sample at a pixel centre puts its whole
+weight on that pixel, so ``sampling_from_map`` turns any dense (bs, T, Q) map into decoder
+sampling that reproduces it. ``python -m tests.test_enc_reference [--threads N]`` (from the
+repository root) prints a CPU benchmark of the guidance at COCO scale; it is not a test.
+"""
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from models.cross_attn_map import attention_footprint, cross_attention_map
+from models.enc_reference import (CandidateSet, EncoderReferenceGenerator, build_enc_reference_generator,
+                                  make_candidates)
+
+SHAPES = [(4, 4), (2, 2)]  # T = 20
+T = 20
+
+
+def layout(shapes=SHAPES):
+    """spatial_shapes (L, 2), level_start_index (L,)."""
+    ss = torch.tensor(shapes, dtype=torch.int64)
+    sizes = ss.prod(1)
+    return ss, torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+
+
+def sampling_from_map(dense, shapes=SHAPES):
+    """dense (bs, T, Q) -> locations (bs, Q, 1, L, Pmax, 2), weights (bs, Q, 1, L, Pmax) whose map is ``dense``.
+
+    Point p of level l sits on pixel p's centre and carries that pixel's map weight.
+    """
+    bs, _, num_q = dense.shape
+    levels, most = len(shapes), max(h * w for h, w in shapes)
+    loc = torch.full((bs, num_q, 1, levels, most, 2), 0.5, dtype=dense.dtype)
+    attn = torch.zeros(bs, num_q, 1, levels, most, dtype=dense.dtype)
+    start = 0
+    for lvl, (h, w) in enumerate(shapes):
+        pix = torch.arange(h * w)
+        centre = torch.stack([(pix % w + 0.5) / w, (pix // w + 0.5) / h], -1).to(dense.dtype)
+        loc[:, :, 0, lvl, :h * w] = centre
+        attn[:, :, 0, lvl, :h * w] = dense[:, start:start + h * w].transpose(1, 2)
+        start += h * w
+    return loc, attn
+
+
+def observe_map(state, dense, candidates):
+    """Feed one decoder layer whose cross-attention map is exactly ``dense`` (bs, T, Q)."""
+    loc, attn = sampling_from_map(dense)
+    state.observe(loc, attn, candidates)
+
+
+def new_state(gen, bs=1, valid_ratios=None, padding_mask=None):
+    ss, starts = layout()
+    if valid_ratios is None:
+        valid_ratios = torch.ones(bs, len(SHAPES), 2)
+    return gen.new_state(ss, starts, padding_mask, valid_ratios, SHAPES)
+
+
+def stock_refs(bs=1, seed=0):
+    """Stand-in stock references (bs, T, L, 2): the generator treats them as opaque."""
+    return torch.rand(bs, T, len(SHAPES), 2, generator=torch.Generator().manual_seed(seed))
+
+
+def loop_references(combined, cands, stock, valid_ratios, points, keep_self, by_score):
+    """Per-token python reference of per_point references: combined (bs, T, Q) -> (bs, T, L, P, 2)."""
+    bs = stock.shape[0]
+    out = stock[:, :, :, None, :].repeat(1, 1, 1, points, 1)
+    first = 1 if keep_self else 0
+    for b in range(bs):
+        for t in range(T):
+            ranked = []
+            for c in range(cands.count):
+                w = float(combined[b, t, int(cands.column[c])])
+                if w > 0:
+                    s = float(cands.scores[b, c])
+                    ranked.append((-(w * s if by_score else w), -s, c))
+            for p, (_, _, c) in enumerate(sorted(ranked)[:points - first]):
+                out[b, t, :, first + p] = cands.boxes[b, c, :2] * valid_ratios[b]
+    return out
+
+
+# ----------------------------------------------------------------------------- hand-built scene
+
+# four hybrid queries (two one-to-one, two one-to-many) on one image
+BOXES = torch.tensor([[[0.2, 0.3, 0.1, 0.1], [0.6, 0.7, 0.2, 0.2], [0.4, 0.1, 0.1, 0.3], [0.9, 0.5, 0.2, 0.1]]])
+SCORES = torch.tensor([[0.9, 0.3, 0.5, 0.7]])
+VR = torch.tensor([[[0.5, 1.0], [0.75, 0.5]]])  # (bs, L, 2) valid (w, h) per level
+
+
+def hand_map():
+    """(1, T, 4): token 0 -> q1 .5, q0 .25, q3 .125; token 5 -> q2 only; token 3 -> a three-way tie; token 17 empty."""
+    dense = torch.zeros(1, T, 4, dtype=torch.float64)
+    dense[0, 0, [0, 1, 3]] = torch.tensor([0.25, 0.5, 0.125], dtype=torch.float64)
+    dense[0, 5, 2] = 0.375
+    dense[0, 3, [0, 1, 2]] = 0.25
+    return dense
+
+
+def hybrid_candidates(ref_queries="all", boxes=BOXES):
+    logits = torch.logit(SCORES)[..., None].double()
+    return make_candidates(logits, boxes, 2, ref_queries)
+
+
+def centre(q, boxes=BOXES):
+    """Query q's centre on both levels of the hand scene: (L, 2)."""
+    return boxes[0, q, :2] * VR[0]
+
+
+def run_hand(gen, candidates, dense=None, stock=None):
+    state = new_state(gen, valid_ratios=VR)
+    observe_map(state, hand_map() if dense is None else dense, candidates)
+    return state.references(stock_refs() if stock is None else stock)
+
+
+def test_sampling_from_map_is_exact():
+    ss, starts = layout()
+    loc, attn = sampling_from_map(hand_map())
+    assert torch.equal(cross_attention_map(loc, attn, ss, starts), hand_map())
+
+
+def test_v301_per_level_centres_in_score_order():
+    gen = EncoderReferenceGenerator("per_level", n_levels=2, n_points=4, ref_rank="cls")
+    stock = stock_refs()
+    state = new_state(gen, valid_ratios=VR)
+    assert state.references(stock) is stock  # nothing observed yet
+    state.observe(None, None, hybrid_candidates())
+    refs = state.references(stock)
+    assert refs.shape == (1, T, 2, 2)
+    # scores .9, .3, .5, .7: q0 on level 0, q3 on level 1, each times its level's valid ratio
+    expected = torch.stack([BOXES[0, 0, :2] * VR[0, 0], BOXES[0, 3, :2] * VR[0, 1]])
+    assert torch.allclose(refs, expected.expand(1, T, 2, 2))
+    # v3.0.3-style restriction applies to per_level too: only q0, q1 may be picked
+    gen_o2o = EncoderReferenceGenerator("per_level", 2, 4, "cls", ref_queries="o2o")
+    state = new_state(gen_o2o, valid_ratios=VR)
+    state.observe(None, None, hybrid_candidates("o2o"))
+    expected = torch.stack([BOXES[0, 0, :2] * VR[0, 0], BOXES[0, 1, :2] * VR[0, 1]])
+    assert torch.allclose(state.references(stock), expected.expand(1, T, 2, 2))
+
+
+def test_v301_score_ties_keep_query_order():
+    gen = EncoderReferenceGenerator("per_level", 2, 4, "cls")
+    state = new_state(gen, valid_ratios=VR)
+    state.observe(None, None, CandidateSet(BOXES, torch.tensor([[0.5, 0.8, 0.5, 0.8]]), torch.arange(4)))
+    refs = state.references(stock_refs())
+    assert torch.allclose(refs[0, 0], torch.stack([centre(1)[0], centre(3)[1]]))
+
+
+def test_v302_top_points_by_map_weight_with_fallback():
+    gen = EncoderReferenceGenerator("per_point", n_levels=2, n_points=2, ref_rank="attn")
+    stock = stock_refs()
+    refs = run_hand(gen, hybrid_candidates(), stock=stock)
+    assert refs.shape == (1, T, 2, 2, 2)
+    assert torch.allclose(refs[0, 0, :, 0], centre(1)) and torch.allclose(refs[0, 0, :, 1], centre(0))
+    # one candidate only: second slot is the token's own location on each level
+    assert torch.allclose(refs[0, 5, :, 0], centre(2)) and torch.equal(refs[0, 5, :, 1], stock[0, 5])
+    # weight tie .25 / .25 / .25: class score decides (q0 .9 > q2 .5 > q1 .3)
+    assert torch.allclose(refs[0, 3, :, 0], centre(0)) and torch.allclose(refs[0, 3, :, 1], centre(2))
+    # no weight at all: both points are the token itself
+    assert torch.equal(refs[0, 17], stock[0, 17][:, None].expand(2, 2, 2))
+
+
+def test_v302_attn_cls_ranking():
+    gen = EncoderReferenceGenerator("per_point", 2, 2, ref_rank="attn_cls")
+    refs = run_hand(gen, hybrid_candidates())
+    # token 0: q0 .25*.9 = .225 > q1 .5*.3 = .15 > q3 .125*.7
+    assert torch.allclose(refs[0, 0, :, 0], centre(0)) and torch.allclose(refs[0, 0, :, 1], centre(1))
+
+
+def test_v303_one_to_one_only_hybrid():
+    gen = EncoderReferenceGenerator("per_point", 2, 2, ref_rank="attn", ref_queries="o2o")
+    stock = stock_refs()
+    cands = gen.candidates(SimpleNamespace(logits=[torch.logit(SCORES)[..., None]], boxes=[BOXES],
+                                           logits_one2many=[], boxes_one2many=[]), 2)
+    assert cands.count == 2
+    refs = run_hand(gen, cands, stock=stock)
+    assert torch.allclose(refs[0, 0, :, 0], centre(1)) and torch.allclose(refs[0, 0, :, 1], centre(0))
+    # token 5 only saw the one-to-many query q2, which may not be picked
+    assert torch.equal(refs[0, 5], stock[0, 5][:, None].expand(2, 2, 2))
+
+
+def test_v304_keep_self_first():
+    gen = EncoderReferenceGenerator("per_point", 2, 3, ref_rank="attn", keep_self=True)
+    stock = stock_refs()
+    refs = run_hand(gen, hybrid_candidates(), stock=stock)
+    assert refs.shape == (1, T, 2, 3, 2)
+    assert torch.equal(refs[:, :, :, 0], stock)
+    assert torch.allclose(refs[0, 0, :, 1], centre(1)) and torch.allclose(refs[0, 0, :, 2], centre(0))
+    assert torch.allclose(refs[0, 5, :, 1], centre(2)) and torch.equal(refs[0, 5, :, 2], stock[0, 5])
+
+
+def test_padded_tokens_fall_back_to_themselves():
+    gen = EncoderReferenceGenerator("per_point", 2, 2, ref_rank="attn")
+    mask = torch.zeros(1, T, dtype=torch.bool)
+    mask[0, [0, 5]] = True  # the map does touch these tokens, but they are padding
+    state = new_state(gen, valid_ratios=VR, padding_mask=mask)
+    observe_map(state, hand_map(), hybrid_candidates())
+    stock = stock_refs()
+    refs = state.references(stock)
+    for t in (0, 5):
+        assert torch.equal(refs[0, t], stock[0, t][:, None].expand(2, 2, 2))
+    assert torch.allclose(refs[0, 3, :, 0], centre(0))
+
+
+def test_mixed_form_candidates_share_columns():
+    """Two queries, each with a one-to-one and a one-to-many prediction reading the same map column."""
+    o2o_boxes = torch.tensor([[[0.1, 0.2, 0.1, 0.1], [0.3, 0.4, 0.1, 0.1]]])
+    o2m_boxes = torch.tensor([[[0.5, 0.6, 0.1, 0.1], [0.7, 0.8, 0.1, 0.1]]])
+    o2o_scores, o2m_scores = torch.tensor([[0.4, 0.8]]), torch.tensor([[0.6, 0.1]])
+    logit = lambda s: torch.logit(s)[..., None]  # noqa: E731
+    cands = make_candidates(logit(o2o_scores), o2o_boxes, 2, "all", logit(o2m_scores), o2m_boxes)
+    assert cands.count == 4 and cands.column.tolist() == [0, 1, 0, 1] and not cands.column_is_prefix
+    assert torch.allclose(cands.scores, torch.cat([o2o_scores, o2m_scores], 1))
+    dense = torch.zeros(1, T, 2, dtype=torch.float64)
+    dense[0, 0] = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    gen = EncoderReferenceGenerator("per_point", 2, 3, ref_rank="attn")
+    stock = stock_refs()
+    refs = run_hand(gen, cands, dense=dense, stock=stock)
+    # weight .5 for both predictions of query 0 (o2m score .6 first), then query 1's (o2o score .8)
+    for p, box in enumerate((o2m_boxes[0, 0], o2o_boxes[0, 0], o2o_boxes[0, 1])):
+        assert torch.allclose(refs[0, 0, :, p], box[:2] * VR[0])
+    # v3.0.3 in the mixed form: the one-to-one predictions only
+    o2o = make_candidates(logit(o2o_scores), o2o_boxes, 2, "o2o", logit(o2m_scores), o2m_boxes)
+    assert o2o.count == 2 and o2o.column.tolist() == [0, 1]
+    refs = run_hand(gen, o2o, dense=dense, stock=stock)
+    assert torch.allclose(refs[0, 0, :, 0], o2o_boxes[0, 0, :2] * VR[0])
+    assert torch.allclose(refs[0, 0, :, 1], o2o_boxes[0, 1, :2] * VR[0])
+    assert torch.equal(refs[0, 0, :, 2], stock[0, 0])
+
+
+def test_candidates_from_decoder_state_shapes():
+    bs, q_o2o, q_o2m, classes = 2, 3, 5, 4
+    logits = torch.randn(bs, q_o2o + q_o2m, classes)
+    boxes = torch.rand(bs, q_o2o + q_o2m, 4)
+    hybrid = SimpleNamespace(logits=[logits], boxes=[boxes], logits_one2many=[], boxes_one2many=[])
+    for ref_queries, count in (("all", q_o2o + q_o2m), ("o2o", q_o2o)):
+        gen = EncoderReferenceGenerator("per_point", 2, 2, ref_queries=ref_queries)
+        cands = gen.candidates(hybrid, q_o2o)
+        assert cands.boxes.shape == (bs, count, 4) and cands.scores.shape == (bs, count)
+        assert cands.column.tolist() == list(range(count))
+        assert torch.allclose(cands.scores, logits[:, :count].sigmoid().amax(-1))
+    mixed = SimpleNamespace(logits=[logits[:, :q_o2o]], boxes=[boxes[:, :q_o2o]],
+                            logits_one2many=[logits[:, q_o2o:2 * q_o2o]], boxes_one2many=[boxes[:, q_o2o:2 * q_o2o]])
+    for ref_queries, count in (("all", 2 * q_o2o), ("o2o", q_o2o)):
+        gen = EncoderReferenceGenerator("per_point", 2, 2, ref_queries=ref_queries)
+        cands = gen.candidates(mixed, q_o2o)
+        assert cands.boxes.shape == (bs, count, 4)
+        assert cands.column.tolist() == (list(range(q_o2o)) * 2)[:count]
+    # inference: only what runs at inference reaches the generator
+    inference = SimpleNamespace(logits=[logits[:, :q_o2o]], boxes=[boxes[:, :q_o2o]], logits_one2many=[],
+                                boxes_one2many=[])
+    assert EncoderReferenceGenerator("per_point", 2, 2).candidates(inference, q_o2o).count == q_o2o
+
+
+def test_accumulation_modes_change_ranking():
+    """layer 1: q0 .5, q1 .3; layer 2: q0 .0625, q1 .3, q2 .4375 on token 0 -> none q2, sum q1, max q0."""
+    first = torch.zeros(1, T, 3, dtype=torch.float64)
+    second = torch.zeros(1, T, 3, dtype=torch.float64)
+    first[0, 0, :2] = torch.tensor([0.5, 0.3], dtype=torch.float64)
+    second[0, 0] = torch.tensor([0.0625, 0.3, 0.4375], dtype=torch.float64)
+    cands = CandidateSet(BOXES[:, :3], SCORES[:, :3], torch.arange(3))
+    winners = {}
+    for accum in ("none", "sum", "mean", "max"):
+        gen = EncoderReferenceGenerator("per_point", 2, 1, ref_rank="attn", accum=accum)
+        state = new_state(gen, valid_ratios=VR)
+        stock = stock_refs()
+        observe_map(state, first, cands)
+        after_first = state.references(stock)
+        assert torch.allclose(after_first[0, 0, :, 0], centre(0))
+        observe_map(state, second, cands)
+        refs = state.references(stock)
+        winners[accum] = next(q for q in range(3) if torch.allclose(refs[0, 0, :, 0], centre(q)))
+    assert winners == {"none": 2, "sum": 1, "mean": 1, "max": 0}
+
+
+@pytest.mark.parametrize("rank", ["attn", "attn_cls"])
+@pytest.mark.parametrize("keep_self", [False, True])
+@pytest.mark.parametrize("accum", ["none", "sum", "mean", "max"])
+@pytest.mark.parametrize("form", ["hybrid_all", "hybrid_o2o", "mixed_all"])
+def test_per_point_matches_loop_reference(rank, keep_self, accum, form):
+    """Random quantised maps (many exact ties) over 3 layers, 2 padded images, valid ratios != 1."""
+    g = torch.Generator().manual_seed(hash((rank, keep_self, accum, form)) % 1000)
+    bs, num_q, points = 2, 6, 4
+    vr = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.75, 0.5], [0.5, 0.5]]])
+    mask = torch.zeros(bs, T, dtype=torch.bool)
+    mask[1, [3, 7, 11, 15, 19]] = True
+    if form == "mixed_all":
+        boxes = torch.rand(bs, num_q, 4, generator=g)
+        o2m = torch.rand(bs, num_q, 4, generator=g)
+        cands = CandidateSet(torch.cat([boxes, o2m], 1), torch.randint(1, 5, (bs, 2 * num_q), generator=g) / 8,
+                             torch.arange(num_q).repeat(2))
+    else:
+        # o2o takes the sliced-rows path (column_is_prefix), all the gathered-rows path
+        count = 2 if form == "hybrid_o2o" else num_q
+        cands = CandidateSet(torch.rand(bs, count, 4, generator=g),
+                             torch.randint(1, 5, (bs, count), generator=g) / 8, torch.arange(count),
+                             column_is_prefix=form == "hybrid_o2o")
+    gen = EncoderReferenceGenerator("per_point", 2, points, ref_rank=rank, keep_self=keep_self, accum=accum)
+    state = new_state(gen, bs=bs, valid_ratios=vr, padding_mask=mask)
+    stock = stock_refs(bs)
+    layers = []
+    for _ in range(3):
+        # weights in {0, 1/8, ..., 3/8}, mostly zero: sparse maps with exact float ties
+        dense = torch.randint(0, 4, (bs, T, num_q), generator=g).double() / 8
+        dense = dense * (torch.rand(bs, T, num_q, generator=g) < 0.4)
+        layers.append(dense.masked_fill(mask[:, :, None], 0.0))
+        observe_map(state, dense, cands)
+        stack = torch.stack(layers)
+        combined = {"none": stack[-1], "sum": stack.sum(0), "mean": stack.mean(0), "max": stack.amax(0)}[accum]
+        expected = loop_references(combined, cands, stock, vr, points, keep_self, rank == "attn_cls")
+        refs = state.references(stock)
+        assert refs.shape == (bs, T, 2, points, 2)
+        assert torch.allclose(refs, expected)
+
+
+@pytest.mark.parametrize("mode", ["per_level", "per_point"])
+def test_gradient_reaches_boxes_only_with_ref_grad(mode):
+    rank = "cls" if mode == "per_level" else "attn"
+    dense = hand_map()
+    loc, attn = sampling_from_map(dense)
+    loc.requires_grad_()
+    attn.requires_grad_()
+    logits = torch.logit(SCORES)[..., None].double().requires_grad_()
+    for ref_grad in (False, True):
+        boxes = BOXES.clone().requires_grad_()
+        gen = EncoderReferenceGenerator(mode, 2, 2, ref_rank=rank, ref_grad=ref_grad)
+        state = new_state(gen, valid_ratios=VR)
+        state.observe(loc, attn, make_candidates(logits, boxes, 2, "all"))
+        refs = state.references(stock_refs())
+        if not ref_grad:
+            assert not refs.requires_grad
+            continue
+        grads = torch.autograd.grad(refs.sum(), [boxes, loc, attn, logits], allow_unused=True)
+        assert grads[0] is not None and float(grads[0][..., :2].abs().sum()) > 0
+        assert float(grads[0][..., 2:].abs().sum()) == 0  # only the centres are used
+        assert all(g is None for g in grads[1:])
+
+
+def test_generator_has_no_parameters_and_validates():
+    gen = EncoderReferenceGenerator("per_point", 4, 4, "attn_cls", keep_self=True, accum="max")
+    assert list(gen.parameters()) == [] and gen.state_dict() == {}
+    assert gen.needs_map and not EncoderReferenceGenerator("per_level", 4, 4, "cls").needs_map
+    for bad in (dict(mode="per_level", ref_rank="attn"), dict(mode="per_point", ref_rank="cls"),
+                dict(mode="per_level", ref_rank="cls", keep_self=True), dict(mode="sideways"),
+                dict(mode="per_point", accum="median"), dict(mode="per_point", ref_queries="o2m")):
+        kwargs = dict(n_levels=4, n_points=4)
+        kwargs.update(bad)
+        with pytest.raises(ValueError):
+            EncoderReferenceGenerator(**kwargs)
+    with pytest.raises(ValueError):
+        new_state(EncoderReferenceGenerator("per_point", 2, 2)).observe(None, None, hybrid_candidates())
+    args = SimpleNamespace(enc_ref_mode="per_point", num_feature_levels=4, enc_n_points=4, ref_rank="attn",
+                           ref_keep_self=True, ref_grad=False, attn_map_accum="sum", ref_queries="o2o")
+    built = build_enc_reference_generator(args)
+    assert (built.keep_self, built.accum, built.ref_queries, built.n_points) == (True, "sum", "o2o", 4)
+
+
+def test_references_cached_until_next_observe():
+    gen = EncoderReferenceGenerator("per_point", 2, 2, "attn")
+    state = new_state(gen, valid_ratios=VR)
+    stock = stock_refs()
+    observe_map(state, hand_map(), hybrid_candidates())
+    first = state.references(stock)
+    assert state.references(stock) is first
+    observe_map(state, torch.zeros(1, T, 4, dtype=torch.float64), hybrid_candidates())
+    assert torch.equal(state.references(stock), stock[:, :, :, None].expand(1, T, 2, 2, 2))
+
+
+# ----------------------------------------------------------------------------- benchmark (not a test)
+
+def coco_levels():
+    """800 x 1333 input: strides 8, 16, 32, 64."""
+    return [(100, 167), (50, 84), (25, 42), (13, 21)]
+
+
+def benchmark(bs=2, num_q=1800, heads=8, points=4, channels=32, repeats=3, layers=3):
+    """CPU timings (ms) of the guidance work of one decoder layer vs the operator forward of that layer."""
+    torch.manual_seed(0)
+    shapes = coco_levels()
+    ss, starts = layout(shapes)
+    total = int(ss.prod(1).sum())
+    levels = len(shapes)
+    value = torch.randn(bs, total, heads, channels)
+    mask = torch.zeros(bs, total, dtype=torch.bool)
+    vr = torch.ones(bs, levels, 2)
+    stock = torch.rand(bs, total, levels, 2)
+    samples = []
+    for _ in range(layers):
+        centre = torch.rand(bs, num_q, 1, 1, 1, 2)
+        loc = centre + 0.02 * torch.randn(bs, num_q, heads, levels, points, 2)
+        attn = torch.rand(bs, num_q, heads, levels, points).softmax(-1)
+        samples.append((loc, attn))
+    cands = CandidateSet(torch.rand(bs, num_q, 4), torch.rand(bs, num_q), torch.arange(num_q))
+
+    def timed(fn):
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best * 1e3
+
+    from models.ms_deform_attn import MSDeformAttn
+    from ops import ms_deform_attn_pytorch
+    loc, attn = samples[0]
+    print(f"bs {bs}, T {total}, Q {num_q}, heads {heads}, levels {levels}, points {points}, "
+          f"footprint entries/layer {bs * num_q * heads * levels * points * 4}, threads {torch.get_num_threads()}")
+    print(f"operator forward (ms_deform_attn_pytorch, decoder layer): "
+          f"{timed(lambda: ms_deform_attn_pytorch(value, ss, starts, loc, attn, spatial_shapes_list=shapes)):.1f} ms")
+    module = MSDeformAttn(heads * channels, levels, heads, points)
+    query = torch.randn(bs, num_q, heads * channels)
+    memory = value.reshape(bs, total, heads * channels)
+    with torch.no_grad():
+        module_ms = timed(lambda: module(query, torch.rand(bs, num_q, levels, 2), memory, ss, starts, mask,
+                                         spatial_shapes_list=shapes))
+    print(f"MSDeformAttn module forward (value/output projections + operator): {module_ms:.1f} ms")
+    try:
+        from models.transformer_layers import DeformableDecoderLayer
+        layer = DeformableDecoderLayer(heads * channels, 1024, 0.0, levels, heads, points).eval()
+        with torch.no_grad():
+            layer_ms = timed(lambda: layer(query, query, torch.rand(bs, num_q, levels, 2), memory, ss, starts, mask,
+                                           spatial_shapes_list=shapes))
+        print(f"full decoder layer forward (self-attn, cross-attn, FFN 1024): {layer_ms:.1f} ms")
+    except (ImportError, TypeError) as err:  # another part of the tree; the guidance numbers stand alone
+        print(f"decoder layer not timed: {err}")
+    print(f"attention_footprint: {timed(lambda: attention_footprint(loc, attn, ss, starts, mask)):.1f} ms")
+    for accum in ("none", "sum", "max"):
+        gen = EncoderReferenceGenerator("per_point", levels, points, "attn", keep_self=True, accum=accum)
+
+        def guided(count):
+            state = gen.new_state(ss, starts, mask, vr, shapes)
+            for layer_loc, layer_attn in samples[:count]:
+                state.observe(layer_loc, layer_attn, cands)
+            return state.references(stock)
+
+        for count in (1, layers):
+            print(f"per_point keep_self accum={accum}: observe x{count} + references: {timed(lambda: guided(count)):.1f} ms")
+
+
+if __name__ == "__main__":
+    if "--threads" in sys.argv:
+        torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
+    benchmark()
