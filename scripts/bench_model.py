@@ -243,7 +243,9 @@ def result_line(subject: Subject, size: Tuple[int, int], mem_kind: str, warmup: 
 
 
 def ratio_line(num: Dict, den: Dict) -> Dict:
+    """num / den of the medians, of the fastest steps (robust when other jobs share the machine) and of peaks."""
     return {"ratio": f"{num['variant']}/{den['variant']}", "step_s": round(num["step_s"] / den["step_s"], 4),
+            "step_s_min": round(num["step_s_min"] / den["step_s_min"], 4),
             "peak_mem": round(num["peak_mem_mb"] / den["peak_mem_mb"], 4) if den["peak_mem_mb"] > 0 else None}
 
 
