@@ -191,6 +191,15 @@ def test_benchmark_dispatcher_model(capsys):
     assert benchmark.main(["nonsense"]) == 2
 
 
+def test_benchmark_dispatcher_op(capsys):
+    import benchmark
+    argv = ["op", "--impl", "pytorch", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+            "--repeats", "1", "--warmup", "0"]
+    assert benchmark.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["impl"] == "pytorch" and "fwd_ms" in record
+
+
 # ----------------------------------------------------------------------------- configs and launchers
 
 def _config_files():
