@@ -1,4 +1,8 @@
-"""The detector learns: a handful of synthetic images are overfitted to AP50 >= 0.9 within 2 minutes (CPU)."""
+"""The detector learns: a handful of synthetic images are overfitted to AP50 >= 0.9.
+
+The budget is a number of epochs (about 2 minutes on an idle 2-core CPU), not a wall-clock limit:
+timings belong to benchmarks (DESIGN section 8), and a loaded machine must not fail the test.
+"""
 import time
 
 import pytest
@@ -12,7 +16,8 @@ from tests.helpers import TINY
 from util.config import parse_args
 from util.optim import build_optimizer
 
-BUDGET_S = 120
+MAX_EPOCHS = 80  # 2 iterations each
+EVAL_EVERY = 10
 
 
 @pytest.mark.slow
@@ -34,11 +39,10 @@ def test_overfits_a_handful_of_images(tmp_path):
     optimizer = build_optimizer(model, args)
     device = torch.device("cpu")
 
-    start, epoch, history = time.time(), 0, []
-    while time.time() - start < BUDGET_S:
+    start, history = time.time(), []
+    for epoch in range(1, MAX_EPOCHS + 1):
         train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, args)
-        epoch += 1
-        if epoch % 10 == 0:
+        if epoch % EVAL_EVERY == 0:
             stats = evaluate(model, criterion, postprocessors, eval_loader, base_ds, device, args)
             history.append((epoch, round(time.time() - start), round(stats["AP50"], 3)))
             if stats["AP50"] >= 0.9:
