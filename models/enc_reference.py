@@ -186,6 +186,7 @@ class GuidanceState:
         self.accumulator = CrossAttnMapAccumulator(generator.accum)
         self.candidates: Optional[CandidateSet] = None
         self.observed = 0  # decoder layers seen so far
+        self._pending = []  # (locations, weights) of observed layers not yet in the accumulator
         self._cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (stock refs, result)
 
     def observe(self, sampling_locations: Optional[torch.Tensor], attention_weights: Optional[torch.Tensor],
@@ -197,10 +198,10 @@ class GuidanceState:
         if self.generator.needs_map:
             if sampling_locations is None or attention_weights is None:
                 raise ValueError("per_point guidance needs the decoder's sampling locations and weights")
-            footprint = attention_footprint(sampling_locations.detach(), attention_weights.detach(),
-                                            self.spatial_shapes, self.level_start_index, self.padding_mask,
-                                            self.spatial_shapes_list)
-            self.accumulator.add(*footprint)
+            # the footprint is built when references are asked for: the last decoder layer's
+            # map is often never used, and with accum 'none' only the latest layer matters
+            pending = (sampling_locations.detach(), attention_weights.detach())
+            self._pending = [pending] if self.generator.accum == "none" else self._pending + [pending]
         self.observed += 1
         self.candidates = candidates
         self._cache = None
@@ -253,6 +254,10 @@ class GuidanceState:
     def _rank(self, num_tokens: int, points: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per token the ``points`` best candidates -> candidate index (bs, T, points), valid (bs, T, points)."""
         cands = self.candidates
+        for locations, weights in self._pending:
+            self.accumulator.add(*attention_footprint(locations, weights, self.spatial_shapes, self.level_start_index,
+                                                      self.padding_mask, self.spatial_shapes_list))
+        self._pending = []
         tokens, weights = self.accumulator.combined()  # (bs, Q, E), tokens unique per row
         # each candidate reads its column's row; mixed-form candidates share a row
         if cands.column_is_prefix:

@@ -160,10 +160,10 @@ def test_reduce_rows_merges_repeats():
     tokens = torch.tensor([[[3, 1, 3, 0, 1, 3]]])
     weights = torch.tensor([[[0.5, 0.25, 0.125, 0.0, 0.5, 1.0]]])
     merged_t, merged_w = reduce_rows(tokens, weights, "sum")
-    assert merged_t.tolist() == [[[0, 1, 1, 3, 3, 3]]]
-    assert merged_w.tolist() == [[[0.0, 0.75, 0.0, 1.625, 0.0, 0.0]]]
+    assert merged_t[..., :3].tolist() == [[[0, 1, 3]]]
+    assert merged_w.tolist() == [[[0.0, 0.75, 1.625, 0.0, 0.0, 0.0]]]
     _, max_w = reduce_rows(tokens, weights, "max")
-    assert max_w.tolist() == [[[0.0, 0.5, 0.0, 1.0, 0.0, 0.0]]]
+    assert max_w.tolist() == [[[0.0, 0.5, 1.0, 0.0, 0.0, 0.0]]]
 
 
 @pytest.mark.parametrize("mode", ["none", "sum", "mean", "max"])

@@ -375,69 +375,66 @@ def coco_levels():
     return [(100, 167), (50, 84), (25, 42), (13, 21)]
 
 
-def benchmark(bs=2, num_q=1800, heads=8, points=4, channels=32, repeats=3, layers=3):
-    """CPU timings (ms) of the guidance work of one decoder layer vs the operator forward of that layer."""
+def benchmark(bs=2, num_q=1800, heads=8, points=4, channels=32, repeats=5, layers=3):
+    """CPU timings (ms) of the guidance work vs the decoder layer that produces one map.
+
+    Every measurement runs once per round and rounds repeat, keeping each one's best time, so
+    a load change on a shared machine hits all of them alike. Returns {name: ms}.
+    """
+    from models.ms_deform_attn import MSDeformAttn
+    from ops import ms_deform_attn_pytorch
     torch.manual_seed(0)
     shapes = coco_levels()
     ss, starts = layout(shapes)
-    total = int(ss.prod(1).sum())
-    levels = len(shapes)
+    total, levels, d_model = int(ss.prod(1).sum()), len(shapes), heads * channels
     value = torch.randn(bs, total, heads, channels)
-    mask = torch.zeros(bs, total, dtype=torch.bool)
-    vr = torch.ones(bs, levels, 2)
-    stock = torch.rand(bs, total, levels, 2)
-    samples = []
-    for _ in range(layers):
-        centre = torch.rand(bs, num_q, 1, 1, 1, 2)
-        loc = centre + 0.02 * torch.randn(bs, num_q, heads, levels, points, 2)
-        attn = torch.rand(bs, num_q, heads, levels, points).softmax(-1)
-        samples.append((loc, attn))
-    cands = CandidateSet(torch.rand(bs, num_q, 4), torch.rand(bs, num_q), torch.arange(num_q))
-
-    def timed(fn):
-        fn()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return best * 1e3
-
-    from models.ms_deform_attn import MSDeformAttn
-    from ops import ms_deform_attn_pytorch
+    memory, query = value.reshape(bs, total, d_model), torch.randn(bs, num_q, d_model)
+    mask, vr = torch.zeros(bs, total, dtype=torch.bool), torch.ones(bs, levels, 2)
+    stock, box_refs = torch.rand(bs, total, levels, 2), torch.rand(bs, num_q, levels, 2)
+    # decoder-like sampling: every query's samples cluster around its box
+    samples = [(torch.rand(bs, num_q, 1, 1, 1, 2) + 0.02 * torch.randn(bs, num_q, heads, levels, points, 2),
+                torch.rand(bs, num_q, heads, levels, points).softmax(-1)) for _ in range(layers)]
+    cands = make_candidates(torch.randn(bs, num_q, 3), torch.rand(bs, num_q, 4), num_q)
     loc, attn = samples[0]
-    print(f"bs {bs}, T {total}, Q {num_q}, heads {heads}, levels {levels}, points {points}, "
-          f"footprint entries/layer {bs * num_q * heads * levels * points * 4}, threads {torch.get_num_threads()}")
-    print(f"operator forward (ms_deform_attn_pytorch, decoder layer): "
-          f"{timed(lambda: ms_deform_attn_pytorch(value, ss, starts, loc, attn, spatial_shapes_list=shapes)):.1f} ms")
-    module = MSDeformAttn(heads * channels, levels, heads, points)
-    query = torch.randn(bs, num_q, heads * channels)
-    memory = value.reshape(bs, total, heads * channels)
-    with torch.no_grad():
-        module_ms = timed(lambda: module(query, torch.rand(bs, num_q, levels, 2), memory, ss, starts, mask,
-                                         spatial_shapes_list=shapes))
-    print(f"MSDeformAttn module forward (value/output projections + operator): {module_ms:.1f} ms")
+    module = MSDeformAttn(d_model, levels, heads, points)
+    runs = {
+        "operator forward (ms_deform_attn_pytorch)":
+            lambda: ms_deform_attn_pytorch(value, ss, starts, loc, attn, spatial_shapes_list=shapes),
+        "MSDeformAttn module forward":
+            lambda: module(query, box_refs, memory, ss, starts, mask, spatial_shapes_list=shapes),
+        "attention_footprint (1 layer)": lambda: attention_footprint(loc, attn, ss, starts, mask),
+    }
     try:
         from models.transformer_layers import DeformableDecoderLayer
-        layer = DeformableDecoderLayer(heads * channels, 1024, 0.0, levels, heads, points).eval()
-        with torch.no_grad():
-            layer_ms = timed(lambda: layer(query, query, torch.rand(bs, num_q, levels, 2), memory, ss, starts, mask,
-                                           spatial_shapes_list=shapes))
-        print(f"full decoder layer forward (self-attn, cross-attn, FFN 1024): {layer_ms:.1f} ms")
-    except (ImportError, TypeError) as err:  # another part of the tree; the guidance numbers stand alone
-        print(f"decoder layer not timed: {err}")
-    print(f"attention_footprint: {timed(lambda: attention_footprint(loc, attn, ss, starts, mask)):.1f} ms")
-    for accum in ("none", "sum", "max"):
+        layer = DeformableDecoderLayer(d_model, 1024, 0.0, levels, heads, points).eval()
+        runs["decoder layer forward (FFN 1024)"] = lambda: layer(query, query, box_refs, memory, ss, starts, mask,
+                                                                 spatial_shapes_list=shapes)
+    except ImportError:  # another part of the tree; the other numbers stand alone
+        pass
+
+    def guided(accum, count):
         gen = EncoderReferenceGenerator("per_point", levels, points, "attn", keep_self=True, accum=accum)
+        state = gen.new_state(ss, starts, mask, vr, shapes)
+        for layer_loc, layer_attn in samples[:count]:
+            state.observe(layer_loc, layer_attn, cands)
+        return state.references(stock)
 
-        def guided(count):
-            state = gen.new_state(ss, starts, mask, vr, shapes)
-            for layer_loc, layer_attn in samples[:count]:
-                state.observe(layer_loc, layer_attn, cands)
-            return state.references(stock)
-
-        for count in (1, layers):
-            print(f"per_point keep_self accum={accum}: observe x{count} + references: {timed(lambda: guided(count)):.1f} ms")
+    for accum in ("none", "sum", "max"):
+        for count in sorted({1, layers}):
+            runs[f"v3.0.4 accum={accum}: observe x{count} + references"] = (
+                lambda accum=accum, count=count: guided(accum, count))
+    best = {name: float("inf") for name in runs}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    print(f"bs {bs}, T {total}, Q {num_q}, heads {heads}, levels {levels}, points {points}, "
+          f"footprint entries/layer {bs * num_q * heads * levels * points * 4}, threads {torch.get_num_threads()}")
+    for name, seconds in best.items():
+        print(f"{name:55s} {seconds * 1e3:8.1f} ms")
+    return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
 if __name__ == "__main__":
