@@ -1,0 +1,76 @@
+"""Detection datasets: COCO (pycocotools) and the built-in synthetic shapes, plus batching.
+
+Entry points used by the training code:
+    build_dataset(image_set, args) -> Dataset of (image (3, H, W) float normalised, target dict)
+    collate_fn(batch)              -> (NestedTensor (B, 3, H, W) + mask (B, H, W) True on padding, [targets])
+    num_classes(args)              -> classifier size (max category id + 1)
+    get_coco_api(dataset)          -> the pycocotools COCO object of a dataset (Subset unwrapped)
+"""
+import os
+from typing import List, Tuple
+
+import torch.utils.data
+
+from util.dist import is_main_process
+from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+
+from . import synthetic
+from .coco import BadImageError, CocoDetection, build as build_coco
+
+__all__ = ["build_dataset", "collate_fn", "num_classes", "get_coco_api", "BadImageError", "CocoDetection"]
+
+COCO_NUM_CLASSES = 91  # upstream convention: largest COCO category id (90) + 1
+
+
+def _synthetic_root(args) -> str:
+    """Generate the synthetic data under ``args.coco_path`` if absent or made with other parameters."""
+    root = getattr(args, "coco_path", None)
+    if not root:
+        raise ValueError("--coco_path is not set (the synthetic dataset is generated there)")
+    synthetic.ensure_synthetic_coco(
+        root,
+        num_train=getattr(args, "synthetic_num_train", 512),
+        num_val=getattr(args, "synthetic_num_val", 128),
+        image_size=getattr(args, "synthetic_image_size", 256),
+        seed=getattr(args, "synthetic_seed", 0),
+        verbose=is_main_process(),
+    )
+    return root
+
+
+def build_dataset(image_set: str, args) -> CocoDetection:
+    """The 'train' or 'val' split selected by ``args.dataset_file`` ('coco' | 'synthetic')."""
+    kind = getattr(args, "dataset_file", "coco")
+    if kind == "coco":
+        return build_coco(image_set, args)
+    if kind == "synthetic":
+        root = _synthetic_root(args)
+        # the generated file names, whatever --train_ann / --val_ann say (those name real COCO files)
+        ann = os.path.join(root, "annotations", f"instances_{image_set}2017.json")
+        return build_coco(image_set, args, ann_file=ann)
+    raise ValueError(f"unknown dataset_file {kind!r}: expected 'coco' or 'synthetic'")
+
+
+def num_classes(args) -> int:
+    """Classifier size: 91 for COCO, max synthetic category id + 1 for the synthetic shapes."""
+    kind = getattr(args, "dataset_file", "coco")
+    if kind == "coco":
+        return COCO_NUM_CLASSES
+    if kind == "synthetic":
+        return synthetic.num_classes()
+    raise ValueError(f"unknown dataset_file {kind!r}: expected 'coco' or 'synthetic'")
+
+
+def get_coco_api(dataset):
+    """The pycocotools COCO object behind ``dataset`` (through any nesting of ``Subset``)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if not hasattr(dataset, "coco"):
+        raise TypeError(f"{type(dataset).__name__} has no COCO annotations")
+    return dataset.coco
+
+
+def collate_fn(batch: List[Tuple]) -> Tuple[NestedTensor, List[dict]]:
+    """[(image (3, H_i, W_i), target)] -> (NestedTensor padded at bottom/right, list of targets)."""
+    images, targets = zip(*batch)
+    return nested_tensor_from_tensor_list(list(images)), list(targets)

@@ -1,0 +1,224 @@
+"""COCO-format detection data read through pycocotools.
+
+Layout under the data root (``--coco_path``)::
+
+    train2017/  val2017/  annotations/instances_{train,val,minitrain}2017.json
+
+Annotations are sanitised once when the file is loaded (in the pycocotools object itself, so
+training targets and evaluation see the same ground truth): boxes are clipped to their image
+and dropped when they are degenerate (non-positive width or height, non-finite, or outside the
+image); missing ``area`` / ``iscrowd`` fields get the COCO defaults.
+"""
+import contextlib
+import io
+import math
+import os
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import PIL.Image
+import torch
+from pycocotools.coco import COCO
+
+from . import transforms as T
+
+
+class BadImageError(RuntimeError):
+    """An image file that is missing or cannot be decoded. The message names the path and image id."""
+
+
+# ----------------------------------------------------------------------------- annotations
+
+def _clean_box(bbox, width: Optional[float], height: Optional[float]) -> Optional[List[float]]:
+    """COCO xywh ``bbox`` clipped to the image ([0, width] x [0, height]); None when degenerate or malformed."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        return None
+    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), x + w, y + h
+    if width is not None:
+        x1 = min(x1, float(width))
+    if height is not None:
+        y1 = min(y1, float(height))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def sanitize_annotations(coco: COCO) -> Tuple[int, int]:
+    """Clip every box of ``coco`` to its image, drop degenerate ones, fill defaults; rebuild the index.
+
+    Returns (number clipped, number dropped).
+    """
+    kept, clipped, dropped = [], 0, 0
+    for ann in coco.dataset.get("annotations", []):
+        image = coco.imgs.get(ann.get("image_id"))
+        if image is None:
+            dropped += 1
+            continue
+        box = _clean_box(ann.get("bbox"), image.get("width"), image.get("height"))
+        if box is None:
+            dropped += 1
+            continue
+        box_area = box[2] * box[3]
+        if box != [float(v) for v in ann["bbox"]]:
+            clipped += 1
+            # the original area covered the part now cut away as well
+            ann["area"] = min(float(ann.get("area", box_area)), box_area)
+        ann["bbox"] = box
+        ann.setdefault("area", box_area)
+        ann.setdefault("iscrowd", 0)
+        kept.append(ann)
+    if dropped or clipped:
+        coco.dataset["annotations"] = kept
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    return clipped, dropped
+
+
+def load_coco(ann_file: str) -> COCO:
+    """The pycocotools object of ``ann_file``, sanitised (see ``sanitize_annotations``)."""
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines, once per process
+        coco = COCO(ann_file)
+    coco.num_clipped, coco.num_dropped = sanitize_annotations(coco)
+    return coco
+
+
+def coco_target(image_id: int, annotations: List[Dict], width: int, height: int) -> Dict[str, torch.Tensor]:
+    """The target dict of one image before transforms (boxes absolute xyxy, clipped to (width, height)).
+
+    Crowd regions are dropped, as in DETR: they are not objects to match one-to-one.
+    """
+    anns = [a for a in annotations if not a.get("iscrowd", 0)]
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes = T.clip_boxes_xyxy(boxes, width, height)
+    target = {
+        "boxes": boxes,
+        "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
+        "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
+        "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
+        "image_id": torch.tensor(image_id, dtype=torch.int64),
+        "orig_size": torch.tensor([height, width], dtype=torch.int64),
+        "size": torch.tensor([height, width], dtype=torch.int64),
+    }
+    # a file smaller than its annotation says can still make boxes empty here
+    return T.filter_boxes(target, T.non_degenerate(boxes))
+
+
+# ----------------------------------------------------------------------------- images
+
+def read_image(path: str, image_id: int) -> PIL.Image.Image:
+    """The RGB image at ``path``; ``BadImageError`` naming path and id when missing or undecodable."""
+    if not os.path.isfile(path):
+        raise BadImageError(f"image file not found: {path} (image id {image_id})")
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()  # decode now, so a truncated file fails here and not deep inside a transform
+            return image.convert("RGB")
+    except Exception as exc:  # any decoder failure means the same thing: this file is unusable
+        raise BadImageError(f"cannot read image file {path} (image id {image_id}): "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images of ``img_folder`` listed in ``ann_file``; item ``i`` is ``(image, target)``.
+
+    ``image``: (3, H, W) float tensor after ``transforms`` (normalised with the standard pipeline);
+    ``target``: boxes (N, 4) cxcywh normalised by (W, H), labels (N,) int64 category ids,
+    image_id () int64, orig_size (2,) int64 (h, w) of the file, size (2,) int64 (h, w) after
+    transforms, area (N,), iscrowd (N,).
+
+    With ``skip_bad_images`` an unreadable image is replaced by the next readable one (index
+    order, wrapping around) with a warning; ``num_skipped`` counts the replacements made in this
+    process (loader workers keep their own counts) and ``skipped_image_ids`` lists the ids.
+    """
+
+    def __init__(self, img_folder: str, ann_file: str, transforms=None, skip_bad_images: bool = False):
+        self.img_folder = img_folder
+        self.ann_file = ann_file
+        self.coco = load_coco(ann_file)
+        self.ids = sorted(self.coco.imgs.keys())
+        self.transforms = transforms
+        self.skip_bad_images = skip_bad_images
+        self.num_skipped = 0
+        self.skipped_image_ids: List[int] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, image_id: int) -> str:
+        return os.path.join(self.img_folder, self.coco.imgs[image_id]["file_name"])
+
+    def load(self, index: int):
+        """(PIL image, target before transforms) of item ``index``; ``BadImageError`` on a bad file."""
+        image_id = self.ids[index]
+        image = read_image(self.image_path(image_id), image_id)
+        width, height = image.size
+        target = coco_target(image_id, self.coco.imgToAnns.get(image_id, []), width, height)
+        return image, target
+
+    def _load_or_replace(self, index: int):
+        if not self.skip_bad_images:
+            return self.load(index)
+        for step in range(len(self.ids)):
+            try:
+                return self.load((index + step) % len(self.ids))
+            except BadImageError as exc:
+                self.num_skipped += 1
+                self.skipped_image_ids.append(self.ids[(index + step) % len(self.ids)])
+                warnings.warn(f"skipping bad image ({exc}); using the next image instead", RuntimeWarning)
+        raise BadImageError(f"no readable image among the {len(self.ids)} images of {self.ann_file}")
+
+    def __getitem__(self, index: int):
+        image, target = self._load_or_replace(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+# ----------------------------------------------------------------------------- building from flags
+
+def resolve_ann_file(root: str, name: str) -> str:
+    """A bare file name is looked up in ``root/annotations``; a path with a directory part is used as is."""
+    if os.sep in name or "/" in name:
+        return name
+    return os.path.join(root, "annotations", name)
+
+
+def transforms_from_args(image_set: str, args) -> T.Compose:
+    return T.make_coco_transforms(
+        image_set,
+        min_size=getattr(args, "min_size", None) or [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
+        max_size=getattr(args, "max_size", 1333),
+        eval_size=getattr(args, "eval_size", None),
+        random_crop=getattr(args, "random_crop", True),
+        crop_min_size=getattr(args, "crop_min_size", None) or [400, 500, 600],
+        crop_size=getattr(args, "crop_size", None) or [384, 600],
+    )
+
+
+def build(image_set: str, args, ann_file: Optional[str] = None) -> CocoDetection:
+    """The ``image_set`` ('train' | 'val') split under ``args.coco_path`` with the standard transforms."""
+    if image_set not in ("train", "val"):
+        raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")
+    root = getattr(args, "coco_path", None)
+    if not root:
+        raise ValueError("--coco_path is not set")
+    if ann_file is None:
+        name = getattr(args, "train_ann", "instances_train2017.json") if image_set == "train" \
+            else getattr(args, "val_ann", "instances_val2017.json")
+        ann_file = resolve_ann_file(root, name)
+    img_folder = os.path.join(root, f"{image_set}2017")
+    if not os.path.isdir(img_folder):
+        raise FileNotFoundError(f"image folder not found: {img_folder} (expected under --coco_path {root})")
+    return CocoDetection(img_folder, ann_file, transforms=transforms_from_args(image_set, args),
+                         skip_bad_images=bool(getattr(args, "skip_bad_images", False)))
