@@ -17,22 +17,6 @@ from util.checkpoint import atomic_write_text
 from util.dist import is_main_process
 from util.logger import JsonlLogger, LossWindow, ProgressBar, TensorboardLogger
 
-COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-COCO_STAT_LINES = [
-    ("Average Precision", "AP", "0.50:0.95", "all", 100),
-    ("Average Precision", "AP", "0.50", "all", 100),
-    ("Average Precision", "AP", "0.75", "all", 100),
-    ("Average Precision", "AP", "0.50:0.95", "small", 100),
-    ("Average Precision", "AP", "0.50:0.95", "medium", 100),
-    ("Average Precision", "AP", "0.50:0.95", "large", 100),
-    ("Average Recall", "AR", "0.50:0.95", "all", 1),
-    ("Average Recall", "AR", "0.50:0.95", "all", 10),
-    ("Average Recall", "AR", "0.50:0.95", "all", 100),
-    ("Average Recall", "AR", "0.50:0.95", "small", 100),
-    ("Average Recall", "AR", "0.50:0.95", "medium", 100),
-    ("Average Recall", "AR", "0.50:0.95", "large", 100),
-]
-
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names the epoch, iteration and terms."""
@@ -226,22 +210,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 
 # ----------------------------------------------------------------------------- evaluation
 
-def format_coco_table(stats: Dict[str, float]) -> str:
-    """The 12-line table pycocotools prints, from the stats dict."""
-    lines = []
-    for name, (title, short, iou, area, dets) in zip(COCO_STAT_NAMES, COCO_STAT_LINES):
-        value = stats.get(name, float("nan"))
-        lines.append(f" {title:<18} ({short}) @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = {value:0.3f}")
-    return "\n".join(lines)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Dict, data_loader: Iterable, base_ds,
              device: torch.device, args, epoch: Optional[int] = None, output_dir: Optional[str] = None,
              detections_name: str = "detections_val.json") -> Dict[str, float]:
     """COCO box evaluation of ``model`` on ``data_loader``; returns {AP, AP50, ..., ARl}.
 
-    Prints the 12-number table (main process) and writes the detections as a COCO results
+    Prints pycocotools' 12-number table (main process) and writes the detections as a COCO results
     file ``output_dir/detections_name``. ``criterion`` is accepted for the upstream call
     signature; evaluation losses are not computed (they would double the evaluation time).
     """
@@ -272,10 +247,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Dict, data_
     evaluator.accumulate()
     stats = evaluator.summarize()
     stats = {k: float(v) for k, v in stats.items()}
-    if is_main_process():
-        print(format_coco_table(stats), flush=True)
-        if output_dir:
-            detections = evaluator.coco_results()
-            atomic_write_text(os.path.join(output_dir, detections_name), json.dumps(detections))
+    if is_main_process() and output_dir:
+        detections = evaluator.coco_results()
+        atomic_write_text(os.path.join(output_dir, detections_name), json.dumps(detections))
     stats["eval_time"] = time.time() - start
     return stats

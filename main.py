@@ -247,7 +247,7 @@ def main(args) -> Dict:
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None,
-            find_unused_parameters=getattr(args, "find_unused_parameters", False))
+            find_unused_parameters=args.find_unused_parameters)
     optimizer = build_optimizer(model_without_ddp, args)
     lr_scheduler = build_lr_scheduler(optimizer, args)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None

@@ -8,7 +8,7 @@ import torch
 
 import main as main_module
 from tests.helpers import TINY, tiny_args
-from util.config import parse_args
+from util.config import get_args_parser, parse_args
 from util.optim import build_lr_scheduler, build_optimizer, build_param_groups, lr_drop_epochs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,6 +137,12 @@ def test_lr_schedules():
     lrs = _lrs_per_epoch(opt, build_lr_scheduler(opt, args), 12)
     assert lrs[7] == 1.0 and lrs[8] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.01)
     assert lr_drop_epochs(args) == [8, 11]
+
+
+def test_every_flag_is_documented():
+    undocumented = [a.option_strings[0] for a in get_args_parser()._actions
+                    if a.option_strings and a.dest != "help" and not (a.help or "").strip()]
+    assert undocumented == []
 
 
 def test_readme_flags_table_is_current():

@@ -88,3 +88,28 @@ def test_list_and_nested_tensor_inputs_agree():
         a = model(images)["pred_boxes"]
         b = model(nested_tensor_from_tensor_list(images))["pred_boxes"]
     torch.testing.assert_close(a, b)
+
+
+def test_progressive_references_are_previous_sampling_locations():
+    """--enc_ref_progressive: encoder layer i>0 takes layer i-1's sampling locations (per head) as references;
+    a decoder layer in between resets them to the (guided) references it produces."""
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args("--enc_layers", "3", "--stages", "3:2", "--enc_ref_progressive"))
+    model.eval()
+    seen = []  # (references given, sampling locations returned) per encoder layer
+
+    def record(module, args, kwargs, output):
+        seen.append((args[2], output.sampling_locations))
+
+    hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in model.transformer.encoder.layers]
+    with torch.no_grad():
+        model(two_padded_images())
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 3
+    first_refs, first_locations = seen[0]
+    assert first_refs.dim() == 4  # stock (bs, tokens, levels, 2)
+    assert first_locations.shape[2:] == (4, 4, 4, 2)  # (bs, tokens, heads, levels, points, 2)
+    for (_, previous_locations), (refs, _) in zip(seen[:-1], seen[1:]):
+        assert refs.shape == previous_locations.shape
+        assert torch.equal(refs, previous_locations)

@@ -29,112 +29,155 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="preset from configs/variants.yaml: baseline|cascade|v3.0.1|v3.0.2|v3.0.3|v3.0.4")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", default=2e-4, type=float)
-    g.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+")
-    g.add_argument("--lr_backbone", default=2e-5, type=float)
-    g.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str, nargs="+")
-    g.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
+    g.add_argument("--lr", default=2e-4, type=float,
+                   help="learning rate of the transformer and heads (AdamW)")
+    g.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+",
+                   help="parameter-name substrings trained at --lr_backbone")
+    g.add_argument("--lr_backbone", default=2e-5, type=float,
+                   help="backbone learning rate; 0 freezes the backbone")
+    g.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str, nargs="+",
+                   help="parameter-name substrings trained at --lr x --lr_linear_proj_mult")
+    g.add_argument("--lr_linear_proj_mult", default=0.1, type=float,
+                   help="lr multiplier of sampling-offset and reference-point projections")
     g.add_argument("--batch_size", default=2, type=int, help="per process")
-    g.add_argument("--weight_decay", default=1e-4, type=float)
-    g.add_argument("--epochs", default=50, type=int)
-    g.add_argument("--lr_drop", default=40, type=int)
+    g.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
+    g.add_argument("--epochs", default=50, type=int, help="number of training epochs")
+    g.add_argument("--lr_drop", default=40, type=int, help="StepLR: lr x0.1 every this many epochs")
     g.add_argument("--lr_drop_epochs", default=None, type=int, nargs="+", help="multi-step drops; overrides --lr_drop")
     g.add_argument("--clip_max_norm", default=0.1, type=float, help="0 disables clipping")
-    g.add_argument("--sgd", action="store_true")
-    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    g.add_argument("--sgd", action="store_true", help="SGD with momentum 0.9 instead of AdamW")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="mixed precision: bf16 (GPU or CPU), fp16 (GPU, with loss scaling) or off")
 
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    g.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+                   help="torchvision ResNet")
     g.add_argument("--backbone_weights", default=None, type=str,
                    help="ImageNet weights file; 'none' for random init; unset: torchvision's cache")
-    g.add_argument("--dilation", action=BOOL, default=False)
-    g.add_argument("--position_embedding", default="sine", choices=["sine"])
-    g.add_argument("--position_embedding_scale", default=2 * math.pi, type=float)
-    g.add_argument("--num_feature_levels", default=4, type=int)
+    g.add_argument("--dilation", action=BOOL, default=False,
+                   help="dilate the last ResNet stage (stride 16 instead of 32)")
+    g.add_argument("--position_embedding", default="sine", choices=["sine"], help="position encoding type")
+    g.add_argument("--position_embedding_scale", default=2 * math.pi, type=float,
+                   help="scale of the normalised sine position encoding")
+    g.add_argument("--num_feature_levels", default=4, type=int,
+                   help="feature levels (strides 8/16/32 and extra stride-64 levels)")
 
     g = p.add_argument_group("transformer")
-    g.add_argument("--enc_layers", default=6, type=int)
-    g.add_argument("--dec_layers", default=6, type=int)
+    g.add_argument("--enc_layers", default=6, type=int, help="encoder layers")
+    g.add_argument("--dec_layers", default=6, type=int, help="decoder layers")
     g.add_argument("--stages", default=None, type=str,
                    help="comma-separated E:D stages, e.g. '6:6' (stock) or '1:1,1:1,1:1,1:1,1:1,1:1'")
-    g.add_argument("--dim_feedforward", default=1024, type=int)
-    g.add_argument("--hidden_dim", default=256, type=int)
-    g.add_argument("--dropout", default=0.1, type=float)
-    g.add_argument("--nheads", default=8, type=int)
-    g.add_argument("--num_queries_one2one", "--num_queries", dest="num_queries_one2one", default=300, type=int)
-    g.add_argument("--num_queries_one2many", default=0, type=int)
-    g.add_argument("--dec_n_points", default=4, type=int)
-    g.add_argument("--enc_n_points", default=4, type=int)
-    g.add_argument("--with_box_refine", action=BOOL, default=False)
-    g.add_argument("--two_stage", action=BOOL, default=False)
-    g.add_argument("--mixed_selection", action=BOOL, default=False)
-    g.add_argument("--look_forward_twice", action=BOOL, default=False)
+    g.add_argument("--dim_feedforward", default=1024, type=int, help="FFN hidden size")
+    g.add_argument("--hidden_dim", default=256, type=int, help="transformer width (d_model)")
+    g.add_argument("--dropout", default=0.1, type=float, help="dropout in the transformer")
+    g.add_argument("--nheads", default=8, type=int, help="attention heads")
+    g.add_argument("--num_queries_one2one", "--num_queries", dest="num_queries_one2one", default=300, type=int,
+                   help="one-to-one queries (the detections at inference)")
+    g.add_argument("--num_queries_one2many", default=0, type=int,
+                   help="hybrid (H-DETR) one-to-many queries; 0 disables")
+    g.add_argument("--dec_n_points", default=4, type=int,
+                   help="sampling points per head and level in decoder cross-attention")
+    g.add_argument("--enc_n_points", default=4, type=int,
+                   help="sampling points per head and level in encoder self-attention")
+    g.add_argument("--with_box_refine", action=BOOL, default=False, help="iterative bounding-box refinement")
+    g.add_argument("--two_stage", action=BOOL, default=False, help="two-stage proposals from the encoder")
+    g.add_argument("--mixed_selection", action=BOOL, default=False,
+                   help="positional queries from proposals, content queries learned (needs --two_stage)")
+    g.add_argument("--look_forward_twice", action=BOOL, default=False,
+                   help="box refinement gradients look forward twice (needs --with_box_refine)")
     g.add_argument("--use_ms_detr", action=BOOL, default=False, help="MS-DETR mixed supervision")
     g.add_argument("--use_aux_ffn", action=BOOL, default=True, help="MS-DETR auxiliary FFN for one-to-many")
 
     g = p.add_argument_group("matching and losses")
-    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
-    g.add_argument("--set_cost_class", default=2.0, type=float)
-    g.add_argument("--set_cost_bbox", default=5.0, type=float)
-    g.add_argument("--set_cost_giou", default=2.0, type=float)
-    g.add_argument("--cls_loss_coef", default=2.0, type=float)
-    g.add_argument("--bbox_loss_coef", default=5.0, type=float)
-    g.add_argument("--giou_loss_coef", default=2.0, type=float)
+    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                   help="no auxiliary losses on the intermediate decoder layers")
+    g.add_argument("--set_cost_class", default=2.0, type=float, help="matching cost weight: classification")
+    g.add_argument("--set_cost_bbox", default=5.0, type=float, help="matching cost weight: L1 box")
+    g.add_argument("--set_cost_giou", default=2.0, type=float, help="matching cost weight: GIoU")
+    g.add_argument("--cls_loss_coef", default=2.0, type=float, help="loss weight: focal classification")
+    g.add_argument("--bbox_loss_coef", default=5.0, type=float, help="loss weight: L1 box")
+    g.add_argument("--giou_loss_coef", default=2.0, type=float, help="loss weight: GIoU")
     g.add_argument("--enc_cls_loss_coef", default=None, type=float, help="unset: --cls_loss_coef")
     g.add_argument("--enc_bbox_loss_coef", default=None, type=float, help="unset: --bbox_loss_coef")
     g.add_argument("--enc_giou_loss_coef", default=None, type=float, help="unset: --giou_loss_coef")
-    g.add_argument("--focal_alpha", default=0.25, type=float)
-    g.add_argument("--k_one2many", default=6, type=int)
-    g.add_argument("--lambda_one2many", default=1.0, type=float)
-    g.add_argument("--o2m_matcher_threshold", default=0.4, type=float)
-    g.add_argument("--o2m_matcher_k", default=6, type=int)
-    g.add_argument("--o2m_cls_loss_coef", default=2.0, type=float)
-    g.add_argument("--o2m_bbox_loss_coef", default=5.0, type=float)
-    g.add_argument("--o2m_giou_loss_coef", default=2.0, type=float)
-    g.add_argument("--topk_eval", default=100, type=int)
+    g.add_argument("--focal_alpha", default=0.25, type=float, help="alpha of the sigmoid focal loss")
+    g.add_argument("--k_one2many", default=6, type=int,
+                   help="hybrid: ground truth repeated this many times for the one-to-many queries")
+    g.add_argument("--lambda_one2many", default=1.0, type=float,
+                   help="hybrid: weight of the one-to-many losses")
+    g.add_argument("--o2m_matcher_threshold", default=0.4, type=float,
+                   help="mixed (MS-DETR): IoU threshold of the top-k assigner")
+    g.add_argument("--o2m_matcher_k", default=6, type=int,
+                   help="mixed (MS-DETR): predictions assigned per ground-truth box")
+    g.add_argument("--o2m_cls_loss_coef", default=2.0, type=float,
+                   help="mixed: one-to-many classification loss weight")
+    g.add_argument("--o2m_bbox_loss_coef", default=5.0, type=float, help="mixed: one-to-many L1 loss weight")
+    g.add_argument("--o2m_giou_loss_coef", default=2.0, type=float,
+                   help="mixed: one-to-many GIoU loss weight")
+    g.add_argument("--topk_eval", default=100, type=int, help="detections kept per image at evaluation")
 
     g = p.add_argument_group("cross-attention-guided encoder references (research)")
     g.add_argument("--enc_ref_mode", default="none", choices=["none", "per_level", "per_point"],
                    help="none: stock token grid; per_level: v3.0.1; per_point: v3.0.2-4")
-    g.add_argument("--ref_rank", default="attn", choices=["cls", "attn", "attn_cls"])
-    g.add_argument("--ref_queries", default="all", choices=["all", "o2o"])
-    g.add_argument("--ref_keep_self", action=BOOL, default=False)
-    g.add_argument("--ref_grad", action=BOOL, default=False)
-    g.add_argument("--enc_ref_progressive", action=BOOL, default=False)
-    g.add_argument("--attn_map_accum", default="none", choices=["none", "sum", "mean", "max"])
+    g.add_argument("--ref_rank", default="attn", choices=["cls", "attn", "attn_cls"],
+                   help="how candidates are ranked for encoder references: class score, map weight, or both")
+    g.add_argument("--ref_queries", default="all", choices=["all", "o2o"],
+                   help="candidate queries for encoder references: all or one-to-one only")
+    g.add_argument("--ref_keep_self", action=BOOL, default=False,
+                   help="point 0 keeps the token's own location (v3.0.4)")
+    g.add_argument("--ref_grad", action=BOOL, default=False,
+                   help="keep the gradient of the box centres used as encoder references")
+    g.add_argument("--enc_ref_progressive", action=BOOL, default=False,
+                   help="encoder layers use the previous layer's sampling locations as references")
+    g.add_argument("--attn_map_accum", default="none", choices=["none", "sum", "mean", "max"],
+                   help="combine the cross-attention maps of the decoder layers run so far")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_file", default="coco", choices=["coco", "synthetic"])
-    g.add_argument("--coco_path", default="data/coco", type=str)
-    g.add_argument("--train_ann", default="instances_train2017.json", type=str)
-    g.add_argument("--val_ann", default="instances_val2017.json", type=str)
+    g.add_argument("--dataset_file", default="coco", choices=["coco", "synthetic"],
+                   help="coco (files under --coco_path) or synthetic (generated there on first use)")
+    g.add_argument("--coco_path", default="data/coco", type=str,
+                   help="dataset root: train2017/, val2017/, annotations/")
+    g.add_argument("--train_ann", default="instances_train2017.json", type=str,
+                   help="training annotation file (in annotations/, or a path)")
+    g.add_argument("--val_ann", default="instances_val2017.json", type=str,
+                   help="validation annotation file (in annotations/, or a path)")
     g.add_argument("--num_classes", default=None, type=int, help="unset: from the dataset (91 for COCO)")
-    g.add_argument("--min_size", default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], type=int, nargs="+")
-    g.add_argument("--max_size", default=1333, type=int)
+    g.add_argument("--min_size", default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], type=int, nargs="+",
+                   help="training shorter-side sizes (one is drawn per image)")
+    g.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")
     g.add_argument("--eval_size", default=None, type=int, help="unset: max(--min_size)")
-    g.add_argument("--random_crop", action=BOOL, default=True)
-    g.add_argument("--crop_min_size", default=[400, 500, 600], type=int, nargs="+")
-    g.add_argument("--crop_size", default=[384, 600], type=int, nargs=2)
-    g.add_argument("--skip_bad_images", action=BOOL, default=False)
-    g.add_argument("--synthetic_num_train", default=512, type=int)
-    g.add_argument("--synthetic_num_val", default=128, type=int)
-    g.add_argument("--synthetic_image_size", default=256, type=int)
-    g.add_argument("--synthetic_seed", default=0, type=int)
-    g.add_argument("--num_workers", default=2, type=int)
+    g.add_argument("--random_crop", action=BOOL, default=True, help="DETR's random resize-crop augmentation")
+    g.add_argument("--crop_min_size", default=[400, 500, 600], type=int, nargs="+",
+                   help="shorter sides before the random crop")
+    g.add_argument("--crop_size", default=[384, 600], type=int, nargs=2,
+                   help="min and max side of the random crop")
+    g.add_argument("--skip_bad_images", action=BOOL, default=False,
+                   help="skip unreadable images with a warning instead of stopping")
+    g.add_argument("--synthetic_num_train", default=512, type=int, help="synthetic dataset: training images")
+    g.add_argument("--synthetic_num_val", default=128, type=int, help="synthetic dataset: validation images")
+    g.add_argument("--synthetic_image_size", default=256, type=int,
+                   help="synthetic dataset: image side in pixels")
+    g.add_argument("--synthetic_seed", default=0, type=int, help="synthetic dataset: generator seed")
+    g.add_argument("--num_workers", default=2, type=int,
+                   help="data-loading worker processes per training process")
 
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="", type=str)
+    g.add_argument("--output_dir", default="", type=str,
+                   help="where checkpoints, log.jsonl, config.yaml, detections and TensorBoard go; empty: write nothing")
     g.add_argument("--device", default="cuda", type=str, help="cuda or cpu (cuda falls back to cpu if absent)")
-    g.add_argument("--seed", default=42, type=int)
+    g.add_argument("--seed", default=42, type=int, help="random seed (each process adds its rank)")
     g.add_argument("--resume", default="", type=str, help="checkpoint to resume training (or evaluate) from")
     g.add_argument("--auto_resume", action=BOOL, default=False, help="resume from the latest checkpoint in output_dir")
     g.add_argument("--pretrained", default="", type=str, help="weights only (state dict or checkpoint with 'model')")
-    g.add_argument("--start_epoch", default=0, type=int)
-    g.add_argument("--eval", action="store_true")
+    g.add_argument("--start_epoch", default=0, type=int, help="first epoch when not resuming")
+    g.add_argument("--eval", action="store_true", help="evaluate (--resume or --pretrained weights) and exit")
     g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
     g.add_argument("--print_freq", default=10, type=int, help="iterations per progress/log window")
     g.add_argument("--max_iters_per_epoch", default=None, type=int, help="cap iterations (smoke runs)")
-    g.add_argument("--tensorboard", action=BOOL, default=True)
+    g.add_argument("--tensorboard", action=BOOL, default=True,
+                   help="TensorBoard scalars under output_dir/tensorboard")
+    g.add_argument("--find_unused_parameters", action=BOOL, default=False,
+                   help="DistributedDataParallel option; only for experiments that leave parameters unused")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", default=0, type=int,
                    help="set by torch.distributed.launch")
     return p
@@ -265,6 +308,13 @@ def num_guided_encoder_layers(pairs: List[Tuple[int, int]]) -> int:
     return guided
 
 
+def _warn(message: str) -> None:
+    """A configuration warning, printed once per job: by the process that will be rank 0."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank == "0":
+        print(f"warning: {message}", flush=True)
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """The one place that checks the whole configuration; raises ValueError naming the flags."""
     def fail(msg: str):
@@ -305,7 +355,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.resume and not args.resume.startswith("https://") and not os.path.isfile(args.resume):
         fail(f"--resume {args.resume}: file not found")
     if args.eval and not (args.resume or args.pretrained):
-        print("warning: --eval without --resume/--pretrained evaluates an untrained model")
+        _warn("--eval without --resume/--pretrained evaluates an untrained model")
     if args.batch_size < 1 or args.epochs < 0:
         fail("--batch_size must be >= 1 and --epochs >= 0")
 
@@ -334,6 +384,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.ref_keep_self and args.enc_n_points < 2:
         fail("--ref_keep_self keeps point 0 for the token itself: needs --enc_n_points >= 2")
     if args.ref_queries == "o2o" and args.num_queries_one2many == 0 and not args.use_ms_detr:
-        print("warning: --ref_queries o2o without a one-to-many form: all queries are one-to-one already")
+        _warn("--ref_queries o2o without a one-to-many form: all queries are one-to-one already")
     if args.amp == "fp16" and str(args.device).startswith("cpu"):
         fail("--amp fp16 is for GPUs; use --amp bf16 or off on CPU")
