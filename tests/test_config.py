@@ -79,6 +79,18 @@ def test_minitrain_uses_the_research_setting():
     args = parse_args(["--config", os.path.join(CONFIGS, "minitrain_r18_two_stage.yaml")])
     assert args.backbone == "resnet18" and args.train_ann == "instances_minitrain2017.json"
     assert args.min_size == [480] and args.two_stage and args.mixed_selection
+    assert args.enc_layers == args.dec_layers == 6 and args.dim_feedforward == 2048 and args.dropout == 0.0
+    assert args.epochs == 12 and args.lr_drop == 11 and args.batch_size == 4
+    assert args.with_box_refine and args.look_forward_twice and args.use_ms_detr and args.use_aux_ffn
+    assert (args.cls_loss_coef, args.o2m_cls_loss_coef, args.enc_cls_loss_coef) == (1.0, 2.0, 2.0)
+
+
+def test_named_stage_schedules_follow_the_depth(capsys):
+    assert parse_args(TINY + ["--variant", "v3.0.4"]).stages == "1:1,1:1"
+    assert parse_args(TINY + ["--variant", "baseline"]).stages == "2:2"
+    assert parse_args(TINY + ["--stages", "cascade", "--enc_layers", "3", "--dec_layers", "3"]).stages == "1:1,1:1,1:1"
+    code, err = _cli_error(TINY + ["--stages", "cascade", "--enc_layers", "3"], capsys)
+    assert code == 2 and "--stages cascade" in err and "--enc_layers (3)" in err
 
 
 def test_config_yaml_roundtrip(tmp_path):

@@ -66,7 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--enc_layers", default=6, type=int, help="encoder layers")
     g.add_argument("--dec_layers", default=6, type=int, help="decoder layers")
     g.add_argument("--stages", default=None, type=str,
-                   help="comma-separated E:D stages, e.g. '6:6' (stock) or '1:1,1:1,1:1,1:1,1:1,1:1'")
+                   help="comma-separated E:D stages, e.g. '6:6' (stock) or '1:1,1:1,1:1,1:1,1:1,1:1'; "
+                        "'stock' and 'cascade' name those two for any depth (unset: stock)")
     g.add_argument("--dim_feedforward", default=1024, type=int, help="FFN hidden size")
     g.add_argument("--hidden_dim", default=256, type=int, help="transformer width (d_model)")
     g.add_argument("--dropout", default=0.1, type=float, help="dropout in the transformer")
@@ -274,8 +275,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- validation
 
+def expand_stages(stages: str, enc_layers: int, dec_layers: int) -> str:
+    """The named schedules as E:D lists: 'stock' -> '6:6', 'cascade' -> '1:1,...' (one stage per layer pair)."""
+    name = stages.strip()
+    if name == "stock":
+        return f"{enc_layers}:{dec_layers}"
+    if name == "cascade":
+        if enc_layers != dec_layers:
+            raise ValueError(f"--stages cascade alternates one encoder and one decoder layer: it needs "
+                             f"--enc_layers ({enc_layers}) == --dec_layers ({dec_layers})")
+        return ",".join(["1:1"] * enc_layers)
+    return stages
+
+
 def parse_stages(stages: str, enc_layers: int, dec_layers: int) -> List[Tuple[int, int]]:
     """'1:1,1:1' -> [(1, 1), (1, 1)]; checks sums against the layer counts."""
+    stages = expand_stages(stages, enc_layers, dec_layers)
     pairs = []
     for part in stages.split(","):
         part = part.strip()
@@ -320,8 +335,8 @@ def validate_args(args: argparse.Namespace) -> None:
     def fail(msg: str):
         raise ValueError(f"invalid configuration: {msg}")
 
-    if args.stages is None:
-        args.stages = f"{args.enc_layers}:{args.dec_layers}"
+    # stored expanded, so logs, config.yaml and run summaries show the actual schedule
+    args.stages = expand_stages(args.stages or "stock", args.enc_layers, args.dec_layers)
     pairs = parse_stages(args.stages, args.enc_layers, args.dec_layers)
     if args.enc_layers < 1 or args.dec_layers < 1:
         fail("--enc_layers and --dec_layers must be >= 1")
