@@ -1,4 +1,5 @@
-"""ResNet backbone with frozen BatchNorm returning multi-scale features and their padding masks."""
+"""ResNet backbone (frozen BatchNorm, or trainable BatchNorm from random init) returning multi-scale
+features and their padding masks."""
 import os
 from typing import Dict, List
 
@@ -63,10 +64,17 @@ def _imagenet_weights_path(name: str, weights: str) -> str:
     return cached
 
 
-def build_resnet(name: str, dilation: bool, weights: str) -> nn.Module:
-    """A torchvision ResNet with FrozenBatchNorm2d; weights from a local file or the cache, or random."""
+NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+
+
+def build_resnet(name: str, dilation: bool, weights: str, norm: str = "frozen_bn") -> nn.Module:
+    """A torchvision ResNet; weights from a local file or the cache, or random ('none').
+
+    norm 'frozen_bn' keeps the ImageNet statistics (the upstream choice). From random init a frozen
+    BatchNorm is the identity and the unnormalised trunk learns slowly, so 'bn' trains BatchNorm.
+    """
     net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                                           norm_layer=FrozenBatchNorm2d)
+                                           norm_layer=NORM_LAYERS[norm])
     if weights != "none":
         path = _imagenet_weights_path(name, weights)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -83,9 +91,10 @@ def build_resnet(name: str, dilation: bool, weights: str) -> nn.Module:
 class Backbone(nn.Module):
     """ResNet trunk returning stride 8/16/32 maps (or stride 32 only) with downsampled masks."""
 
-    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool, weights: str):
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool, weights: str,
+                 norm: str = "frozen_bn"):
         super().__init__()
-        net = build_resnet(name, dilation, weights)
+        net = build_resnet(name, dilation, weights, norm)
         # pretrained stem and layer1 stay frozen as upstream; from random init everything must learn
         trainable = ("layer2", "layer3", "layer4") if weights != "none" else ("",)
         for pname, param in net.named_parameters():
@@ -131,5 +140,6 @@ def build_backbone(args) -> Joiner:
     weights = args.backbone_weights
     weights = "none" if isinstance(weights, str) and weights.lower() == "none" else weights
     backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
-                        return_interm_layers=args.num_feature_levels > 1, dilation=args.dilation, weights=weights)
+                        return_interm_layers=args.num_feature_levels > 1, dilation=args.dilation, weights=weights,
+                        norm=args.backbone_norm)
     return Joiner(backbone, build_position_encoding(args))

@@ -18,6 +18,7 @@ CONFIGS = {
     "decoder_first": ["--with_box_refine", "--two_stage", "--stages", "0:1,2:1"],
     "single_level": ["--num_feature_levels", "1"],
     "progressive": ["--enc_ref_progressive"],
+    "trained_backbone_bn": ["--backbone_norm", "bn"],
 }
 
 

@@ -139,6 +139,20 @@ def test_visualize_refs_command_line_on_image_file(tmp_path):
     assert sorted(os.listdir(out)) == ["attn_map.png", "predictions.png", "refs_token_0.png"]
 
 
+def test_visualize_refs_on_synthetic_image(tmp_path):
+    data = ["--dataset_file", "synthetic", "--coco_path", str(tmp_path / "data"), "--synthetic_num_train", "1",
+            "--synthetic_num_val", "3", "--synthetic_image_size", "64", "--eval_size", "64", "--max_size", "96"]
+    args = visualize_refs.build_args(TINY_GUIDED + data)
+    image = visualize_refs.load_image("synthetic:2", args)
+    assert image.shape[0] == 3 and min(image.shape[1:]) == 64  # val image 2 through the evaluation transforms
+    assert not torch.equal(image, visualize_refs.load_image("synthetic:0", args))
+    out = tmp_path / "vis"
+    argv = ["--image", "synthetic:2", "--out", str(out), "--tokens", "1"] + TINY_GUIDED + data + ["--variant", "v3.0.2"]
+    assert visualize_refs.main(argv) == 0
+    assert sorted(os.listdir(out)) == ["attn_map.png", "predictions.png", "refs_token_0.png"]
+    assert all((out / name).stat().st_size > 1000 for name in os.listdir(out))
+
+
 # ----------------------------------------------------------------------------- bench_model
 
 REQUIRED_BENCH_KEYS = {"variant", "stages", "image_size", "batch_size", "device", "dtype", "step_s", "peak_mem_mb",

@@ -54,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torchvision ResNet")
     g.add_argument("--backbone_weights", default=None, type=str,
                    help="ImageNet weights file; 'none' for random init; unset: torchvision's cache")
+    g.add_argument("--backbone_norm", default="frozen_bn", choices=["frozen_bn", "bn"],
+                   help="backbone BatchNorm: frozen (ImageNet statistics, upstream) or trained (for random init)")
     g.add_argument("--dilation", action=BOOL, default=False,
                    help="dilate the last ResNet stage (stride 16 instead of 32)")
     g.add_argument("--position_embedding", default="sine", choices=["sine"], help="position encoding type")
