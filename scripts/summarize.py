@@ -188,7 +188,10 @@ def load_run(run_dir: str) -> Run:
 # ----------------------------------------------------------------------------- output
 
 def _cell(value: Optional[float], scale: float = 100.0, digits: int = 1) -> str:
-    return "–" if value is None else f"{value * scale:.{digits}f}"
+    """'–' when not logged; 'n/a' for pycocotools' -1 (no ground truth in that area range)."""
+    if value is None:
+        return "–"
+    return "n/a" if value < 0 else f"{value * scale:.{digits}f}"
 
 
 def markdown_table(runs: List[Run]) -> str:

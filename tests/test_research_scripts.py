@@ -40,9 +40,9 @@ def _write_run(run_dir, config, records, tail=""):
         f.write(tail)
 
 
-def _epoch(epoch, ap):
+def _epoch(epoch, ap, ap_large=0.03):
     """An epoch record as main.py writes it: train means plus test_<COCO stat>."""
-    stats = {"AP": ap, "AP50": ap * 2, "AP75": ap / 2, "APs": 0.01, "APm": 0.02, "APl": 0.03, "AR100": 0.5}
+    stats = {"AP": ap, "AP50": ap * 2, "AP75": ap / 2, "APs": 0.01, "APm": 0.02, "APl": ap_large, "AR100": 0.5}
     return {"type": "epoch", "epoch": epoch, "train_loss": 5.0, **{f"test_{k}": v for k, v in stats.items()}}
 
 
@@ -59,16 +59,20 @@ def test_summarize_table_and_plot(tmp_path, capsys):
     running = tmp_path / "cascade"
     _write_run(running, {"variant": "cascade", "two_stage": False, "epochs": 12}, [_train(0, 10, 1.25)],
                tail='{"type": "train", "epo')
+    # small images: no large objects at all, which pycocotools reports as -1
+    no_large = tmp_path / "v3.0.1"
+    _write_run(no_large, {"variant": "v3.0.1", "epochs": 1}, [_train(0, 10, 0.5), _epoch(0, 0.1, ap_large=-1.0)])
     missing = tmp_path / "not_started"
     out_md, out_png = tmp_path / "results.md", tmp_path / "ap.png"
 
-    assert summarize.main([str(done), str(running), str(missing), "--out", str(out_md), "--plot", str(out_png)]) == 0
+    assert summarize.main([str(done), str(running), str(no_large), str(missing), "--out", str(out_md), "--plot", str(out_png)]) == 0
     printed = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in printed.splitlines() if line.startswith("| ") and "---" not in line}
     # AP numbers in percent from the last evaluated epoch; epochs done / planned; median s/iter
     assert rows["v3.0.4 +two-stage"][:8] == ["20.0", "40.0", "10.0", "1.0", "2.0", "3.0", "2/2", "0.400"]
     assert rows["cascade"][:8] == ["–"] * 6 + ["0/12", "1.250"]
+    assert rows["v3.0.1"][:8] == ["10.0", "20.0", "5.0", "1.0", "2.0", "n/a", "1/1", "0.500"]
     assert "no evaluation yet" in rows["cascade"][8] and "training epoch 1" in rows["cascade"][8]
     assert "no log.jsonl" in rows["not_started"][8]
     assert out_md.read_text() == printed
