@@ -65,7 +65,8 @@ def test_summarize_table_and_plot(tmp_path, capsys):
     missing = tmp_path / "not_started"
     out_md, out_png = tmp_path / "results.md", tmp_path / "ap.png"
 
-    assert summarize.main([str(done), str(running), str(no_large), str(missing), "--out", str(out_md), "--plot", str(out_png)]) == 0
+    run_dirs = [str(done), str(running), str(no_large), str(missing)]
+    assert summarize.main(run_dirs + ["--out", str(out_md), "--plot", str(out_png)]) == 0
     printed = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in printed.splitlines() if line.startswith("| ") and "---" not in line}
