@@ -24,6 +24,13 @@ def build_transformer(args) -> DeformableTransformer:
         enc_ref_progressive=args.enc_ref_progressive, enc_reference_generator=generator)
 
 
+def guidance_reads_one2many_at_eval(args) -> bool:
+    """Whether inference must run the one-to-many queries / stream for the encoder guidance (DESIGN §6)."""
+    has_one2many = args.num_queries_one2many > 0 or args.use_ms_detr
+    return (args.enc_ref_mode != "none" and args.ref_queries == "all" and args.ref_eval_one2many
+            and has_one2many)
+
+
 def build_model(args):
     """Parsed flags (``util.config.parse_args``) -> (model, criterion, postprocessors).
 
@@ -39,5 +46,5 @@ def build_model(args):
         num_feature_levels=args.num_feature_levels, num_queries_one2one=args.num_queries_one2one,
         num_queries_one2many=args.num_queries_one2many, aux_loss=args.aux_loss,
         with_box_refine=args.with_box_refine, two_stage=args.two_stage, mixed_selection=args.mixed_selection,
-        use_ms_detr=args.use_ms_detr)
+        use_ms_detr=args.use_ms_detr, one2many_at_eval=guidance_reads_one2many_at_eval(args))
     return model, build_criterion(args, args.num_classes), build_postprocessors(args)

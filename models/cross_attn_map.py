@@ -12,7 +12,7 @@ Three forms live here:
     sample, shape (bs, Q, K) with K = heads * levels * points * 4;
   * ``cross_attention_map``: the dense reference (bs, T, Q) (or per head), for tests and plots;
   * ``CrossAttnMapAccumulator``: combines the sparse maps of several decoder layers
-    (``--attn_map_accum none|sum|mean|max``) without ever building a (T, Q) tensor.
+    (``--attn_map_accum none|sum|max``) without ever building a (T, Q) tensor.
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,7 +22,9 @@ __all__ = ["CORNERS", "attention_footprint", "footprint_to_dense", "cross_attent
            "CrossAttnMapAccumulator", "ACCUM_MODES"]
 
 CORNERS = 4
-ACCUM_MODES = ("none", "sum", "mean", "max")
+# no 'mean': dividing the sum by the number of layers rescales every entry alike, so it ranks
+# exactly like 'sum' and could never give a different ablation row
+ACCUM_MODES = ("none", "sum", "max")
 
 
 def _axis_corners(pixel: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -32,13 +34,17 @@ def _axis_corners(pixel: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor
     The factors are written as grid_sample writes them ((i0 + 1) - x rather than 1 - fraction),
     so the rounding matches the operator's; a neighbour outside the level gets factor 0 (zero
     padding), which the 2-D outer product then carries to every corner that uses it.
+    A diverged sample (inf, NaN, +-1e30) is moved to pixel -2, where both neighbours are outside,
+    so it contributes nothing (as in the operator) and never overflows the integer conversion.
     """
+    size_f = size.to(pixel.dtype)
+    # every pixel < -1 or > size has both neighbours outside, so clamping there changes no weight
+    pixel = torch.where(pixel.isfinite(), pixel, -2.0)
+    pixel = torch.minimum(pixel.clamp(min=-2.0), size_f + 1)
     low = pixel.floor()
     both = torch.stack((low, low + 1), -1)
     factors = torch.stack((low + 1 - pixel, pixel - low), -1)
-    size_f = size.to(pixel.dtype)[..., None]
-    factors = factors.masked_fill((both < 0) | (both >= size_f), 0.0)
-    # clamp in floating point first: far-away samples must not overflow the integer conversion
+    factors = factors.masked_fill((both < 0) | (both >= size_f[..., None]), 0.0)
     index = torch.minimum(both.clamp(min=0).to(torch.int64), size[..., None] - 1)
     return index, factors
 
@@ -195,8 +201,9 @@ class CrossAttnMapAccumulator:
     ``add(token_index, weight)`` once per decoder layer with that layer's footprint (bs, Q, K);
     ``combined()`` returns the map to use now as a row-merged footprint (bs, Q, E):
       none  the latest layer's map;
-      sum   sum over the layers added so far;   mean  that sum / number of layers;
-      max   elementwise max over the layers' maps (each layer's map merged first).
+      sum   sum over the layers added so far (every layer weighs alike);
+      max   elementwise max over the layers' maps (each layer's map merged first): a token keeps
+            the strongest attention any layer gave it, so a query that one layer fixed on stays.
     Footprints are stored detached; nothing of size T x Q is ever built. Work is deferred to
     ``combined()`` (cached until the next ``add``), so a layer whose map is never used costs
     only its footprint.
@@ -231,7 +238,7 @@ class CrossAttnMapAccumulator:
         """The combined map as (token_index (bs, Q, E), weight (bs, Q, E)), tokens unique per row.
 
         E is the number of stored footprint entries per query (K for none, up to M * K for
-        sum/mean/max after M layers). Raises if no layer was added.
+        sum/max after M layers). Raises if no layer was added.
         """
         if self.num_layers == 0:
             raise RuntimeError("CrossAttnMapAccumulator.combined: no decoder layer has been added")
@@ -250,10 +257,7 @@ class CrossAttnMapAccumulator:
             return reduce_rows(tokens, weights, "max")
         tokens = torch.cat([t for t, _ in self._raw], -1)
         weights = torch.cat([w for _, w in self._raw], -1)
-        tokens, weights = reduce_rows(tokens, weights, "sum")
-        if self.mode == "mean":
-            weights = weights / self.num_layers
-        return tokens, weights
+        return reduce_rows(tokens, weights, "sum")
 
     def dense(self, num_tokens: int) -> torch.Tensor:
         """The combined map as a dense (bs, T, Q) tensor (tests and visualisation only)."""

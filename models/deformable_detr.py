@@ -36,17 +36,21 @@ def _input_projections(backbone, num_feature_levels: int, hidden_dim: int) -> nn
 class DeformableDETR(nn.Module):
     """Deformable-DETR-family detector.
 
-    ``num_queries_one2many`` > 0 adds H-DETR's extra query group (training only, masked from the
-    one-to-one group in self-attention). ``use_ms_detr`` makes every query also give a one-to-many
-    prediction from the decoder's auxiliary FFN (training only).
+    ``num_queries_one2many`` > 0 adds H-DETR's extra query group (masked from the one-to-one
+    group in self-attention). ``use_ms_detr`` makes every query also give a one-to-many
+    prediction from the decoder's auxiliary FFN. Both one-to-many forms run in training only,
+    unless ``one2many_at_eval``: then they also run at inference because the encoder guidance
+    reads them (DESIGN §6: the same candidates in training and inference); their predictions
+    are never returned at inference, so detections always come from the one-to-one queries.
     """
 
     def __init__(self, backbone, transformer, num_classes: int, num_feature_levels: int, num_queries_one2one=300,
                  num_queries_one2many=0, aux_loss=True, with_box_refine=False, two_stage=False,
-                 mixed_selection=False, use_ms_detr=False):
+                 mixed_selection=False, use_ms_detr=False, one2many_at_eval=False):
         super().__init__()
         self.num_queries_one2one = num_queries_one2one
         self.num_queries_one2many = num_queries_one2many
+        self.one2many_at_eval = one2many_at_eval
         num_queries = num_queries_one2one + num_queries_one2many
         self.transformer = transformer
         hidden_dim = transformer.d_model
@@ -122,20 +126,22 @@ class DeformableDETR(nn.Module):
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(list(samples))
         srcs, masks, pos = self.multiscale_features(samples)
-        # the one-to-many group exists only in training
-        num_queries = self.num_queries_one2one + (self.num_queries_one2many if self.training else 0)
+        run_one2many = self.training or self.one2many_at_eval
+        num_queries = self.num_queries_one2one + (self.num_queries_one2many if run_one2many else 0)
         query_embed = None if self.query_embed is None else self.query_embed.weight[:num_queries]
         state, enc_outputs = self.transformer(
             srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, num_queries=num_queries,
             num_queries_one2one=self.num_queries_one2one,
             self_attn_mask=self._hybrid_attn_mask(num_queries, srcs[0].device),
-            with_one2many=self.use_ms_detr and self.training)
+            with_one2many=self.use_ms_detr and run_one2many)
         q1 = self.num_queries_one2one
         out = self._pack([l[:, :q1] for l in state.logits], [b[:, :q1] for b in state.boxes], "")
-        if self.training and self.num_queries_one2many > 0:
-            out.update(self._pack([l[:, q1:] for l in state.logits], [b[:, q1:] for b in state.boxes], "_one2many"))
-        if state.logits_one2many:
-            out.update(self._pack(state.logits_one2many, state.boxes_one2many, "_one2many"))
+        if self.training:  # at inference one-to-many predictions (when they ran) only fed the guidance
+            if self.num_queries_one2many > 0:
+                out.update(self._pack([l[:, q1:] for l in state.logits], [b[:, q1:] for b in state.boxes],
+                                      "_one2many"))
+            if state.logits_one2many:
+                out.update(self._pack(state.logits_one2many, state.boxes_one2many, "_one2many"))
         if enc_outputs is not None:
             out["enc_outputs"] = enc_outputs
         return out

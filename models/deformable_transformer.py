@@ -45,6 +45,16 @@ class DecoderState:
     boxes_one2many: List[torch.Tensor] = field(default_factory=list)
 
 
+def fp32_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """A box-path head run in float32 even under autocast: (..., C) -> (..., out) float32.
+
+    Boxes are refined additively over every decoder layer in logit space; in bf16 each step
+    would round the box to ~2^-9 of the image, so the box path (DESIGN §6, Precision) stays fp32.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return head(features.float())
+
+
 def refine_boxes(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Box delta (bs, Q, 4) applied to a reference (bs, Q, 4) box or (bs, Q, 2) point -> (bs, Q, 4) in [0, 1]."""
     if reference.shape[-1] == 4:
@@ -190,15 +200,16 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = torch.split(query_embed, c, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(bs, -1, -1)
             tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
-            reference = self.reference_points(query_pos).sigmoid()
+            reference = fp32_head(self.reference_points, query_pos).sigmoid()
             return DecoderState(tgt, query_pos, reference, reference), None
         if memory.shape[1] < num_queries:
             raise ValueError(f"two-stage: {num_queries} queries requested but the image has only "
                              f"{memory.shape[1]} tokens; use larger images or fewer queries")
         output_memory, proposals = self.encoder_proposals(memory, inputs)
         head = len(self.decoder.layers)  # the extra head after the decoder heads scores proposals
-        enc_logits = class_embed[head](output_memory)
-        enc_coords_unact = bbox_embed[head](output_memory) + proposals
+        # fp32 scores too: they choose which proposals become queries
+        enc_logits = fp32_head(class_embed[head], output_memory)
+        enc_coords_unact = fp32_head(bbox_embed[head], output_memory) + proposals
         topk = torch.topk(enc_logits[..., 0], num_queries, dim=1)[1]
         topk_coords_unact = torch.gather(enc_coords_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
         reference = topk_coords_unact.sigmoid()
@@ -225,7 +236,7 @@ class DeformableTransformer(nn.Module):
                                        inputs.spatial_shapes, inputs.level_start_index, inputs.padding_mask,
                                        self_attn_mask=self_attn_mask, return_sampling=want_sampling,
                                        with_one2many=with_one2many, spatial_shapes_list=inputs.spatial_shapes_list)
-        delta = bbox_embed[lid](out.hidden)
+        delta = fp32_head(bbox_embed[lid], out.hidden)
         box_from_input = refine_boxes(delta, ref)
         # look-forward-twice: the loss of layer i also trains layer i-1's box through its prediction
         loss_reference = state.box_reference if self.look_forward_twice else ref
@@ -234,7 +245,8 @@ class DeformableTransformer(nn.Module):
         state.boxes.append(boxes)
         if out.hidden_one2many is not None:
             state.logits_one2many.append(class_embed[lid](out.hidden_one2many))
-            state.boxes_one2many.append(refine_boxes(bbox_embed[lid](out.hidden_one2many), loss_reference))
+            state.boxes_one2many.append(refine_boxes(fp32_head(bbox_embed[lid], out.hidden_one2many),
+                                                     loss_reference))
         if self.with_box_refine:
             state.reference = box_from_input.detach()
             state.box_reference = box_from_input
@@ -259,9 +271,10 @@ class DeformableTransformer(nn.Module):
         previous_locations = None  # sampling locations of the last encoder layer, for progressive refs
         for n_enc, n_dec in self.stages:
             for _ in range(n_enc):
-                refs = stock_refs if guidance is None else guidance.references(stock_refs)
                 if previous_locations is not None:
                     refs = previous_locations
+                else:
+                    refs = stock_refs if guidance is None else guidance.references(stock_refs)
                 out = self.encoder.layers[enc_lid](memory, inputs.pos, refs, inputs.spatial_shapes,
                                                    inputs.level_start_index, inputs.padding_mask,
                                                    return_sampling=self.enc_ref_progressive,
@@ -279,8 +292,6 @@ class DeformableTransformer(nn.Module):
                 if guidance is not None:
                     guidance.observe(out.sampling_locations, out.attention_weights,
                                      self.enc_reference_generator.candidates(state, num_queries_one2one))
-                    # fresh guidance replaces progressive references for the next encoder layer
-                    previous_locations = None
         return state, enc_outputs
 
 

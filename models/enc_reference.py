@@ -6,10 +6,14 @@ encoder layer ``state.references(stock_references)``.
 
 per_level (v3.0.1): the L best candidates by class score; candidate i's box centre is every
     token's reference on level i -> (bs, T, L, 2).
-per_point (v3.0.2-v3.0.4): per token, the P candidates with the largest (combined)
-    cross-attention weight M[t, column(c)] (or weight x class score); candidate p's centre,
-    projected onto every level, is point p's reference -> (bs, T, L, P, 2). Empty slots fall
-    back to the token's own location; ``keep_self`` reserves point 0 for it.
+per_point (v3.0.2-v3.0.4): per token, the P queries with the largest (combined)
+    cross-attention weight M[t, q] (or weight x class score); query p's centre, projected onto
+    every level, is point p's reference -> (bs, T, L, P, 2). A query fills at most one slot of a
+    token (in the mixed form its two predictions share one map column and give one candidate).
+    Empty slots fall back to the token's own location; ``keep_self`` reserves point 0 for it.
+
+Candidates (``make_candidates``) are the same in training and inference when the model keeps
+its one-to-many queries / stream running at inference for them (``reads_one2many``).
 
 The per-token top-P is sparse and free of host synchronisation: the combined map is a
 row-merged footprint (one row per query, tokens unique per row), each entry gets one int64
@@ -38,23 +42,20 @@ class CandidateSet:
 
     boxes: (bs, C, 4) cxcywh, normalised to the valid image region (may carry gradient).
     scores: (bs, C) class score, max sigmoid over classes (used for ranking only).
-    column: (C,) int64, the map column (query index) each candidate's attention weight is read from.
-    column_is_prefix: promise that column == arange(C) (set by ``make_candidates``), so the map
-        rows can be sliced instead of gathered; never needed for correctness.
+
+    Per-point guidance ranks queries: candidate c is query c, so it reads map column c (the
+    candidates are always the first C columns). Per-level guidance ranks predictions and reads
+    no map, so there C may exceed the number of columns (mixed form: 2Q predictions).
     """
     boxes: torch.Tensor
     scores: torch.Tensor
-    column: torch.Tensor
-    column_is_prefix: bool = False
 
     def __post_init__(self):
-        bs, count = self.boxes.shape[:2]
         if self.boxes.dim() != 3 or self.boxes.shape[-1] != 4:
             raise ValueError(f"CandidateSet: boxes must be (bs, C, 4), got {tuple(self.boxes.shape)}")
-        if tuple(self.scores.shape) != (bs, count):
-            raise ValueError(f"CandidateSet: scores must be {(bs, count)}, got {tuple(self.scores.shape)}")
-        if tuple(self.column.shape) != (count,):
-            raise ValueError(f"CandidateSet: column must be ({count},), got {tuple(self.column.shape)}")
+        if tuple(self.scores.shape) != tuple(self.boxes.shape[:2]):
+            raise ValueError(f"CandidateSet: scores must be {tuple(self.boxes.shape[:2])}, "
+                             f"got {tuple(self.scores.shape)}")
 
     @property
     def count(self) -> int:
@@ -68,33 +69,35 @@ def _class_scores(logits: torch.Tensor) -> torch.Tensor:
 
 def make_candidates(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, num_queries_one2one: int,
                     ref_queries: str = "all", one2many_logits: Optional[torch.Tensor] = None,
-                    one2many_boxes: Optional[torch.Tensor] = None) -> CandidateSet:
-    """Candidates from one decoder layer's predictions.
+                    one2many_boxes: Optional[torch.Tensor] = None, per_query: bool = True) -> CandidateSet:
+    """Candidates from one decoder layer's predictions (DESIGN §6).
 
     Hybrid form (H-DETR): pred_logits (bs, Q, classes) and pred_boxes (bs, Q, 4) hold all
-    queries as map columns 0..Q-1, one-to-one first; 'o2o' keeps columns < num_queries_one2one.
+    queries, one-to-one group first; 'o2o' keeps the first ``num_queries_one2one``.
     Mixed form (MS-DETR): one2many_logits/boxes (bs, Q, ...) are the one-to-many predictions of
-    the same Q queries; 'all' gives 2Q candidates (the one-to-many ones share the one-to-one
-    column), 'o2o' the Q one-to-one ones.
+    the same Q queries. With ``per_query`` (ranking by map weight) each query is one candidate:
+    'all' takes the higher-scoring of its two predictions (the one-to-one one on a tie), 'o2o'
+    its one-to-one prediction. Without it (v3.0.1 ranks predictions by class score) 'all' gives
+    the 2Q predictions, one-to-one first, and 'o2o' the Q one-to-one ones.
 
-    Returns a CandidateSet with C = Q, num_queries_one2one or 2Q candidates.
+    Returns a CandidateSet with C = Q, num_queries_one2one or (mixed, per prediction) 2Q.
     """
     if ref_queries not in QUERY_SETS:
         raise ValueError(f"ref_queries must be one of {QUERY_SETS}, got {ref_queries!r}")
     if (one2many_logits is None) != (one2many_boxes is None):
         raise ValueError("make_candidates: give both one2many_logits and one2many_boxes, or neither")
-    num_q = pred_boxes.shape[1]
-    columns = torch.arange(num_q, device=pred_boxes.device)
     scores = _class_scores(pred_logits)
-    if one2many_boxes is not None and ref_queries == "all":
-        # mixed form: both predictions of a query read that query's map column
-        return CandidateSet(torch.cat([pred_boxes, one2many_boxes], 1),
-                            torch.cat([scores, _class_scores(one2many_logits)], 1), torch.cat([columns, columns]))
-    if one2many_boxes is None and ref_queries == "o2o":
-        # hybrid form: the one-to-one group is the first block of columns
-        keep = min(num_queries_one2one, num_q)
-        return CandidateSet(pred_boxes[:, :keep], scores[:, :keep], columns[:keep], column_is_prefix=True)
-    return CandidateSet(pred_boxes, scores, columns, column_is_prefix=True)
+    if one2many_boxes is None or ref_queries == "o2o":
+        # hybrid: the one-to-one group is the first block of queries; mixed: the one-to-one head
+        keep = num_queries_one2one if one2many_boxes is None and ref_queries == "o2o" else pred_boxes.shape[1]
+        return CandidateSet(pred_boxes[:, :keep], scores[:, :keep])
+    scores_one2many = _class_scores(one2many_logits)
+    if not per_query:
+        return CandidateSet(torch.cat([pred_boxes, one2many_boxes], 1), torch.cat([scores, scores_one2many], 1))
+    # mixed form, one candidate per query (map column): its better prediction
+    take_one2many = scores_one2many > scores
+    boxes = torch.where(take_one2many[..., None], one2many_boxes, pred_boxes)
+    return CandidateSet(boxes, torch.maximum(scores, scores_one2many))
 
 
 def _descending_order(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -259,12 +262,8 @@ class GuidanceState:
                                                       self.padding_mask, self.spatial_shapes_list))
         self._pending = []
         tokens, weights = self.accumulator.combined()  # (bs, Q, E), tokens unique per row
-        # each candidate reads its column's row; mixed-form candidates share a row
-        if cands.column_is_prefix:
-            tokens, weights = tokens[:, :cands.count], weights[:, :cands.count]
-        else:
-            tokens = tokens.index_select(1, cands.column)
-            weights = weights.index_select(1, cands.column)
+        # candidate c is query c: its row of the map (the one-to-one group is the first rows)
+        tokens, weights = tokens[:, :cands.count], weights[:, :cands.count]
         order, score_rank = _descending_order(cands.scores)
         keys = _entry_keys(weights, cands.scores, score_rank, self.generator.ref_rank == "attn_cls")
         picked = _top_per_token(keys, tokens, num_tokens, points)
@@ -322,7 +321,13 @@ class EncoderReferenceGenerator(nn.Module):
         return make_candidates(decoder_state.logits[-1], decoder_state.boxes[-1], num_queries_one2one,
                                self.ref_queries,
                                decoder_state.logits_one2many[-1] if mixed else None,
-                               decoder_state.boxes_one2many[-1] if mixed else None)
+                               decoder_state.boxes_one2many[-1] if mixed else None,
+                               per_query=self.mode == "per_point")
+
+    @property
+    def reads_one2many(self) -> bool:
+        """Whether candidates include the one-to-many queries (hybrid) or predictions (mixed)."""
+        return self.ref_queries == "all"
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, n_levels={self.n_levels}, n_points={self.n_points}, ref_rank={self.ref_rank}, "

@@ -73,7 +73,7 @@ def loop_references(combined, cands, stock, valid_ratios, points, keep_self, by_
         for t in range(T):
             ranked = []
             for c in range(cands.count):
-                w = float(combined[b, t, int(cands.column[c])])
+                w = float(combined[b, t, c])  # candidate c is query c
                 if w > 0:
                     s = float(cands.scores[b, c])
                     ranked.append((-(w * s if by_score else w), -s, c))
@@ -143,7 +143,7 @@ def test_v301_per_level_centres_in_score_order():
 def test_v301_score_ties_keep_query_order():
     gen = EncoderReferenceGenerator("per_level", 2, 4, "cls")
     state = new_state(gen, valid_ratios=VR)
-    state.observe(None, None, CandidateSet(BOXES, torch.tensor([[0.5, 0.8, 0.5, 0.8]]), torch.arange(4)))
+    state.observe(None, None, CandidateSet(BOXES, torch.tensor([[0.5, 0.8, 0.5, 0.8]])))
     refs = state.references(stock_refs())
     assert torch.allclose(refs[0, 0], torch.stack([centre(1)[0], centre(3)[1]]))
 
@@ -204,30 +204,94 @@ def test_padded_tokens_fall_back_to_themselves():
     assert torch.allclose(refs[0, 3, :, 0], centre(0))
 
 
-def test_mixed_form_candidates_share_columns():
-    """Two queries, each with a one-to-one and a one-to-many prediction reading the same map column."""
-    o2o_boxes = torch.tensor([[[0.1, 0.2, 0.1, 0.1], [0.3, 0.4, 0.1, 0.1]]])
-    o2m_boxes = torch.tensor([[[0.5, 0.6, 0.1, 0.1], [0.7, 0.8, 0.1, 0.1]]])
-    o2o_scores, o2m_scores = torch.tensor([[0.4, 0.8]]), torch.tensor([[0.6, 0.1]])
+MIXED_O2O_BOXES = torch.tensor([[[0.1, 0.2, 0.1, 0.1], [0.3, 0.4, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]]])
+MIXED_O2M_BOXES = torch.tensor([[[0.5, 0.6, 0.1, 0.1], [0.7, 0.8, 0.1, 0.1], [0.2, 0.9, 0.1, 0.1]]])
+MIXED_O2O_SCORES, MIXED_O2M_SCORES = torch.tensor([[0.4, 0.8, 0.3]]), torch.tensor([[0.6, 0.1, 0.3]])
+
+
+def mixed_candidates(ref_queries="all", per_query=True):
+    """Three queries, each with a one-to-one and a one-to-many prediction (MS-DETR form)."""
     logit = lambda s: torch.logit(s)[..., None]  # noqa: E731
-    cands = make_candidates(logit(o2o_scores), o2o_boxes, 2, "all", logit(o2m_scores), o2m_boxes)
-    assert cands.count == 4 and cands.column.tolist() == [0, 1, 0, 1] and not cands.column_is_prefix
-    assert torch.allclose(cands.scores, torch.cat([o2o_scores, o2m_scores], 1))
-    dense = torch.zeros(1, T, 2, dtype=torch.float64)
-    dense[0, 0] = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    return make_candidates(logit(MIXED_O2O_SCORES), MIXED_O2O_BOXES, 3, ref_queries, logit(MIXED_O2M_SCORES),
+                           MIXED_O2M_BOXES, per_query=per_query)
+
+
+def test_mixed_form_one_candidate_per_query():
+    """Ranking by map weight ranks queries: query q is candidate q, with its better prediction's centre."""
+    cands = mixed_candidates()
+    assert cands.count == 3
+    # q0: o2m .6 > o2o .4; q1: o2o .8 > o2m .1; q2: a tie .3 / .3 keeps the one-to-one prediction
+    expected = torch.stack([MIXED_O2M_BOXES[0, 0], MIXED_O2O_BOXES[0, 1], MIXED_O2O_BOXES[0, 2]])[None]
+    assert torch.equal(cands.boxes, expected)
+    assert torch.allclose(cands.scores, torch.tensor([[0.6, 0.8, 0.3]]))
+    dense = torch.zeros(1, T, 3, dtype=torch.float64)
+    dense[0, 0] = torch.tensor([0.5, 0.25, 0.0], dtype=torch.float64)
     gen = EncoderReferenceGenerator("per_point", 2, 3, ref_rank="attn")
     stock = stock_refs()
     refs = run_hand(gen, cands, dense=dense, stock=stock)
-    # weight .5 for both predictions of query 0 (o2m score .6 first), then query 1's (o2o score .8)
-    for p, box in enumerate((o2m_boxes[0, 0], o2o_boxes[0, 0], o2o_boxes[0, 1])):
-        assert torch.allclose(refs[0, 0, :, p], box[:2] * VR[0])
-    # v3.0.3 in the mixed form: the one-to-one predictions only
-    o2o = make_candidates(logit(o2o_scores), o2o_boxes, 2, "o2o", logit(o2m_scores), o2m_boxes)
-    assert o2o.count == 2 and o2o.column.tolist() == [0, 1]
-    refs = run_hand(gen, o2o, dense=dense, stock=stock)
-    assert torch.allclose(refs[0, 0, :, 0], o2o_boxes[0, 0, :2] * VR[0])
-    assert torch.allclose(refs[0, 0, :, 1], o2o_boxes[0, 1, :2] * VR[0])
+    # token 0 saw two queries: two slots from them (never one query twice), the third falls back
+    assert torch.allclose(refs[0, 0, :, 0], MIXED_O2M_BOXES[0, 0, :2] * VR[0])
+    assert torch.allclose(refs[0, 0, :, 1], MIXED_O2O_BOXES[0, 1, :2] * VR[0])
     assert torch.equal(refs[0, 0, :, 2], stock[0, 0])
+    # v3.0.3 in the mixed form: the one-to-one predictions only, same columns
+    o2o = mixed_candidates("o2o")
+    assert o2o.count == 3 and torch.equal(o2o.boxes, MIXED_O2O_BOXES)
+    refs = run_hand(gen, o2o, dense=dense, stock=stock)
+    assert torch.allclose(refs[0, 0, :, 0], MIXED_O2O_BOXES[0, 0, :2] * VR[0])
+    assert torch.allclose(refs[0, 0, :, 1], MIXED_O2O_BOXES[0, 1, :2] * VR[0])
+
+
+def test_mixed_form_per_level_ranks_predictions():
+    """v3.0.1 ranks the 2Q predictions by class score, so one query may fill two levels (the notes' v3.0.1)."""
+    cands = mixed_candidates(per_query=False)
+    assert cands.count == 6
+    assert torch.equal(cands.boxes, torch.cat([MIXED_O2O_BOXES, MIXED_O2M_BOXES], 1))
+    gen = EncoderReferenceGenerator("per_level", 2, 4, "cls")
+    state = new_state(gen, valid_ratios=VR)
+    state.observe(None, None, cands)
+    refs = state.references(stock_refs())
+    # scores .4 .8 .3 | .6 .1 .3: q1's o2o (.8) on level 0, q0's o2m (.6) on level 1
+    assert torch.allclose(refs[0, 0], torch.stack([MIXED_O2O_BOXES[0, 1, :2] * VR[0, 0],
+                                                   MIXED_O2M_BOXES[0, 0, :2] * VR[0, 1]]))
+    o2o = mixed_candidates("o2o", per_query=False)
+    assert o2o.count == 3 and torch.equal(o2o.boxes, MIXED_O2O_BOXES)
+
+
+def decode_queries(refs, centres):
+    """refs (bs, T, L, P, 2) level-0 points -> (bs, T, P) query index whose centre it is, -1 if none."""
+    points = refs[:, :, 0]  # (bs, T, P, 2)
+    dist = (points[:, :, :, None, :] - centres[:, None, None, :, :]).abs().sum(-1)  # (bs, T, P, Q)
+    best = dist.argmin(-1)
+    return torch.where(dist.amin(-1) < 1e-6, best, -1)
+
+
+@pytest.mark.parametrize("form", ["hybrid", "mixed"])
+@pytest.mark.parametrize("rank", ["attn", "attn_cls"])
+@pytest.mark.parametrize("accum", ["none", "sum", "max"])
+def test_a_query_never_fills_two_slots(form, rank, accum):
+    """Random dense maps over 3 layers, P = 4: the valid slots of a token are distinct queries."""
+    g = torch.Generator().manual_seed(7)
+    bs, num_q, points = 2, 5, 4
+    # distinct centres per query and prediction, away from any token location
+    o2o_boxes = torch.cat([torch.rand(bs, num_q, 2, generator=g) * 0.5 + 0.25, torch.full((bs, num_q, 2), 0.1)], -1)
+    o2m_boxes = torch.cat([torch.rand(bs, num_q, 2, generator=g) * 0.5 + 0.25, torch.full((bs, num_q, 2), 0.1)], -1)
+    logits = torch.randn(bs, num_q, 3, generator=g)
+    if form == "mixed":
+        cands = make_candidates(logits, o2o_boxes, num_q, "all", torch.randn(bs, num_q, 3, generator=g), o2m_boxes)
+    else:
+        cands = make_candidates(logits, o2o_boxes, 2, "all")
+    gen = EncoderReferenceGenerator("per_point", 2, points, ref_rank=rank, accum=accum)
+    state = new_state(gen, bs=bs)
+    stock = stock_refs(bs)
+    for _ in range(3):
+        observe_map(state, torch.rand(bs, T, num_q, generator=g).double(), cands)
+    queries = decode_queries(state.references(stock), cands.boxes[..., :2])
+    valid = queries >= 0
+    assert int(valid.sum()) == bs * T * points  # every token saw every query: all slots filled
+    for b in range(bs):
+        for t in range(T):
+            picked = queries[b, t][valid[b, t]].tolist()
+            assert len(picked) == len(set(picked))
 
 
 def test_candidates_from_decoder_state_shapes():
@@ -239,15 +303,14 @@ def test_candidates_from_decoder_state_shapes():
         gen = EncoderReferenceGenerator("per_point", 2, 2, ref_queries=ref_queries)
         cands = gen.candidates(hybrid, q_o2o)
         assert cands.boxes.shape == (bs, count, 4) and cands.scores.shape == (bs, count)
-        assert cands.column.tolist() == list(range(count))
+        assert torch.equal(cands.boxes, boxes[:, :count])
         assert torch.allclose(cands.scores, logits[:, :count].sigmoid().amax(-1))
     mixed = SimpleNamespace(logits=[logits[:, :q_o2o]], boxes=[boxes[:, :q_o2o]],
                             logits_one2many=[logits[:, q_o2o:2 * q_o2o]], boxes_one2many=[boxes[:, q_o2o:2 * q_o2o]])
-    for ref_queries, count in (("all", 2 * q_o2o), ("o2o", q_o2o)):
-        gen = EncoderReferenceGenerator("per_point", 2, 2, ref_queries=ref_queries)
-        cands = gen.candidates(mixed, q_o2o)
-        assert cands.boxes.shape == (bs, count, 4)
-        assert cands.column.tolist() == (list(range(q_o2o)) * 2)[:count]
+    for mode, rank, ref_queries, count in (("per_point", "attn", "all", q_o2o), ("per_point", "attn", "o2o", q_o2o),
+                                           ("per_level", "cls", "all", 2 * q_o2o), ("per_level", "cls", "o2o", q_o2o)):
+        gen = EncoderReferenceGenerator(mode, 2, 2, ref_rank=rank, ref_queries=ref_queries)
+        assert gen.candidates(mixed, q_o2o).boxes.shape == (bs, count, 4)
     # inference: only what runs at inference reaches the generator
     inference = SimpleNamespace(logits=[logits[:, :q_o2o]], boxes=[boxes[:, :q_o2o]], logits_one2many=[],
                                 boxes_one2many=[])
@@ -260,9 +323,9 @@ def test_accumulation_modes_change_ranking():
     second = torch.zeros(1, T, 3, dtype=torch.float64)
     first[0, 0, :2] = torch.tensor([0.5, 0.3], dtype=torch.float64)
     second[0, 0] = torch.tensor([0.0625, 0.3, 0.4375], dtype=torch.float64)
-    cands = CandidateSet(BOXES[:, :3], SCORES[:, :3], torch.arange(3))
+    cands = CandidateSet(BOXES[:, :3], SCORES[:, :3])
     winners = {}
-    for accum in ("none", "sum", "mean", "max"):
+    for accum in ("none", "sum", "max"):
         gen = EncoderReferenceGenerator("per_point", 2, 1, ref_rank="attn", accum=accum)
         state = new_state(gen, valid_ratios=VR)
         stock = stock_refs()
@@ -272,12 +335,12 @@ def test_accumulation_modes_change_ranking():
         observe_map(state, second, cands)
         refs = state.references(stock)
         winners[accum] = next(q for q in range(3) if torch.allclose(refs[0, 0, :, 0], centre(q)))
-    assert winners == {"none": 2, "sum": 1, "mean": 1, "max": 0}
+    assert winners == {"none": 2, "sum": 1, "max": 0}
 
 
 @pytest.mark.parametrize("rank", ["attn", "attn_cls"])
 @pytest.mark.parametrize("keep_self", [False, True])
-@pytest.mark.parametrize("accum", ["none", "sum", "mean", "max"])
+@pytest.mark.parametrize("accum", ["none", "sum", "max"])
 @pytest.mark.parametrize("form", ["hybrid_all", "hybrid_o2o", "mixed_all"])
 def test_per_point_matches_loop_reference(rank, keep_self, accum, form):
     """Random quantised maps (many exact ties) over 3 layers, 2 padded images, valid ratios != 1."""
@@ -286,17 +349,16 @@ def test_per_point_matches_loop_reference(rank, keep_self, accum, form):
     vr = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.75, 0.5], [0.5, 0.5]]])
     mask = torch.zeros(bs, T, dtype=torch.bool)
     mask[1, [3, 7, 11, 15, 19]] = True
+    # quantised scores give exact ties; the mixed form's two predictions per query become one candidate
+    quantised_logits = lambda n: torch.logit(torch.randint(1, 5, (bs, n, 1), generator=g) / 8)  # noqa: E731
     if form == "mixed_all":
-        boxes = torch.rand(bs, num_q, 4, generator=g)
-        o2m = torch.rand(bs, num_q, 4, generator=g)
-        cands = CandidateSet(torch.cat([boxes, o2m], 1), torch.randint(1, 5, (bs, 2 * num_q), generator=g) / 8,
-                             torch.arange(num_q).repeat(2))
+        cands = make_candidates(quantised_logits(num_q), torch.rand(bs, num_q, 4, generator=g), num_q, "all",
+                                quantised_logits(num_q), torch.rand(bs, num_q, 4, generator=g))
     else:
-        # o2o takes the sliced-rows path (column_is_prefix), all the gathered-rows path
-        count = 2 if form == "hybrid_o2o" else num_q
-        cands = CandidateSet(torch.rand(bs, count, 4, generator=g),
-                             torch.randint(1, 5, (bs, count), generator=g) / 8, torch.arange(count),
-                             column_is_prefix=form == "hybrid_o2o")
+        cands = make_candidates(quantised_logits(num_q), torch.rand(bs, num_q, 4, generator=g), 2,
+                                "o2o" if form == "hybrid_o2o" else "all")
+    # sigmoid(logit(k / 8)) in float32 may be off by an ulp: snap back so products tie exactly
+    cands = CandidateSet(cands.boxes, cands.scores.mul(8).round().div(8))
     gen = EncoderReferenceGenerator("per_point", 2, points, ref_rank=rank, keep_self=keep_self, accum=accum)
     state = new_state(gen, bs=bs, valid_ratios=vr, padding_mask=mask)
     stock = stock_refs(bs)
@@ -308,7 +370,7 @@ def test_per_point_matches_loop_reference(rank, keep_self, accum, form):
         layers.append(dense.masked_fill(mask[:, :, None], 0.0))
         observe_map(state, dense, cands)
         stack = torch.stack(layers)
-        combined = {"none": stack[-1], "sum": stack.sum(0), "mean": stack.mean(0), "max": stack.amax(0)}[accum]
+        combined = {"none": stack[-1], "sum": stack.sum(0), "max": stack.amax(0)}[accum]
         expected = loop_references(combined, cands, stock, vr, points, keep_self, rank == "attn_cls")
         refs = state.references(stock)
         assert refs.shape == (bs, T, 2, points, 2)

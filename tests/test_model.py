@@ -92,10 +92,10 @@ def test_list_and_nested_tensor_inputs_agree():
 
 
 def test_progressive_references_are_previous_sampling_locations():
-    """--enc_ref_progressive: encoder layer i>0 takes layer i-1's sampling locations (per head) as references;
-    a decoder layer in between resets them to the (guided) references it produces."""
+    """--enc_ref_progressive: encoder layer i>0 takes layer i-1's sampling locations (per head) as references,
+    also across a decoder layer run in between (stage 1:1, then 2:1)."""
     torch.manual_seed(0)
-    model, _, _ = build_model(tiny_args("--enc_layers", "3", "--stages", "3:2", "--enc_ref_progressive"))
+    model, _, _ = build_model(tiny_args("--enc_layers", "3", "--stages", "1:1,2:1", "--enc_ref_progressive"))
     model.eval()
     seen = []  # (references given, sampling locations returned) per encoder layer
 

@@ -21,7 +21,9 @@ RUNS = {
     "v3.0.4_two_stage_mixed": ["--variant", "v3.0.4", "--stages", "1:1,1:1", "--two_stage", "--mixed_selection",
                                "--use_ms_detr", "--look_forward_twice"],
     "v3.0.4_follow_ups": ["--variant", "v3.0.4", "--stages", "0:1,1:0,1:1", "--ref_rank", "attn_cls",
-                          "--ref_grad", "--attn_map_accum", "mean", "--enc_ref_progressive", "--enc_n_points", "6"],
+                          "--ref_grad", "--attn_map_accum", "max", "--enc_n_points", "6"],
+    "v3.0.2_upstream_eval": ["--variant", "v3.0.2_upstream_eval", "--stages", "1:1,1:1", "--use_ms_detr"],
+    "cascade_progressive": ["--variant", "cascade", "--stages", "1:1,1:1", "--enc_ref_progressive"],
 }
 
 

@@ -26,7 +26,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Deformable DETR with cross-attention-guided encoder references", add_help=True)
     p.add_argument("--config", default=None, type=str, help="YAML file whose keys are flag names")
     p.add_argument("--variant", default=None, type=str,
-                   help="preset from configs/variants.yaml: baseline|cascade|v3.0.1|v3.0.2|v3.0.3|v3.0.4")
+                   help="preset from configs/variants.yaml: baseline|cascade|v3.0.1|v3.0.2|v3.0.3|v3.0.4|"
+                        "v3.0.2_upstream_eval|v3.0.4_upstream_eval")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", default=2e-4, type=float,
@@ -130,10 +131,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="point 0 keeps the token's own location (v3.0.4)")
     g.add_argument("--ref_grad", action=BOOL, default=False,
                    help="keep the gradient of the box centres used as encoder references")
+    g.add_argument("--ref_eval_one2many", action=BOOL, default=True,
+                   help="with --ref_queries all, run the one-to-many queries (hybrid) or predictions (mixed) "
+                        "at inference too, as guidance candidates only, so inference sees the candidates "
+                        "training saw; --no-ref_eval_one2many drops them as upstream does (measures the "
+                        "train/inference shift)")
     g.add_argument("--enc_ref_progressive", action=BOOL, default=False,
-                   help="encoder layers use the previous layer's sampling locations as references")
-    g.add_argument("--attn_map_accum", default="none", choices=["none", "sum", "mean", "max"],
-                   help="combine the cross-attention maps of the decoder layers run so far")
+                   help="encoder layers use the previous encoder layer's sampling locations (per head) as "
+                        "references, across decoder layers too; not combinable with --enc_ref_mode")
+    g.add_argument("--attn_map_accum", default="none", choices=["none", "sum", "max"],
+                   help="combine the cross-attention maps of the decoder layers run so far: none (latest "
+                        "layer), sum, or max (per token and query)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_file", default="coco", choices=["coco", "synthetic"],
@@ -390,12 +398,25 @@ def validate_args(args: argparse.Namespace) -> None:
         if args.enc_ref_mode == "per_point" and args.ref_rank == "cls":
             fail("--enc_ref_mode per_point ranks candidates per token by map weight: "
                  "--ref_rank attn or attn_cls")
+        if args.enc_ref_progressive:
+            # in every schedule a guided encoder layer directly follows a decoder layer, whose
+            # fresh guidance would replace the progressive chain: the flag would do nothing
+            fail(f"--enc_ref_progressive and --enc_ref_mode {args.enc_ref_mode} both set the encoder's "
+                 "references (previous encoder layer's sampling vs the decoder's guidance); use one")
+        if args.enc_ref_mode == "per_level" and args.attn_map_accum != "none":
+            fail(f"--attn_map_accum {args.attn_map_accum} combines cross-attention maps, but "
+                 "--enc_ref_mode per_level ranks by class score and reads no map")
     else:
         for flag, value, default in (("--ref_keep_self", args.ref_keep_self, False), ("--ref_grad", args.ref_grad, False),
                                      ("--attn_map_accum", args.attn_map_accum, "none"),
-                                     ("--ref_queries", args.ref_queries, "all")):
+                                     ("--ref_queries", args.ref_queries, "all"),
+                                     ("--ref_eval_one2many", args.ref_eval_one2many, True)):
             if value != default:
                 fail(f"{flag} {value} has no effect without --enc_ref_mode per_level|per_point")
+    has_one2many = args.num_queries_one2many > 0 or args.use_ms_detr
+    if not args.ref_eval_one2many and (args.ref_queries != "all" or not has_one2many):
+        fail("--no-ref_eval_one2many drops one-to-many guidance candidates at inference, but there are none: "
+             "it needs --ref_queries all and a one-to-many form (--num_queries_one2many > 0 or --use_ms_detr)")
     if args.ref_keep_self and args.enc_ref_mode != "per_point":
         fail("--ref_keep_self needs --enc_ref_mode per_point")
     if args.ref_keep_self and args.enc_n_points < 2:
