@@ -158,6 +158,38 @@ def test_visualize_refs_on_synthetic_image(tmp_path):
     assert all((out / name).stat().st_size > 1000 for name in os.listdir(out))
 
 
+@pytest.mark.parametrize("height, width, expected", [
+    (100, 177, (451, 798)),   # max_size binds: shorter side int(800 * 100 / 177) = 451, longer round(451 * 1.77)
+    (177, 100, (798, 451)),
+    (300, 400, (480, 640)),   # shorter side binds: 480, 400 * 480 / 300
+    (37, 61, (480, 791)),     # round(480 * 61 / 37) = 791.35 -> 791, under max_size
+    (480, 333, (692, 480)),
+    (50, 500, (80, 800)),     # int(800 * 50 / 500) = 80
+])
+def test_visualize_refs_input_matches_evaluation_transform(tmp_path, height, width, expected):
+    """A file image reaches the model at the size (and with the values) evaluation gives it."""
+    from PIL import Image
+    from datasets.coco import transforms_from_args
+    pixels = (torch.rand(height, width, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    path = tmp_path / "img.png"
+    Image.fromarray(pixels.numpy()).save(path)
+    args = visualize_refs.build_args(TINY_GUIDED + ["--eval_size", "480", "--max_size", "800"])
+
+    image = visualize_refs.load_image(str(path), args)
+    assert tuple(image.shape) == (3, *expected)
+    evaluated, _ = transforms_from_args("val", args)(Image.open(path).convert("RGB"), None)
+    assert torch.equal(image, evaluated)
+    # without resizing: the file's own size, normalised as the data pipeline does (pixel 0 by hand)
+    raw = visualize_refs.load_image(str(path), args, resize=False)
+    assert tuple(raw.shape) == (3, height, width)
+    by_hand = (pixels[0, 0].double() / 255 - torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)) \
+        / torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)
+    assert torch.allclose(raw[:, 0, 0].double(), by_hand, atol=1e-6)
+    # drawing undoes the normalisation
+    assert torch.allclose(torch.from_numpy(visualize_refs.display_image(raw))[0, 0].double() * 255,
+                          pixels[0, 0].double(), atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- bench_model
 
 REQUIRED_BENCH_KEYS = {"variant", "stages", "image_size", "batch_size", "device", "dtype", "step_s", "peak_mem_mb",
