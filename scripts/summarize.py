@@ -22,8 +22,9 @@ where some seed has not reached that epoch).
 
 Runs still in progress, runs without any evaluation yet and half-written last lines are
 reported, not fatal: a summary is most useful exactly while the table is still being filled in.
-A resumed run may log an epoch (or a print window) more than once; the last record of each
-epoch (each window) counts, the earlier ones are dropped.
+A resumed run may log an epoch (or a print window) more than once (the trainer is meant not to,
+but logs written before that, or by other trainers, do): the last record of each epoch (each
+window) counts, the earlier ones are dropped.
 """
 import argparse
 import json
@@ -239,7 +240,6 @@ def load_run(run_dir: str) -> Run:
         if metrics is not None:
             epoch = _as_number(record.get("epoch"))
             epoch = epoch if epoch is not None else float(len(evaluations))
-            evaluations.pop(epoch, None)   # re-inserting keeps the dict in log order of the kept records
             evaluations[epoch] = metrics
         if _is_epoch_record(record):
             epoch = _as_number(record.get("epoch"))
