@@ -5,6 +5,8 @@
 #   env COCO_PATH   dataset root (default data/coco)
 #   env TWO_STAGE=1 adds --two_stage --mixed_selection and the tag "two_stage"
 #   env TAG=name    output goes to outputs/VARIANT-name (default outputs/VARIANT)
+#   env SEED=N      adds --seed N and puts the run in .../seedN (outputs/VARIANT[-TAG]/seedN), so
+#                   several seeds of one row sit side by side (scripts/ablation.sh SEEDS="0 1 2")
 #   env DIST_TRAIN  launcher to use instead of scripts/dist_train.sh (tests print the command)
 # A later --output_dir among the extra flags wins, as every later flag does.
 set -euo pipefail
@@ -36,6 +38,15 @@ if [[ ${TWO_STAGE:-0} == 1 ]]; then
     tag=${tag:+$tag-}two_stage
 fi
 out="outputs/$variant${tag:+-$tag}"
+seed=${SEED:-}
+if [[ -n $seed ]]; then
+    if [[ ! $seed =~ ^[0-9]+$ ]]; then
+        echo "SEED must be a non-negative integer, got '$seed'" >&2
+        exit 2
+    fi
+    extra+=(--seed "$seed")
+    out="$out/seed$seed"
+fi
 
 cd "$root"
 exec bash "${DIST_TRAIN:-scripts/dist_train.sh}" "$ngpus" --config "$config" --coco_path "${COCO_PATH:-data/coco}" \

@@ -1,27 +1,50 @@
-"""Ablation runs -> a markdown table (printed and written) and a plot of AP against epoch.
+"""Ablation runs -> markdown tables (printed and written) and a plot of AP against epoch.
 
-usage: python scripts/summarize.py OUTPUT_DIR [OUTPUT_DIR ...] [--out results.md] [--plot ap.png]
+usage: python scripts/summarize.py OUTPUT_DIR [OUTPUT_DIR ...] [--control cascade] [--out results.md]
+           [--plot ap.png]
 
 Each OUTPUT_DIR is what ``main.py --output_dir`` wrote: ``log.jsonl`` (one JSON record per
-print window and per epoch) and ``config.yaml`` (the resolved flags). Runs still in progress,
-runs without any evaluation yet and half-written last lines are reported, not fatal: a summary
-is most useful exactly while the table is still being filled in.
+print window and per epoch) and ``config.yaml`` (the resolved flags). A directory holding no run
+itself but run directories one level down (``outputs/v3.0.4`` with ``seed0/``, ``seed1/``, ... as
+``scripts/ablation.sh SEEDS="0 1 2"`` writes them) stands for those runs.
+
+Runs are grouped by variant (config.yaml ``variant``, else the directory name; the parent's name
+for a ``seedN`` directory) and form (single- or two-stage), seeds told apart by config.yaml
+``seed`` (else a ``seedN`` directory name). Three tables come out:
+
+  runs                one row per run: the last evaluated epoch's COCO numbers, epochs, s/iter
+  variants            per variant: mean +- sample std (ddof=1) over seeds and the per-seed values
+  paired difference   per variant: on each seed that the control (``--control``, same form) ran
+                      too, variant minus control; mean +- sample std of those differences
+
+The plot draws, per variant, the mean AP over seeds against epoch with a min-max band (dashed
+where some seed has not reached that epoch).
+
+Runs still in progress, runs without any evaluation yet and half-written last lines are
+reported, not fatal: a summary is most useful exactly while the table is still being filled in.
+A resumed run may log an epoch (or a print window) more than once (the trainer is meant not to,
+but logs written before that, or by other trainers, do): the last record of each epoch (each
+window) counts, the earlier ones are dropped.
 """
 import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
 # COCO's 12 summary numbers come in this order (pycocotools COCOeval.stats); we report the first six.
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+# the numbers compared across seeds (APl is often undefined on small-image data)
+SEED_METRICS = ["AP", "AP50", "AP75", "APs", "APm"]
 # keys under which a per-iteration time may be logged, most specific first
 TIME_KEYS = ["sec_per_iter", "s_per_iter", "iter_time", "time_per_iter"]
+SEED_DIR = re.compile(r"^seed(\d+)$")
 
 
 @dataclass
@@ -31,6 +54,9 @@ class Run:
     label: str
     config: Dict[str, Any]
     epochs_planned: Optional[int]
+    variant: str = ""
+    two_stage: bool = False
+    seed: Optional[int] = None
     curve: List[Dict[str, float]] = field(default_factory=list)   # per evaluated epoch: epoch + METRICS
     iter_times: List[float] = field(default_factory=list)
     epochs_logged: int = 0          # epochs completed (an epoch record was written)
@@ -45,6 +71,29 @@ class Run:
     def sec_per_iter(self) -> Optional[float]:
         # the median ignores the slow first window (data loader start-up, cudnn autotuning)
         return statistics.median(self.iter_times) if self.iter_times else None
+
+    def final_value(self, metric: str) -> Optional[float]:
+        """The last evaluation's ``metric`` as a fraction; None when not evaluated or -1 (undefined)."""
+        value = (self.final or {}).get(metric)
+        return None if value is None or value < 0 else value
+
+
+@dataclass
+class Group:
+    """The runs of one variant in one form (single- or two-stage), one per seed."""
+    label: str
+    variant: str
+    two_stage: bool
+    runs: List[Run] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def by_seed(self) -> Dict[int, Run]:
+        """Runs with a known seed, keyed by it (a group holds each seed once, see ``group_runs``)."""
+        return {run.seed: run for run in self.runs if run.seed is not None}
+
+    def values(self, metric: str) -> List[float]:
+        """``metric`` of every run that has it, in the group's (seed) order, as fractions."""
+        return [v for v in (run.final_value(metric) for run in self.runs) if v is not None]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -133,10 +182,30 @@ def load_config(path: str) -> Dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def run_identity(run_dir: str, config: Dict[str, Any]) -> Tuple[str, Optional[int]]:
+    """(variant, seed) of a run: config.yaml's ``variant`` and ``seed``, else the directory layout.
+
+    ``outputs/v3.0.4/seed2`` -> ('v3.0.4', 2); ``outputs/v3.0.4`` -> ('v3.0.4', None).
+    """
+    name = os.path.basename(os.path.normpath(run_dir))
+    seed_dir = SEED_DIR.match(name)
+    variant = config.get("variant")
+    if not variant:
+        variant = os.path.basename(os.path.dirname(os.path.normpath(run_dir))) if seed_dir else name
+    seed = config.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        seed = int(seed_dir.group(1)) if seed_dir else None
+    return str(variant), seed
+
+
+def form_label(variant: str, two_stage: bool) -> str:
+    """'v3.0.4' or 'v3.0.4 +two-stage'."""
+    return f"{variant} +two-stage" if two_stage else variant
+
+
 def run_label(run_dir: str, config: Dict[str, Any]) -> str:
     """'v3.0.4' or 'v3.0.4 +two-stage'; the directory name when the config names no variant."""
-    variant = config.get("variant") or os.path.basename(os.path.normpath(run_dir))
-    return f"{variant} +two-stage" if config.get("two_stage") else str(variant)
+    return form_label(run_identity(run_dir, config)[0], bool(config.get("two_stage")))
 
 
 def _is_epoch_record(record: Dict[str, Any]) -> bool:
@@ -148,41 +217,131 @@ def _is_epoch_record(record: Dict[str, Any]) -> bool:
 
 
 def load_run(run_dir: str) -> Run:
-    """Read one output directory; missing files become notes rather than errors."""
+    """Read one output directory; missing files become notes rather than errors.
+
+    Repeated records (a resumed run logs the epochs after its checkpoint again) are tolerated:
+    per epoch the last evaluation counts, per (epoch, iteration) the last training window.
+    """
     config = load_config(os.path.join(run_dir, "config.yaml"))
+    variant, seed = run_identity(run_dir, config)
     run = Run(path=run_dir, label=run_label(run_dir, config), config=config,
-              epochs_planned=config.get("epochs") if isinstance(config.get("epochs"), int) else None)
+              epochs_planned=config.get("epochs") if isinstance(config.get("epochs"), int) else None,
+              variant=variant, two_stage=bool(config.get("two_stage")), seed=seed)
     if not config:
         run.notes.append("no config.yaml")
     log_path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(log_path):
         run.notes.append("no log.jsonl")
         return run
+    evaluations: Dict[float, Dict[str, float]] = {}      # epoch -> metrics, the last record wins
+    windows: Dict[Tuple[float, float], float] = {}        # (epoch, iteration) -> seconds per iteration
     for record in read_jsonl(log_path):
         metrics = coco_metrics(record)
         if metrics is not None:
             epoch = _as_number(record.get("epoch"))
-            epoch = epoch if epoch is not None else float(len(run.curve))
-            # an evaluation repeated for the same epoch (resume, --eval) replaces the older one
-            run.curve = [point for point in run.curve if point["epoch"] != epoch]
-            run.curve.append({"epoch": epoch, **metrics})
+            epoch = epoch if epoch is not None else float(len(evaluations))
+            evaluations[epoch] = metrics
         if _is_epoch_record(record):
             epoch = _as_number(record.get("epoch"))
             if epoch is not None:
                 run.epochs_logged = max(run.epochs_logged, int(epoch) + 1)
-        else:
-            seconds = iteration_time(record)
-            if seconds is not None:
-                run.iter_times.append(seconds)
-            epoch = _as_number(record.get("epoch"))
-            if epoch is not None:
-                run.epoch_training = max(run.epoch_training, int(epoch))
-    run.curve.sort(key=lambda point: point["epoch"])
+            continue
+        epoch = _as_number(record.get("epoch"))
+        seconds = iteration_time(record)
+        if seconds is not None:
+            iteration = _as_number(record.get("iter", record.get("iteration", record.get("step"))))
+            key = (epoch, iteration) if epoch is not None and iteration is not None else (len(windows), None)
+            windows[key] = seconds
+        if epoch is not None:
+            run.epoch_training = max(run.epoch_training, int(epoch))
+    run.curve = [{"epoch": epoch, **metrics} for epoch, metrics in sorted(evaluations.items())]
+    run.iter_times = list(windows.values())
     if run.epoch_training >= run.epochs_logged:
         run.notes.append(f"training epoch {run.epoch_training + 1}")
     if not run.curve:
         run.notes.append("no evaluation yet")
     return run
+
+
+def expand_run_dirs(paths: List[str]) -> List[str]:
+    """Each path, or, for a directory that holds no run but runs one level down, those runs (sorted)."""
+    expanded: List[str] = []
+    for path in paths:
+        is_run = any(os.path.exists(os.path.join(path, name)) for name in ("log.jsonl", "config.yaml"))
+        children = []
+        if os.path.isdir(path) and not is_run:
+            children = [os.path.join(path, name) for name in sorted(os.listdir(path), key=_natural_key)
+                        if os.path.isfile(os.path.join(path, name, "log.jsonl"))
+                        or os.path.isfile(os.path.join(path, name, "config.yaml"))]
+        expanded.extend(children or [path])
+    return expanded
+
+
+def _natural_key(name: str):
+    """'seed10' after 'seed9'."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+# ----------------------------------------------------------------------------- grouping and statistics
+
+def group_runs(runs: List[Run]) -> List[Group]:
+    """Runs -> one group per (variant, form), in order of first appearance, runs sorted by seed.
+
+    A second run of a seed already in its group is left out of the group (with a note naming
+    both directories): a paired comparison needs one value per seed.
+    """
+    groups: Dict[Tuple[str, bool], Group] = {}
+    for run in runs:
+        key = (run.variant, run.two_stage)
+        group = groups.setdefault(key, Group(label=run.label, variant=run.variant, two_stage=run.two_stage))
+        twin = group.by_seed().get(run.seed) if run.seed is not None else None
+        if twin is not None:
+            group.notes.append(f"seed {run.seed} twice: `{run.path}` left out, `{twin.path}` used")
+            continue
+        group.runs.append(run)
+    for group in groups.values():
+        group.runs.sort(key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0))
+    return list(groups.values())
+
+
+def mean_std(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
+    """(mean, sample standard deviation with ddof=1); std is None below two values, both None for none."""
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def paired_differences(group: Group, control: Group, metric: str) -> Dict[int, float]:
+    """seed -> ``metric`` of the group's run minus the control's run, on the seeds both evaluated."""
+    ours, theirs = group.by_seed(), control.by_seed()
+    differences: Dict[int, float] = {}
+    for seed in sorted(set(ours) & set(theirs)):
+        a, b = ours[seed].final_value(metric), theirs[seed].final_value(metric)
+        if a is not None and b is not None:
+            differences[seed] = a - b
+    return differences
+
+
+def find_control(groups: List[Group], control: str, two_stage: bool) -> Optional[Group]:
+    """The control variant's group in the same form (single- or two-stage), if it was run."""
+    for group in groups:
+        if group.variant == control and group.two_stage == two_stage:
+            return group
+    return None
+
+
+def mean_curve(group: Group) -> Tuple[List[float], List[float], List[float], List[float], List[int]]:
+    """(epochs, mean AP, min AP, max AP, seeds counted) per epoch over the group's evaluated runs.
+
+    AP as fractions; every epoch some seed evaluated is included, over the seeds that reached it
+    (the count says how many: fewer than all where a seed is behind or stopped).
+    """
+    curves = [{point["epoch"]: point["AP"] for point in run.curve} for run in group.runs if run.curve]
+    epochs = sorted(set().union(*(set(curve) for curve in curves))) if curves else []
+    per_epoch = [[curve[epoch] for curve in curves if epoch in curve] for epoch in epochs]
+    return (epochs, [statistics.fmean(v) for v in per_epoch], [min(v) for v in per_epoch],
+            [max(v) for v in per_epoch], [len(v) for v in per_epoch])
 
 
 # ----------------------------------------------------------------------------- output
@@ -194,41 +353,148 @@ def _cell(value: Optional[float], scale: float = 100.0, digits: int = 1) -> str:
     return "n/a" if value < 0 else f"{value * scale:.{digits}f}"
 
 
+def _table(header: List[str], rows: List[List[str]], left: int = 1, right_end: int = 0) -> List[str]:
+    """Markdown table lines; the first ``left`` and last ``right_end`` columns left-aligned, the rest right."""
+    align = ["---"] * left + ["---:"] * (len(header) - left - right_end) + ["---"] * right_end
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
 def markdown_table(runs: List[Run]) -> str:
     """One row per run: AP numbers (percent) of the last evaluated epoch, epochs, seconds/iteration."""
-    header = ["variant"] + METRICS + ["epochs", "s/iter", "run"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
+    rows = []
     for run in runs:
         final = run.final or {}
         planned = f"/{run.epochs_planned}" if run.epochs_planned is not None else ""
         seconds = run.sec_per_iter
         note = f" ({'; '.join(run.notes)})" if run.notes else ""
-        cells = [run.label] + [_cell(final.get(m)) for m in METRICS]
-        cells += [f"{run.epochs_logged}{planned}", "–" if seconds is None else f"{seconds:.3f}",
-                  f"`{run.path}`{note}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([run.label, "–" if run.seed is None else str(run.seed)]
+                    + [_cell(final.get(m)) for m in METRICS]
+                    + [f"{run.epochs_logged}{planned}", "–" if seconds is None else f"{seconds:.3f}",
+                       f"`{run.path}`{note}"])
+    header = ["variant", "seed"] + METRICS + ["epochs", "s/iter", "run"]
+    return "\n".join(_table(header, rows, left=1, right_end=1)) + "\n"
+
+
+def _spread_cell(values: List[Optional[float]], signed: bool = False) -> str:
+    """'32.0 ± 2.00 [30.0, 32.0, 34.0]' in percent; std 'n/a' with one value; '–' with none.
+
+    ``values`` are per seed in seed order; None (not evaluated, or pycocotools' -1) shows as n/a
+    in the list and is left out of mean and std.
+    """
+    present = [v * 100 for v in values if v is not None]
+    mean, std = mean_std(present)
+    if mean is None:
+        return "n/a" if values else "–"
+    sign = "+" if signed else ""
+    listed = ", ".join("n/a" if v is None else f"{v * 100:{sign}.1f}" for v in values)
+    spread = "n/a" if std is None else f"{std:.2f}"
+    return f"{mean:{sign}.1f} ± {spread} [{listed}]"
+
+
+def _seed_list(seeds: Iterable[Optional[int]]) -> str:
+    return ", ".join("–" if seed is None else str(seed) for seed in seeds) or "–"
+
+
+def variants_table(groups: List[Group]) -> str:
+    """Per variant and form: final numbers as mean ± sample std over seeds, with the per-seed values."""
+    rows = []
+    for group in groups:
+        evaluated = [run for run in group.runs if run.final is not None]
+        count = f"{len(evaluated)}" + (f" of {len(group.runs)}" if len(evaluated) < len(group.runs) else "")
+        epochs = sorted({f"{run.epochs_logged}" + (f"/{run.epochs_planned}" if run.epochs_planned else "")
+                         for run in group.runs})
+        cells = [_spread_cell([run.final_value(m) for run in evaluated]) for m in SEED_METRICS]
+        rows.append([group.label, count, _seed_list(run.seed for run in evaluated)] + cells
+                    + [", ".join(epochs), "; ".join(group.notes)])
+    header = ["variant", "n", "seeds"] + SEED_METRICS + ["epochs", "notes"]
+    intro = ("Final box AP (%) over seeds: mean ± sample std (ddof=1; n/a when n=1), "
+             "per-seed values in [ ] in seed order; n is the number of evaluated runs. "
+             "A metric shown n/a is pycocotools' -1 (no ground truth of that size).")
+    return "\n".join([intro, ""] + _table(header, rows, left=1, right_end=2)) + "\n"
+
+
+def differences_table(groups: List[Group], control: str) -> str:
+    """Per variant: variant minus the control (same form), paired by seed, mean ± sample std."""
+    intro = (f"Paired difference to `{control}` (same form): for each seed both ran, variant minus "
+             f"{control} (AP points); mean ± sample std (ddof=1; n/a when one pair) of those "
+             "differences, per-seed differences in [ ] in seed order.")
+    rows = []
+    for group in groups:
+        if group.variant == control:
+            continue
+        reference = find_control(groups, control, group.two_stage)
+        if reference is None:
+            rows.append([group.label, "0", "–"] + ["–"] * len(SEED_METRICS)
+                        + [f"no {form_label(control, group.two_stage)} run"])
+            continue
+        per_metric = {m: paired_differences(group, reference, m) for m in SEED_METRICS}
+        paired = sorted(set().union(*(set(d) for d in per_metric.values())))
+        cells = [_spread_cell([per_metric[m].get(seed) for seed in paired], signed=True) if paired else "–"
+                 for m in SEED_METRICS]
+        rows.append([group.label, str(len(paired)), _seed_list(paired)] + cells
+                    + ["; ".join(_pairing_notes(group, reference, paired))])
+    header = ["variant", "pairs", "seeds"] + SEED_METRICS + ["notes"]
+    return "\n".join([intro, ""] + _table(header, rows, left=1, right_end=1)) + "\n"
+
+
+def _pairing_notes(group: Group, control: Group, paired: List[int]) -> List[str]:
+    """Seeds left unpaired and pairs evaluated at different epochs: what the reader must know."""
+    notes = []
+    ours, theirs = group.by_seed(), control.by_seed()
+    unpaired = sorted(seed for seed in ours if seed not in paired)
+    if unpaired:
+        notes.append(f"seeds not paired with {control.label}: {_seed_list(unpaired)}")
+    if any(run.seed is None for run in group.runs):
+        notes.append("runs without a seed are not paired")
+    uneven = [seed for seed in paired if ours[seed].final["epoch"] != theirs[seed].final["epoch"]]
+    if uneven:
+        notes.append(f"seeds {_seed_list(uneven)} compared at different epochs")
+    return notes
+
+
+def report(runs: List[Run], control: Optional[str]) -> str:
+    """The whole markdown summary: runs, variants over seeds, and (with a control) paired differences."""
+    groups = group_runs(runs)
+    parts = ["## Runs\n", markdown_table(runs), "\n## Variants over seeds\n", variants_table(groups)]
+    if control:
+        parts += [f"\n## Paired difference to {control}\n", differences_table(groups, control)]
+    return "\n".join(parts)
 
 
 def plot_curves(runs: List[Run], path: str) -> None:
-    """AP (percent) against epoch, one line per run; runs without evaluation are left out of the legend."""
+    """AP (percent) against epoch: per variant and form the mean over seeds, with a min–max band."""
     import matplotlib
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted = 0
-    for run in runs:
-        if not run.curve:
+    for group in group_runs(runs):
+        epochs, mean, low, high, counts = mean_curve(group)
+        if not epochs:
             continue
-        epochs = [point["epoch"] + 1 for point in run.curve]  # 1-based: "after epoch N"
-        ax.plot(epochs, [point["AP"] * 100 for point in run.curve], marker="o", markersize=3, label=run.label)
+        seeds = max(counts)
+        x = [epoch + 1 for epoch in epochs]  # 1-based: "after epoch N"
+        percent = [v * 100 for v in mean]
+        # the whole mean dashed underneath; solid only where every seed is in (a lagging seed shifts it)
+        line, = ax.plot(x, percent, ls="--", lw=1, label=None)
+        full = [i for i, count in enumerate(counts) if count == seeds]
+        ax.plot([x[i] for i in full], [percent[i] for i in full], marker="o", markersize=3, color=line.get_color(),
+                label=f"{group.label} (n={seeds})")
+        if seeds > 1:
+            ax.fill_between(x, [v * 100 for v in low], [v * 100 for v in high], color=line.get_color(), alpha=0.2,
+                            lw=0)
         plotted += 1
     if plotted:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="mean over seeds, band min–max\n(dashed: not all seeds yet)", title_fontsize=8)
     else:
         ax.text(0.5, 0.5, "no evaluation logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("box AP (%)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -239,18 +505,20 @@ def plot_curves(runs: List[Run], path: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="output directories of main.py runs")
+    parser.add_argument("runs", nargs="+", help="output directories of main.py runs (or their parents)")
+    parser.add_argument("--control", default="cascade",
+                        help="variant the others are compared with, seed by seed ('' for no comparison)")
     parser.add_argument("--out", default="results.md", help="markdown file to write")
     parser.add_argument("--plot", default="ap.png", help="PNG of AP against epoch ('' to skip)")
     args = parser.parse_args(argv)
 
-    runs = [load_run(path) for path in args.runs]
-    table = markdown_table(runs)
-    print(table, end="")
+    runs = [load_run(path) for path in expand_run_dirs(args.runs)]
+    text = report(runs, args.control)
+    print(text, end="")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            f.write(table)
+            f.write(text)
     if args.plot:
         plot_curves(runs, args.plot)
     missing = [run.path for run in runs if not os.path.isdir(run.path)]

@@ -28,9 +28,6 @@ if ROOT not in sys.path:
 
 from util.config import parse_args  # noqa: E402
 
-# ImageNet statistics, as the data pipeline normalises with them
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map_queries", choices=["all", "top"], default="all",
                         help="sum the map over all queries or only the top-scoring ones")
     parser.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
-                        help="resize a file image to the evaluation size (eval_size, max_size)")
+                        help="pass a file image through the evaluation transform (eval_size, max_size)")
 
 
 # ----------------------------------------------------------------------------- model and input
@@ -76,27 +73,28 @@ def load_model(args):
     return model.to(args.device).eval(), postprocessors
 
 
-def resize_shape(height: int, width: int, short: int, max_size: int) -> Tuple[int, int]:
-    """Shorter side to ``short`` unless the longer side would exceed ``max_size`` (as evaluation does)."""
-    scale = short / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def load_image(spec: str, args, resize: bool = True) -> torch.Tensor:
-    """A normalised (3, H, W) float tensor from a file or from the synthetic validation set."""
+    """A normalised (3, H, W) float tensor from a file or from the synthetic validation set.
+
+    A file goes through the dataset's own evaluation transform for ``args`` (the one
+    ``build_dataset('val', args)`` uses: eval_size, max_size), so the picture shows the input
+    size evaluation sees; ``resize=False`` keeps the file's size and only normalises it.
+    """
     if spec.startswith("synthetic"):
         return synthetic_image(args, int(spec.split(":", 1)[1]) if ":" in spec else 0)
     from PIL import Image
-    import torchvision.transforms.functional as TF
     image = Image.open(spec).convert("RGB")
-    tensor = TF.to_tensor(image)
+    tensor, _ = image_transform(args, resize)(image, None)
+    return tensor
+
+
+def image_transform(args, resize: bool = True):
+    """The evaluation pipeline of the data code: (PIL image, target) -> (normalised tensor, target)."""
+    from datasets import transforms as T
+    from datasets.coco import transforms_from_args
     if resize:
-        short = args.eval_size or max(args.min_size)
-        size = resize_shape(tensor.shape[1], tensor.shape[2], short, args.max_size)
-        tensor = TF.resize(tensor, list(size), antialias=True)
-    return (tensor - MEAN) / STD
+        return transforms_from_args("val", args)
+    return T.Compose([T.ToTensor(), T.Normalize()])
 
 
 def synthetic_image(args, index: int) -> torch.Tensor:
@@ -108,8 +106,11 @@ def synthetic_image(args, index: int) -> torch.Tensor:
 
 
 def display_image(tensor: torch.Tensor):
-    """Normalised (3, H, W) -> (H, W, 3) array in [0, 1] for matplotlib."""
-    return (tensor.cpu() * STD + MEAN).clamp(0, 1).permute(1, 2, 0).numpy()
+    """Normalised (3, H, W) -> (H, W, 3) array in [0, 1] for matplotlib (undoes the data pipeline's Normalize)."""
+    from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (tensor.cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 # ----------------------------------------------------------------------------- capture

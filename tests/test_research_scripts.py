@@ -50,6 +50,19 @@ def _train(epoch, it, sec):
     return {"type": "train", "epoch": epoch, "iter": it, "iters": 20, "lr": 2e-4, "sec_per_iter": sec, "loss": 4.0}
 
 
+def _tables(printed):
+    """Markdown output -> {section title: {first cell: [other cells]}}."""
+    sections, title = {}, None
+    for line in printed.splitlines():
+        if line.startswith("## "):
+            title = line[3:].strip()
+            sections[title] = {}
+        elif line.startswith("| ") and "---" not in line and title is not None:
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            sections[title].setdefault(cells[0], cells[1:])
+    return sections
+
+
 def test_summarize_table_and_plot(tmp_path, capsys):
     done = tmp_path / "v3.0.4-two_stage"
     _write_run(done, {"variant": "v3.0.4", "two_stage": True, "epochs": 2},
@@ -68,16 +81,107 @@ def test_summarize_table_and_plot(tmp_path, capsys):
     run_dirs = [str(done), str(running), str(no_large), str(missing)]
     assert summarize.main(run_dirs + ["--out", str(out_md), "--plot", str(out_png)]) == 0
     printed = capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in printed.splitlines() if line.startswith("| ") and "---" not in line}
+    rows = _tables(printed)["Runs"]
     # AP numbers in percent from the last evaluated epoch; epochs done / planned; median s/iter
-    assert rows["v3.0.4 +two-stage"][:8] == ["20.0", "40.0", "10.0", "1.0", "2.0", "3.0", "2/2", "0.400"]
-    assert rows["cascade"][:8] == ["–"] * 6 + ["0/12", "1.250"]
-    assert rows["v3.0.1"][:8] == ["10.0", "20.0", "5.0", "1.0", "2.0", "n/a", "1/1", "0.500"]
-    assert "no evaluation yet" in rows["cascade"][8] and "training epoch 1" in rows["cascade"][8]
-    assert "no log.jsonl" in rows["not_started"][8]
+    assert rows["v3.0.4 +two-stage"][:9] == ["–", "20.0", "40.0", "10.0", "1.0", "2.0", "3.0", "2/2", "0.400"]
+    assert rows["cascade"][:9] == ["–"] * 7 + ["0/12", "1.250"]
+    assert rows["v3.0.1"][:9] == ["–", "10.0", "20.0", "5.0", "1.0", "2.0", "n/a", "1/1", "0.500"]
+    assert "no evaluation yet" in rows["cascade"][9] and "training epoch 1" in rows["cascade"][9]
+    assert "no log.jsonl" in rows["not_started"][9]
+    # single runs: one value each, std n/a, n = 1 said in its own column
+    variants = _tables(printed)["Variants over seeds"]
+    assert variants["v3.0.1"][:3] == ["1", "–", "10.0 ± n/a [10.0]"]
+    assert variants["cascade"][:3] == ["0 of 1", "–", "–"]
+    assert "sample std (ddof=1" in printed
+    # no seeds known: nothing can be paired
+    differences = _tables(printed)["Paired difference to cascade"]
+    assert differences["v3.0.1"][:3] == ["0", "–", "–"] and "not paired" in differences["v3.0.1"][-1]
+    assert "no cascade +two-stage run" in differences["v3.0.4 +two-stage"][-1]
     assert out_md.read_text() == printed
     assert out_png.stat().st_size > 1000
+
+
+def _seeded(root, variant, seed, epochs_ap, planned=2, config=True, two_stage=False):
+    """A run directory root/variant/seedN whose log evaluates AP = epochs_ap[e] after epoch e."""
+    records = []
+    for epoch, ap in enumerate(epochs_ap):
+        records += [_train(epoch, 10, 0.5), _epoch(epoch, ap)]
+    run_dir = root / (variant + ("-two_stage" if two_stage else "")) / f"seed{seed}"
+    cfg = {"variant": variant, "seed": seed, "epochs": planned, "two_stage": two_stage} if config else None
+    _write_run(run_dir, cfg, records)
+    return run_dir
+
+
+def test_summarize_seeds_means_spreads_and_paired_differences(tmp_path, capsys):
+    """Hand-computed: AP = a, AP50 = 2a, AP75 = a/2, APs = 1 %, APm = 2 % per run (see ``_epoch``)."""
+    _seeded(tmp_path, "cascade", 0, [0.10, 0.30])
+    _seeded(tmp_path, "cascade", 1, [0.20, 0.32])
+    # resumed after epoch 0: epoch 1 logged twice; the later record (0.34) counts
+    _write_run(tmp_path / "cascade" / "seed2", {"variant": "cascade", "seed": 2, "epochs": 2},
+               [_epoch(0, 0.21), _train(1, 10, 9.0), _epoch(1, 0.99), _train(1, 10, 0.5), _epoch(1, 0.34)])
+    _seeded(tmp_path, "v3.0.4", 0, [0.20, 0.33])
+    # no seed in config.yaml: the directory name seed1 says it
+    _write_run(tmp_path / "v3.0.4" / "seed1", {"variant": "v3.0.4", "epochs": 2}, [_epoch(0, 0.25), _epoch(1, 0.36)])
+    _seeded(tmp_path, "v3.0.4", 3, [0.30])                       # a seed the control never ran, one epoch in
+    _seeded(tmp_path, "v3.0.1", 0, [0.28], config=False)         # no config at all: variant and seed from the path
+    out_png = tmp_path / "ap.png"
+    argv = [str(tmp_path / "cascade"), str(tmp_path / "v3.0.4"), str(tmp_path / "v3.0.1" / "seed0"),
+            "--control", "cascade", "--out", "", "--plot", str(out_png)]
+    assert summarize.main(argv) == 0
+    tables = _tables(capsys.readouterr().out)
+
+    variants = tables["Variants over seeds"]
+    # cascade AP 30, 32, 34: mean 32, sample std sqrt((4 + 0 + 4) / 2) = 2 (the population std would be 1.63)
+    assert variants["cascade"][:7] == ["3", "0, 1, 2", "32.0 ± 2.00 [30.0, 32.0, 34.0]",
+                                       "64.0 ± 4.00 [60.0, 64.0, 68.0]", "16.0 ± 1.00 [15.0, 16.0, 17.0]",
+                                       "1.0 ± 0.00 [1.0, 1.0, 1.0]", "2.0 ± 0.00 [2.0, 2.0, 2.0]"]
+    # v3.0.4 AP 33, 36, 30: mean 33, sample std sqrt((0 + 9 + 9) / 2) = 3; seed 3 stopped after epoch 1 of 2
+    assert variants["v3.0.4"][:3] == ["3", "0, 1, 3", "33.0 ± 3.00 [33.0, 36.0, 30.0]"]
+    assert variants["v3.0.4"][7] == "1/2, 2/2"
+    assert variants["v3.0.1"][:3] == ["1", "0", "28.0 ± n/a [28.0]"]
+
+    differences = tables["Paired difference to cascade"]
+    assert "cascade" not in differences
+    # paired on seeds 0 and 1 only: AP 33 - 30 = 3, 36 - 32 = 4 -> 3.5 ± sqrt(0.5); the unpaired
+    # difference of means (33 - 32 = 1) would be wrong
+    assert differences["v3.0.4"][:5] == ["2", "0, 1", "+3.5 ± 0.71 [+3.0, +4.0]", "+7.0 ± 1.41 [+6.0, +8.0]",
+                                         "+1.8 ± 0.35 [+1.5, +2.0]"]
+    assert differences["v3.0.4"][5:7] == ["+0.0 ± 0.00 [+0.0, +0.0]"] * 2
+    assert "seeds not paired with cascade: 3" in differences["v3.0.4"][-1]
+    # one pair: 28 - 30, no spread; evaluated after epoch 1 against the control's epoch 2
+    assert differences["v3.0.1"][:3] == ["1", "0", "-2.0 ± n/a [-2.0]"]
+    assert "seeds 0 compared at different epochs" in differences["v3.0.1"][-1]
+
+    # the plot: mean with a min-max band over the seeds that reached each epoch
+    groups = {g.label: g for g in summarize.group_runs([summarize.load_run(d) for d in summarize.expand_run_dirs(
+        [str(tmp_path / "cascade"), str(tmp_path / "v3.0.4")])])}
+    epochs, mean, low, high, counts = summarize.mean_curve(groups["cascade"])
+    assert epochs == [0, 1] and counts == [3, 3]
+    assert mean == pytest.approx([(0.10 + 0.20 + 0.21) / 3, 0.32]) and low == pytest.approx([0.10, 0.30])
+    assert high == pytest.approx([0.21, 0.34])
+    # seed 3 has only epoch 0: epoch 1 is the mean of seeds 0 and 1, and says so
+    assert summarize.mean_curve(groups["v3.0.4"]) == pytest.approx(
+        ([0, 1], [0.25, (0.33 + 0.36) / 2], [0.20, 0.33], [0.30, 0.36], [3, 2]))
+    assert out_png.stat().st_size > 1000
+
+
+def test_summarize_resumed_log_keeps_the_last_record_per_epoch(tmp_path):
+    """A resume that logs epochs 1 and 2 again: one point per epoch, the later record's numbers."""
+    records = [_train(0, 10, 0.5), _epoch(0, 0.1), _train(1, 10, 0.5), _epoch(1, 0.2), _train(2, 10, 0.5),
+               _epoch(2, 0.3), _train(1, 10, 0.7), _epoch(1, 0.25), _train(2, 10, 0.7), _epoch(2, 0.35)]
+    _write_run(tmp_path / "run", {"variant": "cascade", "seed": 0, "epochs": 3}, records)
+    run = summarize.load_run(str(tmp_path / "run"))
+    assert [p["epoch"] for p in run.curve] == [0, 1, 2]
+    assert [p["AP"] for p in run.curve] == pytest.approx([0.1, 0.25, 0.35])
+    assert run.epochs_logged == 3 and run.iter_times == [0.5, 0.7, 0.7]
+
+
+def test_summarize_duplicate_seed_is_left_out_with_a_note(tmp_path):
+    first = _seeded(tmp_path / "a", "cascade", 0, [0.3])
+    second = _seeded(tmp_path / "b", "cascade", 0, [0.5])
+    groups = summarize.group_runs([summarize.load_run(str(first)), summarize.load_run(str(second))])
+    assert len(groups) == 1 and [r.path for r in groups[0].runs] == [str(first)]
+    assert groups[0].values("AP") == pytest.approx([0.3]) and str(second) in groups[0].notes[0]
 
 
 def test_summarize_reads_upstream_list_form(tmp_path):
@@ -156,6 +260,38 @@ def test_visualize_refs_on_synthetic_image(tmp_path):
     assert visualize_refs.main(argv) == 0
     assert sorted(os.listdir(out)) == ["attn_map.png", "predictions.png", "refs_token_0.png"]
     assert all((out / name).stat().st_size > 1000 for name in os.listdir(out))
+
+
+@pytest.mark.parametrize("height, width, expected", [
+    (100, 177, (451, 798)),   # max_size binds: shorter side int(800 * 100 / 177) = 451, longer round(451 * 1.77)
+    (177, 100, (798, 451)),
+    (300, 400, (480, 640)),   # shorter side binds: 480, 400 * 480 / 300
+    (37, 61, (480, 791)),     # round(480 * 61 / 37) = 791.35 -> 791, under max_size
+    (480, 333, (692, 480)),
+    (50, 500, (80, 800)),     # int(800 * 50 / 500) = 80
+])
+def test_visualize_refs_input_matches_evaluation_transform(tmp_path, height, width, expected):
+    """A file image reaches the model at the size (and with the values) evaluation gives it."""
+    from PIL import Image
+    from datasets.coco import transforms_from_args
+    pixels = (torch.rand(height, width, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    path = tmp_path / "img.png"
+    Image.fromarray(pixels.numpy()).save(path)
+    args = visualize_refs.build_args(TINY_GUIDED + ["--eval_size", "480", "--max_size", "800"])
+
+    image = visualize_refs.load_image(str(path), args)
+    assert tuple(image.shape) == (3, *expected)
+    evaluated, _ = transforms_from_args("val", args)(Image.open(path).convert("RGB"), None)
+    assert torch.equal(image, evaluated)
+    # without resizing: the file's own size, normalised as the data pipeline does (pixel 0 by hand)
+    raw = visualize_refs.load_image(str(path), args, resize=False)
+    assert tuple(raw.shape) == (3, height, width)
+    by_hand = (pixels[0, 0].double() / 255 - torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)) \
+        / torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)
+    assert torch.allclose(raw[:, 0, 0].double(), by_hand, atol=1e-6)
+    # drawing undoes the normalisation
+    assert torch.allclose(torch.from_numpy(visualize_refs.display_image(raw))[0, 0].double() * 255,
+                          pixels[0, 0].double(), atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- bench_model
@@ -270,6 +406,49 @@ def test_variant_script_two_stage_and_default_gpus(tmp_path):
     assert got[0] == "4"
     assert got[got.index("--output_dir") + 1] == "outputs/cascade-try-two_stage"
     assert "--two_stage" in got and "--mixed_selection" in got
+
+
+def test_variant_script_seed(tmp_path):
+    got = _launch("v3.0.4.sh", "1", tmp_path=tmp_path, env_extra={"SEED": "7", "TWO_STAGE": "1"})
+    assert got[got.index("--output_dir") + 1] == "outputs/v3.0.4-two_stage/seed7"
+    assert got[got.index("--seed") + 1] == "7"
+    bad = subprocess.run(["bash", os.path.join(SCRIPTS, "v3.0.4.sh")], env=dict(os.environ, SEED="x"),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "SEED" in bad.stderr
+
+
+def _ablation(tmp_path, **env):
+    """scripts/ablation.sh with stand-ins for the launcher and for python: the command lines it runs."""
+    fake_train = tmp_path / "fake_dist_train.sh"
+    fake_train.write_text('echo "train: $*"\n')
+    fake_python = tmp_path / "fake_python.sh"
+    fake_python.write_text('#!/usr/bin/env bash\necho "python: $*"\n')
+    fake_python.chmod(0o755)
+    done = subprocess.run(["bash", os.path.join(SCRIPTS, "ablation.sh"), "2", "--epochs", "1"], capture_output=True,
+                          text=True, check=True,
+                          env=dict(os.environ, DIST_TRAIN=str(fake_train), PYTHON=str(fake_python), **env))
+    trains = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("train: ")]
+    summary = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("python: ")]
+    return trains, summary
+
+
+def test_ablation_runs_every_seed_of_every_variant(tmp_path):
+    trains, summary = _ablation(tmp_path, VARIANTS="cascade v3.0.4", STAGE_MODES="single two", SEEDS="0 1")
+    runs = [(t[t.index("--output_dir") + 1], t[t.index("--seed") + 1]) for t in trains]
+    expected_dirs = [f"outputs/{v}{form}/seed{s}" for form in ("", "-two_stage") for v in ("cascade", "v3.0.4")
+                     for s in (0, 1)]
+    assert runs == [(d, d[-1]) for d in expected_dirs]
+    assert all(t[0] == "2" and t[-2:] == ["--epochs", "1"] for t in trains)
+    assert summary == [["scripts/summarize.py"] + expected_dirs + ["--control", "cascade", "--out",
+                                                                   "outputs/ablation.md", "--plot",
+                                                                   "outputs/ablation.png"]]
+
+
+def test_ablation_without_seeds_runs_once_as_before(tmp_path):
+    trains, summary = _ablation(tmp_path, VARIANTS="baseline cascade", STAGE_MODES="single")
+    assert [t[t.index("--output_dir") + 1] for t in trains] == ["outputs/baseline", "outputs/cascade"]
+    assert not any("--seed" in t for t in trains)
+    assert summary[0][1:3] == ["outputs/baseline", "outputs/cascade"]
 
 
 def test_shell_scripts_are_valid_bash():
