@@ -4,6 +4,7 @@ from util.config import parse_stages
 from .backbone import build_backbone
 from .deformable_detr import DeformableDETR
 from .deformable_transformer import DeformableTransformer
+from .denoising import DenoisingConfig
 from .weights import load_pretrained
 
 __all__ = ["build_model", "build_transformer", "load_pretrained"]
@@ -24,6 +25,14 @@ def build_transformer(args) -> DeformableTransformer:
         enc_ref_progressive=args.enc_ref_progressive, enc_reference_generator=generator)
 
 
+def build_denoising_config(args):
+    """DINO's CDN settings with --use_dn, else None."""
+    if not getattr(args, "use_dn", False):
+        return None
+    return DenoisingConfig(num_classes=args.num_classes, dn_number=args.dn_number,
+                           label_noise_ratio=args.dn_label_noise_ratio, box_noise_scale=args.dn_box_noise_scale)
+
+
 def build_model(args):
     """Parsed flags (``util.config.parse_args``) -> (model, criterion, postprocessors).
 
@@ -39,5 +48,5 @@ def build_model(args):
         num_feature_levels=args.num_feature_levels, num_queries_one2one=args.num_queries_one2one,
         num_queries_one2many=args.num_queries_one2many, aux_loss=args.aux_loss,
         with_box_refine=args.with_box_refine, two_stage=args.two_stage, mixed_selection=args.mixed_selection,
-        use_ms_detr=args.use_ms_detr)
+        use_ms_detr=args.use_ms_detr, denoising=build_denoising_config(args))
     return model, build_criterion(args, args.num_classes), build_postprocessors(args)
