@@ -57,16 +57,22 @@ class DenoisingGroups:
     gt_index: Tensor      # (bs, D) int64, index of the slot's box in its image's targets, -1 on padding
     num_groups: int
     group_size: int       # 2 * max_boxes
+    counts: List[int]     # ground-truth boxes per image
 
     @property
     def size(self) -> int:
         return self.num_groups * self.group_size
 
     def assignment(self) -> List[Tuple[Tensor, Tensor]]:
-        """The known assignment: per image (slot indices, target indices) of its positive slots."""
-        keep = self.valid & self.positive[None]
-        slots = torch.arange(self.size, device=self.labels.device)
-        return [(slots[k], gt[k]) for k, gt in zip(keep, self.gt_index)]
+        """The known assignment: per image (slot indices, target indices) of its positive slots,
+        group by group; built from the layout, so no device synchronisation."""
+        device = self.labels.device
+        starts = torch.arange(self.num_groups, device=device)[:, None] * self.group_size
+        pairs = []
+        for n in self.counts:
+            boxes = torch.arange(n, device=device)
+            pairs.append(((starts + boxes[None]).flatten(), boxes.repeat(self.num_groups)))
+        return pairs
 
 
 def num_denoising_groups(dn_number: int, max_boxes: int) -> int:
@@ -110,14 +116,14 @@ def make_denoising_groups(targets: List[Dict[str, Tensor]], config: DenoisingCon
     generator: random source (on the targets' device); None uses torch's global one.
     """
     device = targets[0]["boxes"].device
-    counts = torch.tensor([len(t["labels"]) for t in targets], device=device)
-    max_boxes = max(len(t["labels"]) for t in targets)
+    counts = [len(t["labels"]) for t in targets]
+    max_boxes = max(counts)
     num_groups = num_denoising_groups(config.dn_number, max_boxes)
     group_size = 2 * max_boxes
     slot = torch.arange(num_groups * group_size, device=device)
     box_slot = slot % max(max_boxes, 1)            # which ground-truth box a slot carries
     positive = (slot % max(group_size, 1)) < max_boxes
-    valid = box_slot[None] < counts[:, None]
+    valid = box_slot[None] < torch.tensor(counts, device=device)[:, None]
     gt_labels, gt_boxes = _padded_targets(targets, max_boxes, device)
     labels, boxes = gt_labels[:, box_slot], gt_boxes[:, box_slot]
 
@@ -130,7 +136,7 @@ def make_denoising_groups(targets: List[Dict[str, Tensor]], config: DenoisingCon
     labels = labels.masked_fill(~valid, 0)
     boxes = torch.where(valid[..., None], boxes, torch.full_like(boxes, 0.5))
     gt_index = torch.where(valid, box_slot[None].expand_as(valid), torch.full_like(valid, -1, dtype=torch.long))
-    return DenoisingGroups(labels, boxes, valid, positive, gt_index, num_groups, group_size)
+    return DenoisingGroups(labels, boxes, valid, positive, gt_index, num_groups, group_size, counts)
 
 
 def denoising_attn_mask(matching_mask: Optional[Tensor], num_queries: int, num_queries_one2one: int,

@@ -380,3 +380,13 @@ def test_use_dn_trains_and_evaluates_in_every_variant(name, data_dir, tmp_path):
     assert any(r["loss_bbox_dn_unscaled"] > 0 for r in train)
     epoch = [r for r in records if r["type"] == "epoch"]
     assert len(epoch) == 1 and "test_AP" in epoch[0]
+
+
+def test_assignment_agrees_with_the_slot_layout():
+    """The layout-built assignment equals the valid positive slots read off the tensors."""
+    targets = three_and_zero_boxes()[::-1] + [simple_targets()[0]]
+    groups = make_denoising_groups(targets, DenoisingConfig(num_classes=5, dn_number=10),
+                                   torch.Generator().manual_seed(0))
+    for b, (slots, gts) in enumerate(groups.assignment()):
+        expected = torch.nonzero(groups.valid[b] & groups.positive).flatten()
+        assert torch.equal(slots, expected) and torch.equal(gts, groups.gt_index[b, expected])
