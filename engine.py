@@ -114,7 +114,7 @@ def train_step(model, criterion, samples, targets, optimizer, device, amp: str, 
     """Forward, loss, backward, (clip), optimiser step; returns the device-side values to log."""
     samples, targets = move_to_device(samples, targets, device)
     with autocast(device, amp):
-        outputs = model(samples)
+        outputs = model(samples, targets)  # targets feed denoising queries (--use_dn); unused otherwise
     loss_dict = criterion(outputs_to_float(outputs), targets)
     total, values = weigh_losses(loss_dict, criterion.weight_dict)
 

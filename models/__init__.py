@@ -4,6 +4,7 @@ from util.config import parse_stages
 from .backbone import build_backbone
 from .deformable_detr import DeformableDETR
 from .deformable_transformer import DeformableTransformer
+from .denoising import DenoisingConfig
 from .weights import load_pretrained
 
 __all__ = ["build_model", "build_transformer", "load_pretrained"]
@@ -31,6 +32,14 @@ def guidance_reads_one2many_at_eval(args) -> bool:
             and has_one2many)
 
 
+def build_denoising_config(args):
+    """DINO's CDN settings with --use_dn, else None."""
+    if not args.use_dn:
+        return None
+    return DenoisingConfig(num_classes=args.num_classes, dn_number=args.dn_number,
+                           label_noise_ratio=args.dn_label_noise_ratio, box_noise_scale=args.dn_box_noise_scale)
+
+
 def build_model(args):
     """Parsed flags (``util.config.parse_args``) -> (model, criterion, postprocessors).
 
@@ -46,5 +55,6 @@ def build_model(args):
         num_feature_levels=args.num_feature_levels, num_queries_one2one=args.num_queries_one2one,
         num_queries_one2many=args.num_queries_one2many, aux_loss=args.aux_loss,
         with_box_refine=args.with_box_refine, two_stage=args.two_stage, mixed_selection=args.mixed_selection,
-        use_ms_detr=args.use_ms_detr, one2many_at_eval=guidance_reads_one2many_at_eval(args))
+        use_ms_detr=args.use_ms_detr, one2many_at_eval=guidance_reads_one2many_at_eval(args),
+        denoising=build_denoising_config(args))
     return model, build_criterion(args, args.num_classes), build_postprocessors(args)

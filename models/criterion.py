@@ -8,6 +8,7 @@ the logging-only ``class_error``); the engine weights them with
     <key>_{i}, i = 0..L-2                    earlier decoder layers ('aux_outputs')
     <key>_enc                                two-stage encoder proposals ('enc_outputs')
     <key>_one2many, <key>_one2many_{i}       one-to-many branch, main and aux layers
+    <key>_dn, <key>_dn_{i}                   DINO contrastive denoising ('dn_outputs'), main and aux layers
 
 One-to-many supervision comes in two forms:
     'hybrid' (H-DETR): extra queries, targets repeated k_one2many times, Hungarian matching.
@@ -196,11 +197,28 @@ class SetCriterion(nn.Module):
             num_boxes = num_boxes * self.k_one2many
         return self._decoder_losses(main, aux, targets, self.o2m_matcher, num_boxes, "_one2many", log=False)
 
+    def _denoising_losses(self, dn_outputs: Dict, targets, num_boxes) -> Dict[str, Tensor]:
+        """Focal / L1 / GIoU on the denoising block with its known assignment (no matching).
+
+        As DINO: positives are trained on their ground truth; negatives (and padding slots) are
+        only in the focal loss, as no-object; the normaliser is num_boxes x the number of groups.
+        """
+        groups = dn_outputs["groups"]
+        main = {"pred_logits": dn_outputs["pred_logits"], "pred_boxes": dn_outputs["pred_boxes"]}
+        aux = dn_outputs.get("aux_outputs", [])
+        if groups.size == 0:  # no box in the whole batch: an empty block, zero losses (kept in the graph)
+            zero = main["pred_logits"].sum() * 0.0
+            layers = [""] + ([f"_{i}" for i in range(len(aux))] if self.aux_loss else [])
+            return {f"{k}_dn{layer}": zero for layer in layers for k in LOSS_NAMES}
+        assignment = groups.assignment()
+        return self._decoder_losses(main, aux, targets, lambda _outputs, _targets: assignment,
+                                    num_boxes * groups.num_groups, "_dn", log=False)
+
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """Args:
             outputs: model output dict ('pred_logits' (B, Q, K), 'pred_boxes' (B, Q, 4), optional
                 'aux_outputs', 'enc_outputs', 'pred_logits_one2many', 'pred_boxes_one2many',
-                'aux_outputs_one2many').
+                'aux_outputs_one2many', 'dn_outputs').
             targets: B dicts with 'labels' (N_b,) int64 and 'boxes' (N_b, 4) cxcywh in [0, 1].
         Returns:
             dict of unweighted 0-dim losses (+ 'class_error' for logging).
@@ -214,6 +232,8 @@ class SetCriterion(nn.Module):
             losses.update({k + "_enc": v for k, v in enc.items()})
         if self.one2many is not None and "pred_logits_one2many" in outputs:
             losses.update(self._one2many_losses(outputs, targets, num_boxes))
+        if "dn_outputs" in outputs:
+            losses.update(self._denoising_losses(outputs["dn_outputs"], targets, num_boxes))
         return losses
 
 
@@ -229,7 +249,8 @@ def build_weight_dict(args) -> Dict[str, float]:
 
     main: cls/bbox/giou_loss_coef (2, 5, 2), repeated for each aux layer (dec_layers - 1);
     enc: enc_*_loss_coef, None -> the main coefficient;
-    one-to-many: hybrid -> main weights * lambda_one2many; mixed -> o2m_*_loss_coef (2, 5, 2).
+    one-to-many: hybrid -> main weights * lambda_one2many; mixed -> o2m_*_loss_coef (2, 5, 2);
+    denoising (--use_dn): dn_*_loss_coef, None -> the main coefficient, on every layer.
     """
     base = {
         "loss_ce": _coef(args, "cls_loss_coef", 2.0),
@@ -261,6 +282,13 @@ def build_weight_dict(args) -> Dict[str, float]:
             "loss_giou": _coef(args, "o2m_giou_loss_coef", 2.0),
         }
         weight_dict.update(with_aux(o2m, "_one2many"))
+    if getattr(args, "use_dn", False):
+        dn = {
+            "loss_ce": _coef(args, "dn_cls_loss_coef", base["loss_ce"]),
+            "loss_bbox": _coef(args, "dn_bbox_loss_coef", base["loss_bbox"]),
+            "loss_giou": _coef(args, "dn_giou_loss_coef", base["loss_giou"]),
+        }
+        weight_dict.update(with_aux(dn, "_dn"))
     return weight_dict
 
 

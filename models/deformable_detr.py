@@ -5,7 +5,7 @@ and MS-DETR's mixed supervision. State-dict keys follow those upstream repositor
 """
 import copy
 import math
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from torch import nn
 
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
+from .denoising import DenoisingConfig, make_denoising_queries
 from .transformer_layers import MLP
 
 
@@ -42,11 +43,14 @@ class DeformableDETR(nn.Module):
     unless ``one2many_at_eval``: then they also run at inference because the encoder guidance
     reads them (DESIGN §6: the same candidates in training and inference); their predictions
     are never returned at inference, so detections always come from the one-to-one queries.
+    ``denoising`` (DINO's CDN) adds noised ground-truth queries in training when ``forward`` is
+    given the targets; its only parameter is ``label_enc`` (num_classes + 1 rows, as DINO).
     """
 
     def __init__(self, backbone, transformer, num_classes: int, num_feature_levels: int, num_queries_one2one=300,
                  num_queries_one2many=0, aux_loss=True, with_box_refine=False, two_stage=False,
-                 mixed_selection=False, use_ms_detr=False, one2many_at_eval=False):
+                 mixed_selection=False, use_ms_detr=False, one2many_at_eval=False,
+                 denoising: Optional[DenoisingConfig] = None):
         super().__init__()
         self.num_queries_one2one = num_queries_one2one
         self.num_queries_one2many = num_queries_one2many
@@ -66,6 +70,9 @@ class DeformableDETR(nn.Module):
         self.backbone = backbone
         self.class_embed, self.bbox_embed = self._build_heads(hidden_dim, num_classes, with_box_refine, two_stage,
                                                               len(transformer.decoder.layers))
+        self.denoising = denoising
+        if denoising is not None:
+            self.label_enc = nn.Embedding(num_classes + 1, hidden_dim)
 
     @staticmethod
     def _build_heads(hidden_dim, num_classes, with_box_refine, two_stage, num_decoder_layers):
@@ -117,11 +124,14 @@ class DeformableDETR(nn.Module):
         mask[:self.num_queries_one2one, self.num_queries_one2one:] = True
         return mask
 
-    def forward(self, samples: Union[NestedTensor, List[torch.Tensor]]) -> Dict:
-        """samples: NestedTensor (images (bs, 3, H, W), mask (bs, H, W)) or a list of (3, H_i, W_i).
+    def forward(self, samples: Union[NestedTensor, List[torch.Tensor]],
+                targets: Optional[List[Dict]] = None) -> Dict:
+        """samples: NestedTensor (images (bs, 3, H, W), mask (bs, H, W)) or a list of (3, H_i, W_i);
+        targets: the batch's ground truth, read only by denoising in training.
 
         Returns pred_logits (bs, Q1, K), pred_boxes (bs, Q1, 4) cxcywh in [0, 1] of the valid image,
-        aux_outputs, enc_outputs (two-stage) and, in training, the one-to-many predictions.
+        aux_outputs, enc_outputs (two-stage) and, in training, the one-to-many predictions and
+        (with denoising and targets) dn_outputs: the denoising block's predictions and its 'groups'.
         """
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(list(samples))
@@ -129,11 +139,15 @@ class DeformableDETR(nn.Module):
         run_one2many = self.training or self.one2many_at_eval
         num_queries = self.num_queries_one2one + (self.num_queries_one2many if run_one2many else 0)
         query_embed = None if self.query_embed is None else self.query_embed.weight[:num_queries]
+        self_attn_mask = self._hybrid_attn_mask(num_queries, srcs[0].device)
+        denoising = None
+        if self.denoising is not None and self.training and targets is not None:
+            denoising = make_denoising_queries(targets, self.denoising, self.label_enc)
+            self_attn_mask = denoising.attn_mask(self_attn_mask, num_queries, self.num_queries_one2one)
         state, enc_outputs = self.transformer(
             srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, num_queries=num_queries,
-            num_queries_one2one=self.num_queries_one2one,
-            self_attn_mask=self._hybrid_attn_mask(num_queries, srcs[0].device),
-            with_one2many=self.use_ms_detr and run_one2many)
+            num_queries_one2one=self.num_queries_one2one, self_attn_mask=self_attn_mask,
+            with_one2many=self.use_ms_detr and run_one2many, denoising=denoising)
         q1 = self.num_queries_one2one
         out = self._pack([l[:, :q1] for l in state.logits], [b[:, :q1] for b in state.boxes], "")
         if self.training:  # at inference one-to-many predictions (when they ran) only fed the guidance
@@ -144,6 +158,9 @@ class DeformableDETR(nn.Module):
                 out.update(self._pack(state.logits_one2many, state.boxes_one2many, "_one2many"))
         if enc_outputs is not None:
             out["enc_outputs"] = enc_outputs
+        if denoising is not None:
+            out["dn_outputs"] = {**self._pack(state.denoising.logits, state.denoising.boxes, ""),
+                                 "groups": denoising.groups}
         return out
 
     def _pack(self, logits: List[torch.Tensor], boxes: List[torch.Tensor], suffix: str) -> Dict:

@@ -16,6 +16,7 @@ from torch import nn
 
 from util.box_ops import inverse_sigmoid
 
+from .denoising import DenoisingPredictions, DenoisingQueries, append_denoising_queries
 from .ms_deform_attn import MSDeformAttn
 from .transformer_layers import DeformableDecoderLayer, DeformableEncoderLayer
 
@@ -43,6 +44,7 @@ class DecoderState:
     boxes: List[torch.Tensor] = field(default_factory=list)           # per layer (bs, Q, 4)
     logits_one2many: List[torch.Tensor] = field(default_factory=list)
     boxes_one2many: List[torch.Tensor] = field(default_factory=list)
+    denoising: Optional[DenoisingPredictions] = None  # CDN block at the end of the query axis (training)
 
 
 def fp32_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -241,12 +243,18 @@ class DeformableTransformer(nn.Module):
         # look-forward-twice: the loss of layer i also trains layer i-1's box through its prediction
         loss_reference = state.box_reference if self.look_forward_twice else ref
         boxes = refine_boxes(delta, loss_reference) if self.look_forward_twice else box_from_input
-        state.logits.append(class_embed[lid](out.hidden))
+        logits = class_embed[lid](out.hidden)
+        if state.denoising is not None:
+            # the one place denoising queries leave: nothing below (matching outputs, guidance) sees them
+            out, logits, boxes = state.denoising.split_off(out, logits, boxes)
+        state.logits.append(logits)
         state.boxes.append(boxes)
         if out.hidden_one2many is not None:
             state.logits_one2many.append(class_embed[lid](out.hidden_one2many))
+            # the one-to-many stream has no denoising block: its queries are the first ones
+            o2m_reference = loss_reference[:, :out.hidden_one2many.shape[1]]
             state.boxes_one2many.append(refine_boxes(fp32_head(bbox_embed[lid], out.hidden_one2many),
-                                                     loss_reference))
+                                                     o2m_reference))
         if self.with_box_refine:
             state.reference = box_from_input.detach()
             state.box_reference = box_from_input
@@ -254,9 +262,11 @@ class DeformableTransformer(nn.Module):
         return out
 
     def forward(self, srcs, masks, pos_embeds, query_embed, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList,
-                num_queries: int, num_queries_one2one: int, self_attn_mask=None, with_one2many: bool = False):
+                num_queries: int, num_queries_one2one: int, self_attn_mask=None, with_one2many: bool = False,
+                denoising: Optional[DenoisingQueries] = None):
         """srcs/pos_embeds: per level (bs, C, H_l, W_l); masks (bs, H_l, W_l); query_embed (Q, 2C) or
-        (Q, C) with mixed selection, or None. Returns (DecoderState with per-layer predictions,
+        (Q, C) with mixed selection, or None; denoising: CDN queries appended after the Q matching
+        ones (``self_attn_mask`` then covers Q + D). Returns (DecoderState with per-layer predictions,
         enc_outputs or None)."""
         inputs = self.flatten_inputs(srcs, masks, pos_embeds)
         stock_refs = encoder_reference_points(inputs.spatial_shapes_list, inputs.valid_ratios)
@@ -285,6 +295,8 @@ class DeformableTransformer(nn.Module):
             if n_dec and state is None:
                 state, enc_outputs = self.init_queries(memory, inputs, query_embed, class_embed, bbox_embed,
                                                        num_queries)
+                if denoising is not None:
+                    state = append_denoising_queries(self, state, denoising)
             for _ in range(n_dec):
                 out = self.run_decoder_layer(dec_lid, state, memory, inputs, class_embed, bbox_embed,
                                              self_attn_mask, want_map, with_one2many)

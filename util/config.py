@@ -120,6 +120,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mixed: one-to-many GIoU loss weight")
     g.add_argument("--topk_eval", default=100, type=int, help="detections kept per image at evaluation")
 
+    g = p.add_argument_group("contrastive denoising (DINO CDN, training only)")
+    g.add_argument("--use_dn", action=BOOL, default=False,
+                   help="noised ground-truth queries in positive/negative groups, trained with the known assignment")
+    g.add_argument("--dn_number", default=100, type=int,
+                   help="denoising queries per half: groups = dn_number // (most boxes of an image in the batch)")
+    g.add_argument("--dn_label_noise_ratio", default=0.5, type=float,
+                   help="input labels resampled uniformly with probability ratio / 2 (DINO's convention)")
+    g.add_argument("--dn_box_noise_scale", default=0.4, type=float,
+                   help="lambda: corner noise in half box sizes, < lambda for positives, [lambda, 2 lambda) "
+                        "for negatives (DINO 4-scale: 0.4)")
+    g.add_argument("--dn_cls_loss_coef", default=None, type=float, help="unset: --cls_loss_coef")
+    g.add_argument("--dn_bbox_loss_coef", default=None, type=float, help="unset: --bbox_loss_coef")
+    g.add_argument("--dn_giou_loss_coef", default=None, type=float, help="unset: --giou_loss_coef")
+
     g = p.add_argument_group("cross-attention-guided encoder references (research)")
     g.add_argument("--enc_ref_mode", default="none", choices=["none", "per_level", "per_point"],
                    help="none: stock token grid; per_level: v3.0.1; per_point: v3.0.2-4")
@@ -423,5 +437,26 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("--ref_keep_self keeps point 0 for the token itself: needs --enc_n_points >= 2")
     if args.ref_queries == "o2o" and args.num_queries_one2many == 0 and not args.use_ms_detr:
         _warn("--ref_queries o2o without a one-to-many form: all queries are one-to-one already")
+    _validate_denoising(args, fail)
     if args.amp == "fp16" and str(args.device).startswith("cpu"):
         fail("--amp fp16 is for GPUs; use --amp bf16 or off on CPU")
+
+
+def _validate_denoising(args: argparse.Namespace, fail) -> None:
+    """DINO CDN flags: ranges with --use_dn, and no denoising flag changed without it."""
+    if not args.use_dn:
+        for flag, value, default in (("--dn_number", args.dn_number, 100),
+                                     ("--dn_label_noise_ratio", args.dn_label_noise_ratio, 0.5),
+                                     ("--dn_box_noise_scale", args.dn_box_noise_scale, 0.4),
+                                     ("--dn_cls_loss_coef", args.dn_cls_loss_coef, None),
+                                     ("--dn_bbox_loss_coef", args.dn_bbox_loss_coef, None),
+                                     ("--dn_giou_loss_coef", args.dn_giou_loss_coef, None)):
+            if value != default:
+                fail(f"{flag} {value} has no effect without --use_dn")
+        return
+    if args.dn_number < 1:
+        fail(f"--dn_number {args.dn_number} must be >= 1 with --use_dn")
+    if not 0.0 <= args.dn_label_noise_ratio <= 1.0:
+        fail(f"--dn_label_noise_ratio {args.dn_label_noise_ratio} must be in [0, 1]")
+    if args.dn_box_noise_scale < 0.0:
+        fail(f"--dn_box_noise_scale {args.dn_box_noise_scale} must be >= 0")
