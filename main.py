@@ -195,6 +195,11 @@ def resume_training_state(path: str, optimizer, lr_scheduler, scaler, args) -> i
 
 # ----------------------------------------------------------------------------- main
 
+def compile_if_asked(model: torch.nn.Module, args) -> torch.nn.Module:
+    """``torch.compile(model)`` under ``--compile`` (shares parameters with ``model``), else ``model``."""
+    return torch.compile(model) if getattr(args, "compile", False) else model
+
+
 def main(args) -> Dict:
     """Run training (or ``--eval``) as configured; returns the last evaluation stats (may be empty)."""
     import datasets
@@ -248,6 +253,7 @@ def main(args) -> Dict:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None,
             find_unused_parameters=args.find_unused_parameters)
+    model = compile_if_asked(model, args)
     optimizer = build_optimizer(model_without_ddp, args)
     lr_scheduler = build_lr_scheduler(optimizer, args)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None

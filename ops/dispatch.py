@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import torch
 
 from ._ext import load_error, load_extension
-from .ms_deform_attn_cuda import ms_deform_attn_cuda
-from .ms_deform_attn_pytorch import check_shapes, ms_deform_attn_pytorch
+from .ms_deform_attn_cuda import ms_deform_attn_registered
+from .ms_deform_attn_pytorch import check_level_sizes, check_shapes, ms_deform_attn_pytorch, shapes_as_list
 
 logger = logging.getLogger("ops")
 
@@ -51,6 +51,17 @@ def get_impl() -> str:
 def cuda_available() -> bool:
     """True when a CUDA device is visible and the compiled op loads (may build it, see ops._ext)."""
     return torch.cuda.is_available() and load_extension() is not None
+
+
+@torch.compiler.assume_constant_result
+def _impl_for_device_type(device_type: str) -> str:
+    """active_impl for a device type, evaluated once per compiled graph.
+
+    torch.compile runs this eagerly while tracing and bakes the answer into the graph (the
+    extension loader's lock and file system probing cannot be traced), so the choice is made
+    when a model is compiled; change it with set_impl / MSDA_IMPL before compiling.
+    """
+    return active_impl(torch.device(device_type))
 
 
 def active_impl(device: Optional[torch.device] = None) -> str:
@@ -99,15 +110,20 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
         level_start_index: (levels,) int64, start of each level in ``Lin``.
         sampling_locations: (bs, Lq, heads, levels, points, 2), normalised (x, y), may leave [0, 1].
         attention_weights: (bs, Lq, heads, levels, points).
-        spatial_shapes_list: optional python [(H, W), ...]; only the PyTorch path needs it
-            (to split levels without a device sync); derived from ``spatial_shapes`` if absent.
+        spatial_shapes_list: optional python [(H, W), ...]: lets the PyTorch path split levels
+            and both paths check that the levels tile ``value`` (Σ H·W = Lin, else ValueError)
+            without a device sync. Without it the PyTorch path reads ``spatial_shapes`` (a sync
+            on GPUs) and the compiled op skips the check: its kernels treat tokens past the end
+            of ``value`` as zero padding, so a bad layout cannot read or write out of bounds.
 
     Returns:
         (bs, Lq, heads * C) in value's dtype.
     """
-    if active_impl(value.device) == "cuda":
+    if _impl_for_device_type(value.device.type) == "cuda":
         check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return ms_deform_attn_cuda(value, spatial_shapes, level_start_index, sampling_locations,
-                                   attention_weights)
+        if spatial_shapes_list is not None:
+            check_level_sizes(value.shape[1], shapes_as_list(spatial_shapes, spatial_shapes_list))
+        return ms_deform_attn_registered(value, spatial_shapes, level_start_index, sampling_locations,
+                                         attention_weights)
     return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights, spatial_shapes_list)

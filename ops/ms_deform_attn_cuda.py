@@ -1,37 +1,58 @@
-"""Autograd wrapper around the compiled CUDA operator (``ops/src``).
+"""The operator registered with ``torch.library``: ``torch.ops.msda.ms_deform_attn``.
 
-Dtypes. ``value`` may be float32, float16, bfloat16 or float64; the output has value's
-dtype. Sampling locations and attention weights are always handed to the kernel in float32
-(float64 when value is float64), whatever dtype they arrive in: a bf16 location in [0, 1]
-is only good to ~2e-3, i.e. a third of a pixel on a 167-pixel-wide level, so the kernel
-never reads them in a half type. Casting a half tensor up is exact, and under autocast
-they already arrive in float32 (the model adds fp32 reference points to the offsets, and
-softmax autocasts to fp32), so the cast is normally a no-op. Their gradients are returned
-in the dtype they arrived in. All arithmetic accumulates in float32 (float64 for float64).
+Two custom operators, so that ``torch.compile`` and ``torch.export`` see the sampling as one
+opaque node with a known output shape instead of a Python call they cannot trace:
 
-Autocast. ``custom_fwd``/``custom_bwd`` run backward under the same autocast state as the
-forward; no input is recast to an autocast dtype, because the op is as fast in the value's
-own dtype and the casting policy above already handles mixed inputs.
+    msda::ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights) -> out
+    msda::ms_deform_attn_backward(value, spatial_shapes, level_start_index, locations, weights,
+                                  grad_out, need_grad_value) -> (grad_value, grad_locations, grad_weights)
+
+Kernels: CUDA tensors run the compiled kernels (``ops/src``, loaded or built on first use);
+every other device runs the PyTorch path (``ms_deform_attn_pytorch`` and its explicit
+backward), which is also what ``torch.library.opcheck`` checks the registrations against on
+CPU. Each op has a fake (meta) implementation giving the output's shape, dtype and strides
+from metadata alone, and the forward has an autograd registration whose backward calls the
+backward op. The backward is not itself differentiable (no double backward).
+
+Contract of the registered ops (``ms_deform_attn_registered`` below establishes it): all
+tensors contiguous and on one device; spatial_shapes / level_start_index int64; sampling
+locations and attention weights float32 (float64 when value is float64). ``grad_value`` is an
+empty (0,) tensor when ``need_grad_value`` is false, because an operator cannot return None.
+
+Dtypes. ``value`` may be float32, float16, bfloat16 or float64; the output has value's dtype.
+Locations and weights are handed to the op in float32 whatever dtype they arrive in: a bf16
+location in [0, 1] is only good to ~2e-3, i.e. a third of a pixel on a 167-pixel-wide level,
+so the kernel never reads them in a half type. Casting a half tensor up is exact, and under
+autocast they already arrive in float32 (the model adds fp32 reference points to the offsets,
+and softmax autocasts to fp32), so the cast is normally a no-op. The cast is an ordinary
+autograd op, so their gradients come back in the dtype they arrived in. All arithmetic
+accumulates in float32 (float64 for float64).
+
+Autocast. The ops have no autocast rule: under autocast they receive the dtypes they are
+given (no recast), because the kernel is as fast in the value's own dtype and the casting
+policy above already handles mixed inputs.
+
+Determinism. The CUDA backward scatters the value gradient with atomicAdd, so its last bits
+depend on thread order; the binding calls torch's non-deterministic alert, so under
+``torch.use_deterministic_algorithms(True)`` it raises (or warns with ``warn_only=True``),
+like torch's own atomic kernels. The forward and the location / weight gradients are
+deterministic. The CPU path is deterministic.
 """
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
-from ._ext import load_extension, load_error
+from ._ext import load_error, load_extension
+from .ms_deform_attn_pytorch import check_shapes, ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
 
-try:  # torch >= 2.4
-    from torch.amp import custom_bwd as _custom_bwd, custom_fwd as _custom_fwd
+__all__ = ["ms_deform_attn_registered", "ms_deform_attn_cuda", "OP_NAME", "BACKWARD_OP_NAME"]
 
-    _fwd_decorator = _custom_fwd(device_type="cuda")
-    _bwd_decorator = _custom_bwd(device_type="cuda")
-except ImportError:  # pragma: no cover - older torch
-    from torch.cuda.amp import custom_bwd as _bwd_decorator, custom_fwd as _fwd_decorator
-
-__all__ = ["MSDeformAttnFunction", "ms_deform_attn_cuda"]
+OP_NAME = "msda::ms_deform_attn"
+BACKWARD_OP_NAME = "msda::ms_deform_attn_backward"
 
 
-def _coord_dtype(value: torch.Tensor) -> torch.dtype:
+def _coord_dtype(value: Tensor) -> torch.dtype:
     return torch.float64 if value.dtype == torch.float64 else torch.float32
 
 
@@ -42,48 +63,115 @@ def _extension():
     return module
 
 
-class MSDeformAttnFunction(torch.autograd.Function):
-    """Forward/backward through the compiled kernels. Shapes as in ``ms_deform_attn_cuda``."""
-
-    @staticmethod
-    @_fwd_decorator
-    def forward(ctx, value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-        ext = _extension()
-        coord = _coord_dtype(value)
-        value_c = value.contiguous()
-        shapes_c = spatial_shapes.to(device=value.device, dtype=torch.int64).contiguous()
-        starts_c = level_start_index.to(device=value.device, dtype=torch.int64).contiguous()
-        loc_c = sampling_locations.to(coord).contiguous()
-        attn_c = attention_weights.to(coord).contiguous()
-        output = ext.forward(value_c, shapes_c, starts_c, loc_c, attn_c)
-        ctx.save_for_backward(value_c, shapes_c, starts_c, loc_c, attn_c)
-        ctx.loc_dtype = sampling_locations.dtype
-        ctx.attn_dtype = attention_weights.dtype
-        return output
-
-    @staticmethod
-    @_bwd_decorator
-    @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        value, shapes, starts, loc, attn = ctx.saved_tensors
-        need_value = ctx.needs_input_grad[0]
-        grad_value, grad_loc, grad_attn = _extension().backward(
-            value, shapes, starts, loc, attn, grad_output.to(value.dtype).contiguous(), need_value)
-        return (grad_value if need_value else None, None, None,
-                grad_loc.to(ctx.loc_dtype) if ctx.needs_input_grad[3] else None,
-                grad_attn.to(ctx.attn_dtype) if ctx.needs_input_grad[4] else None)
+# ---------------------------------------------------------------------------------------------
+# Forward op
 
 
-def ms_deform_attn_cuda(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                        sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """Compiled deformable attention; raises RuntimeError if the extension is unavailable.
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def _forward_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                attention_weights: Tensor) -> Tensor:
+    """Every device but CUDA: the PyTorch path. value (bs, Lin, heads, C) -> (bs, Lq, heads * C)."""
+    return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
-    value (bs, Lin, heads, C) on a CUDA device; spatial_shapes (levels, 2) and
-    level_start_index (levels,) integer tensors (moved to value's device if needed);
-    sampling_locations (bs, Lq, heads, levels, points, 2); attention_weights
-    (bs, Lq, heads, levels, points). Returns (bs, Lq, heads*C) in value's dtype.
-    Unlike the PyTorch path it honours ``level_start_index`` as given.
+
+@_forward_op.register_kernel("cuda")
+def _forward_cuda(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                  attention_weights: Tensor) -> Tensor:
+    return _extension().forward(value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+                                sampling_locations.contiguous(), attention_weights.contiguous())
+
+
+@_forward_op.register_fake
+def _forward_fake(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                  attention_weights: Tensor) -> Tensor:
+    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    bs, _, heads, channels = value.shape
+    return value.new_empty(bs, sampling_locations.shape[1], heads * channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward op
+
+
+@torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())
+def _backward_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                 attention_weights: Tensor, grad_output: Tensor,
+                 need_grad_value: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Every device but CUDA: grid_sample's backward, level by level (see ms_deform_attn_pytorch_backward)."""
+    grad_value, grad_loc, grad_attn = ms_deform_attn_pytorch_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
+        need_grad_value)
+    return (grad_value if grad_value is not None else value.new_empty(0)), grad_loc, grad_attn
+
+
+@_backward_op.register_kernel("cuda")
+def _backward_cuda(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                   attention_weights: Tensor, grad_output: Tensor,
+                   need_grad_value: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    grad_value, grad_loc, grad_attn = _extension().backward(
+        value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+        sampling_locations.contiguous(), attention_weights.contiguous(), grad_output.contiguous(), need_grad_value)
+    return (grad_value if grad_value is not None else value.new_empty(0)), grad_loc, grad_attn
+
+
+@_backward_op.register_fake
+def _backward_fake(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                   attention_weights: Tensor, grad_output: Tensor,
+                   need_grad_value: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    grad_value = value.new_empty(value.shape) if need_grad_value else value.new_empty(0)
+    return (grad_value, sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    need_value, need_loc, need_attn = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+    grad_value, grad_loc, grad_attn = _backward_op(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        grad_output.to(value.dtype), need_value)
+    return (grad_value if need_value else None, None, None, grad_loc if need_loc else None,
+            grad_attn if need_attn else None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Callers
+
+
+def ms_deform_attn_registered(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                              sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """``torch.ops.msda.ms_deform_attn`` on any device, after establishing its input contract.
+
+    value (bs, Lin, heads, C); spatial_shapes (levels, 2) and level_start_index (levels,) integer
+    tensors (moved to value's device as int64); sampling_locations (bs, Lq, heads, levels, points, 2);
+    attention_weights (bs, Lq, heads, levels, points), any float dtype. Returns (bs, Lq, heads*C)
+    in value's dtype. Compiled kernels on CUDA, the PyTorch path elsewhere.
     """
-    return MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations,
-                                      attention_weights)
+    coord = _coord_dtype(value)
+    return _forward_op(value.contiguous(),
+                       spatial_shapes.to(device=value.device, dtype=torch.int64).contiguous(),
+                       level_start_index.to(device=value.device, dtype=torch.int64).contiguous(),
+                       sampling_locations.to(coord).contiguous(), attention_weights.to(coord).contiguous())
+
+
+def ms_deform_attn_cuda(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                        sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """The compiled kernels only: raises RuntimeError for non-CUDA ``value`` or when the op is unavailable.
+
+    Shapes as in ``ms_deform_attn_registered``. Unlike the PyTorch path the kernels honour
+    ``level_start_index`` as given; tokens past the end of ``value`` read as zeros.
+    """
+    if value.device.type != "cuda":
+        raise RuntimeError(f"ms_deform_attn_cuda: value must be a CUDA tensor, got one on {value.device}")
+    return ms_deform_attn_registered(value, spatial_shapes, level_start_index, sampling_locations,
+                                     attention_weights)

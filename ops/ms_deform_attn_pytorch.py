@@ -10,7 +10,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ms_deform_attn_pytorch", "shapes_as_list", "check_shapes"]
+__all__ = ["ms_deform_attn_pytorch", "ms_deform_attn_pytorch_backward", "shapes_as_list", "check_shapes",
+           "check_level_sizes"]
 
 
 def shapes_as_list(spatial_shapes: torch.Tensor,
@@ -51,6 +52,19 @@ def check_shapes(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_
         raise ValueError(f"level_start_index must be ({levels},), got {tuple(level_start_index.shape)}")
 
 
+def check_level_sizes(len_in: int, shapes: Sequence[Tuple[int, int]]) -> None:
+    """Raises ValueError unless the levels [(H, W), ...] tile value's ``len_in`` tokens exactly.
+
+    Shared by both implementations so that a level layout that does not fit ``value`` gets the
+    same one-line error whichever path runs (the compiled kernels would otherwise read, and
+    atomically write, past the end of value or clip silently).
+    """
+    total = sum(int(h) * int(w) for h, w in shapes)
+    if total != len_in:
+        raise ValueError(f"value has {len_in} tokens but the level sizes {[tuple(s) for s in shapes]} "
+                         f"add up to {total}")
+
+
 def ms_deform_attn_pytorch(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                            sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                            spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
@@ -76,21 +90,16 @@ def ms_deform_attn_pytorch(value: torch.Tensor, spatial_shapes: torch.Tensor, le
     bs, len_in, heads, channels = value.shape
     _, len_q, _, levels, points, _ = sampling_locations.shape
     shapes = shapes_as_list(spatial_shapes, spatial_shapes_list)
+    check_level_sizes(len_in, shapes)
     sizes = [h * w for h, w in shapes]
-    if sum(sizes) != len_in:
-        raise ValueError(f"value has {len_in} tokens but the level sizes {shapes} add up to {sum(sizes)}")
 
-    compute_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
-                                        attention_weights.dtype)
+    compute_dtype = _compute_dtype(value, sampling_locations, attention_weights)
     n = bs * heads
-    # grid_sample wants one (C, H, W) map per batch entry, so heads are folded into the batch:
-    # maps (bs*heads, C, H, W), grids (bs*heads, Lq, points, 2) in [-1, 1], weights (bs*heads, 1, Lq, points).
-    grids = (sampling_locations.to(compute_dtype) * 2 - 1).transpose(1, 2).reshape(n, len_q, levels, points, 2)
-    weights = attention_weights.to(compute_dtype).transpose(1, 2).reshape(n, 1, len_q, levels, points)
+    grids, weights = _grids_and_weights(sampling_locations, attention_weights, compute_dtype)
 
     output = None
     for lvl, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), shapes)):
-        maps = value_l.to(compute_dtype).permute(0, 2, 3, 1).reshape(n, channels, h, w)
+        maps = _level_maps(value_l, h, w, compute_dtype)
         sampled = F.grid_sample(maps, grids[:, :, lvl], mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # (n, C, Lq, points)
         # Summing level by level keeps only one level's samples alive outside autograd's saved tensors.
@@ -102,3 +111,84 @@ def ms_deform_attn_pytorch(value: torch.Tensor, spatial_shapes: torch.Tensor, le
     # (bs*heads, C, Lq) -> (bs, Lq, heads*C), heads major within the channel dim.
     output = output.reshape(bs, heads * channels, len_q).transpose(1, 2).contiguous()
     return output.to(value.dtype)
+
+
+def _compute_dtype(value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
+
+
+def _grids_and_weights(sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                       compute_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Heads folded into the batch, as grid_sample wants one (C, H, W) map per batch entry.
+
+    sampling_locations (bs, Lq, heads, levels, points, 2) -> grids (bs*heads, Lq, levels, points, 2)
+    in [-1, 1]; attention_weights (bs, Lq, heads, levels, points) -> (bs*heads, 1, Lq, levels, points).
+    """
+    bs, len_q, heads, levels, points, _ = sampling_locations.shape
+    n = bs * heads
+    grids = (sampling_locations.to(compute_dtype) * 2 - 1).transpose(1, 2).reshape(n, len_q, levels, points, 2)
+    weights = attention_weights.to(compute_dtype).transpose(1, 2).reshape(n, 1, len_q, levels, points)
+    return grids, weights
+
+
+def _level_maps(value_l: torch.Tensor, h: int, w: int, compute_dtype: torch.dtype) -> torch.Tensor:
+    """One level's tokens (bs, H*W, heads, C) as maps (bs*heads, C, H, W)."""
+    bs, _, heads, channels = value_l.shape
+    return value_l.to(compute_dtype).permute(0, 2, 3, 1).reshape(bs * heads, channels, h, w)
+
+
+def ms_deform_attn_pytorch_backward(
+        value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+        sampling_locations: torch.Tensor, attention_weights: torch.Tensor, grad_output: torch.Tensor,
+        need_grad_value: bool = True, spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Gradients of ``ms_deform_attn_pytorch`` without autograd (the registered op's CPU backward).
+
+    A custom operator's kernel runs below autograd, so it cannot differentiate the forward by
+    recording it; instead this replays the forward level by level and calls grid_sample's own
+    backward. Inputs as in the forward plus grad_output (bs, Lq, heads * C). Returns
+    (grad_value (bs, Lin, heads, C) or None when not ``need_grad_value``,
+    grad_locations (bs, Lq, heads, levels, points, 2), grad_weights (bs, Lq, heads, levels, points)),
+    each contiguous and in the dtype of its input.
+    """
+    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    bs, len_in, heads, channels = value.shape
+    _, len_q, _, levels, points, _ = sampling_locations.shape
+    shapes = shapes_as_list(spatial_shapes, spatial_shapes_list)
+    check_level_sizes(len_in, shapes)
+    sizes = [h * w for h, w in shapes]
+    compute_dtype = _compute_dtype(value, sampling_locations, attention_weights)
+    n = bs * heads
+    grids, weights = _grids_and_weights(sampling_locations, attention_weights, compute_dtype)
+    # (bs, Lq, heads*C) -> (bs*heads, C, Lq, 1), the layout of one level's weighted samples
+    grad_out = grad_output.to(compute_dtype).reshape(bs, len_q, heads, channels).permute(0, 2, 3, 1)
+    grad_out = grad_out.reshape(n, channels, len_q, 1)
+
+    grad_value_levels, grad_loc_levels, grad_attn_levels = [], [], []
+    for lvl, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), shapes)):
+        maps = _level_maps(value_l, h, w, compute_dtype)
+        grid = grids[:, :, lvl]  # (n, Lq, points, 2)
+        sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        grad_attn_levels.append((grad_out * sampled).sum(1))  # (n, Lq, points)
+        grad_sampled = grad_out * weights[..., lvl, :]  # (n, C, Lq, points)
+        # interpolation 0 = bilinear, padding 0 = zeros, as in the forward
+        grad_maps, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+            grad_sampled, maps, grid, 0, 0, False, [need_grad_value, True])
+        grad_loc_levels.append(grad_grid * 2)  # grid = 2 * location - 1
+        if need_grad_value:  # (n, C, H, W) -> (bs, H*W, heads, C)
+            grad_value_levels.append(grad_maps.reshape(bs, heads, channels, h * w).permute(0, 3, 1, 2))
+
+    # (bs*heads, Lq, levels, points[, 2]) -> (bs, Lq, heads, levels, points[, 2])
+    grad_loc = sampling_locations.new_zeros(n, len_q, levels, points, 2, dtype=compute_dtype)
+    grad_attn = attention_weights.new_zeros(n, len_q, levels, points, dtype=compute_dtype)
+    if levels:
+        grad_loc = torch.stack(grad_loc_levels, 2)
+        grad_attn = torch.stack(grad_attn_levels, 2)
+    grad_loc = grad_loc.reshape(bs, heads, len_q, levels, points, 2).transpose(1, 2)
+    grad_attn = grad_attn.reshape(bs, heads, len_q, levels, points).transpose(1, 2)
+    grad_value = None
+    if need_grad_value:
+        grad_value = (torch.cat(grad_value_levels, 1) if levels else value.new_zeros(value.shape, dtype=compute_dtype))
+        grad_value = grad_value.to(value.dtype).contiguous()
+    return (grad_value, grad_loc.to(sampling_locations.dtype).contiguous(),
+            grad_attn.to(attention_weights.dtype).contiguous())

@@ -199,3 +199,90 @@ def test_fallback_warning_is_logged_once(restore_impl, caplog):
     restore_impl.setenv("MSDA_IMPL", "cuda")
     with pytest.raises(RuntimeError, match="unavailable"):
         ops.active_impl("cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Level layout checked against value (same message for both paths), explicit backward
+
+
+@pytest.fixture
+def compiled_route(monkeypatch):
+    """Route the dispatcher as if the compiled op were usable, so its host-side checks run on CPU.
+
+    The registered op then runs its CPU kernel (the PyTorch path) where CUDA would run the kernels.
+    """
+    import ops.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_impl_for_device_type", lambda device_type: "cuda")
+    return monkeypatch
+
+
+def _pytorch_path_error(value, ss, starts, loc, attn, shapes):
+    with pytest.raises(ValueError) as info:
+        ms_deform_attn_pytorch(value, ss, starts, loc, attn, shapes)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("change", ["fewer_tokens", "more_tokens", "bigger_level"])
+def test_compiled_route_checks_level_sizes_like_pytorch_path(compiled_route, change):
+    """Σ H·W ≠ Lin raises before any kernel runs, with the PyTorch path's exact message.
+
+    ``spatial_shapes`` lives on the meta device, where reading its values is impossible: the check
+    uses only the python list and tensor metadata, so on a GPU it cannot cause a device sync.
+    """
+    shapes = [(3, 4), (2, 3)]
+    value, ss, starts, loc, attn = make_inputs(1, 3, 2, 4, shapes, 2, dtype=torch.float32)
+    if change == "fewer_tokens":  # Lin < Σ H·W: the kernels would read and scatter past value's end
+        value = value[:, :-2]
+    elif change == "more_tokens":
+        value = torch.cat([value, value[:, :1]], 1)
+    else:
+        shapes = [(3, 4), (3, 3)]
+        ss = torch.tensor(shapes)
+    expected = _pytorch_path_error(value, ss, starts, loc, attn, shapes)
+    assert "add up to" in expected
+    with pytest.raises(ValueError) as info:
+        ms_deform_attn(value, ss.to("meta"), starts, loc, attn, spatial_shapes_list=shapes)
+    assert str(info.value) == expected
+
+
+def test_compiled_route_with_consistent_levels_equals_pytorch_path(compiled_route):
+    shapes = [(3, 4), (2, 3)]
+    value, ss, starts, loc, attn = make_inputs(2, 5, 2, 4, shapes, 2, dtype=torch.float32)
+    got = ms_deform_attn(value, ss, starts, loc, attn, spatial_shapes_list=shapes)
+    assert torch.equal(got, ms_deform_attn_pytorch(value, ss, starts, loc, attn, shapes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("need_grad_value", [True, False])
+def test_explicit_backward_matches_autograd(dtype, need_grad_value):
+    """The registered op's CPU backward (grid_sample's backward, replayed per level) equals autograd."""
+    from ops.ms_deform_attn_pytorch import ms_deform_attn_pytorch_backward
+
+    value, ss, starts, loc, attn = make_inputs(2, 7, 3, 5, [(5, 3), (3, 7), (1, 2)], 2, dtype=dtype,
+                                               spread=(-0.3, 1.3), seed=5)
+    leaves = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
+    out = ms_deform_attn_pytorch(leaves[0], ss, starts, leaves[1], leaves[2])
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    out.backward(grad_out)
+    got = ms_deform_attn_pytorch_backward(value, ss, starts, loc, attn, grad_out, need_grad_value)
+    if need_grad_value:
+        torch.testing.assert_close(got[0], leaves[0].grad, rtol=1e-6, atol=1e-6)
+    else:
+        assert got[0] is None
+    torch.testing.assert_close(got[1], leaves[1].grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[2], leaves[2].grad, rtol=1e-6, atol=1e-6)
+    assert all(g.is_contiguous() and g.dtype == dtype for g in got if g is not None)
+
+
+def test_explicit_backward_without_channels_is_zero():
+    """heads·C = 0 with samples present: location and weight gradients are the empty sum, zero."""
+    from ops.ms_deform_attn_pytorch import ms_deform_attn_pytorch_backward
+
+    value, ss, starts, loc, attn = make_inputs(1, 4, 2, 3, [(3, 3)], 2)
+    value = value[..., :0]
+    grad_out = torch.zeros(1, 4, 0, dtype=value.dtype)
+    grad_value, grad_loc, grad_attn = ms_deform_attn_pytorch_backward(value, ss, starts, loc, attn, grad_out)
+    assert grad_value.shape == value.shape
+    assert grad_loc.shape == loc.shape and torch.count_nonzero(grad_loc) == 0
+    assert grad_attn.shape == attn.shape and torch.count_nonzero(grad_attn) == 0

@@ -201,6 +201,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_iters_per_epoch", default=None, type=int, help="cap iterations (smoke runs)")
     g.add_argument("--tensorboard", action=BOOL, default=True,
                    help="TensorBoard scalars under output_dir/tensorboard")
+    g.add_argument("--compile", action=BOOL, default=False,
+                   help="torch.compile the training model (evaluation and checkpoints use the eager module); "
+                        "the deformable attention op is one graph node on CUDA")
     g.add_argument("--find_unused_parameters", action=BOOL, default=False,
                    help="DistributedDataParallel option; only for experiments that leave parameters unused")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", default=0, type=int,

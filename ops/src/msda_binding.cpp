@@ -86,6 +86,16 @@ msda::Problem check_inputs(const at::Tensor& value, const at::Tensor& shapes, co
   return pr;
 }
 
+// cudaGetLastError returns (and clears) the last error of any earlier runtime call on this
+// thread, not just of our launch. Clearing it before the launch means the check right after
+// the launch (in the launcher) reports this launch only; an error left by someone else is
+// reported as such instead of being blamed on the kernel.
+void clear_earlier_error(const char* what) {
+  const cudaError_t earlier = cudaGetLastError();
+  TORCH_CHECK(earlier == cudaSuccess, "ms_deform_attn ", what, ": a CUDA error from an earlier call was pending: ",
+              cudaGetErrorString(earlier));
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "ms_deform_attn ", what, " kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -98,6 +108,7 @@ at::Tensor msda_forward(const at::Tensor& value, const at::Tensor& shapes, const
   const msda::Problem pr = check_inputs(value, shapes, starts, loc, attn);
   const c10::cuda::CUDAGuard guard(value.device());
   at::Tensor out = at::empty({pr.batch, pr.len_q, static_cast<int64_t>(pr.heads) * pr.channels}, value.options());
+  clear_earlier_error("forward");
   check_launch(msda::forward(kernel_dtype(value.scalar_type()), pr, value.data_ptr(), shapes.data_ptr<int64_t>(),
                              starts.data_ptr<int64_t>(), loc.data_ptr(), attn.data_ptr(), out.data_ptr(),
                              c10::cuda::getCurrentCUDAStream()),
@@ -123,8 +134,16 @@ std::vector<at::Tensor> msda_backward(const at::Tensor& value, const at::Tensor&
   const at::ScalarType accum = coord_dtype(value.scalar_type());
   at::Tensor grad_value_acc;
   if (need_grad_value) grad_value_acc = at::zeros(value.sizes(), value.options().dtype(accum));
-  at::Tensor grad_loc = at::empty_like(loc);
-  at::Tensor grad_attn = at::empty_like(attn);
+  // The kernel writes every location and weight gradient. With no channels (heads * C = 0) but
+  // some samples, no kernel runs and those gradients are the empty sum over channels: zero.
+  const bool kernel_runs = pr.batch > 0 && pr.len_q > 0 && pr.heads > 0 && pr.channels > 0;
+  at::Tensor grad_loc = kernel_runs ? at::empty_like(loc) : at::zeros_like(loc);
+  at::Tensor grad_attn = kernel_runs ? at::empty_like(attn) : at::zeros_like(attn);
+  // Scattering the value gradient with atomicAdd makes its rounding depend on thread order.
+  // torch's alert warns or raises under torch.use_deterministic_algorithms(True), as for its
+  // own atomic kernels (index_add_, grid_sampler backward, ...).
+  if (need_grad_value && kernel_runs) at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+  clear_earlier_error("backward");
   check_launch(msda::backward(kernel_dtype(value.scalar_type()), pr, value.data_ptr(), shapes.data_ptr<int64_t>(),
                               starts.data_ptr<int64_t>(), loc.data_ptr(), attn.data_ptr(), grad_out.data_ptr(),
                               need_grad_value ? grad_value_acc.data_ptr() : nullptr, grad_loc.data_ptr(),

@@ -208,10 +208,19 @@ struct Footprint {
   A fx, fy;        // position inside the cell, in [0, 1]
 };
 
-// Fills f for a normalised location on an h x w level. Returns false when no corner is on the
-// map (the sample contributes nothing and has zero gradient) - this also rejects NaN and inf.
+// Tokens of `value` from a level's start to the end of the row (len_in - start), or 0 when the
+// start lies outside [0, len_in]. A corner whose token index is >= this is treated as outside
+// the map, so level shapes or start indices that do not fit `value` can never read or write
+// out of bounds (the host raises on them when it can check without a device sync).
+__device__ __forceinline__ int64_t tokens_after(int64_t start, int64_t len_in) {
+  return (start >= 0 && start <= len_in) ? len_in - start : 0;
+}
+
+// Fills f for a normalised location on an h x w level that has `room` tokens of value from its
+// start (tokens_after). Returns false when no corner is on the map (the sample contributes
+// nothing and has zero gradient) - this also rejects NaN and inf.
 template <typename A>
-__device__ __forceinline__ bool make_footprint(A loc_x, A loc_y, int h, int w, Footprint<A>& f) {
+__device__ __forceinline__ bool make_footprint(A loc_x, A loc_y, int h, int w, int64_t room, Footprint<A>& f) {
   A cx, cy;
   split_coord(loc_x, w, cx, f.fx);
   split_coord(loc_y, h, cy, f.fy);
@@ -235,6 +244,8 @@ __device__ __forceinline__ bool make_footprint(A loc_x, A loc_y, int h, int w, F
   f.index[1] = y0 * w + x1;
   f.index[2] = y1 * w + x0;
   f.index[3] = y1 * w + x1;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) f.inside[k] = f.inside[k] && f.index[k] < room;
   return true;
 }
 
@@ -271,11 +282,13 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (int l = 0; l < pr.levels; ++l) {
       const int h = static_cast<int>(shapes[2 * l]);
       const int w = static_cast<int>(shapes[2 * l + 1]);
-      const T* level = value_bh + starts[l] * token_stride + c0;
+      const int64_t start = starts[l];
+      const int64_t room = tokens_after(start, pr.len_in);
+      const T* level = value_bh + start * token_stride + c0;
       for (int p = 0; p < pr.points; ++p) {
         const int s = l * pr.points + p;
         Footprint<A> f;
-        if (!make_footprint(loc_i[2 * s], loc_i[2 * s + 1], h, w, f)) continue;
+        if (!make_footprint(loc_i[2 * s], loc_i[2 * s + 1], h, w, room, f)) continue;
         const A a = attn_i[s];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -341,11 +354,13 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (int l = 0; l < pr.levels; ++l) {
       const int h = static_cast<int>(shapes[2 * l]);
       const int w = static_cast<int>(shapes[2 * l + 1]);
-      const int64_t level_offset = bh_offset + starts[l] * token_stride + c0;
+      const int64_t start = starts[l];
+      const int64_t room = tokens_after(start, pr.len_in);
+      const int64_t level_offset = bh_offset + start * token_stride + c0;
       for (int p = 0; p < pr.points; ++p) {
         const int s = l * pr.points + p;
         Footprint<A> f;
-        const bool hit = make_footprint(loc_i[2 * s], loc_i[2 * s + 1], h, w, f);  // uniform in the group
+        const bool hit = make_footprint(loc_i[2 * s], loc_i[2 * s + 1], h, w, room, f);  // uniform in the group
         const A a = attn_i[s];
         A d_attn = A(0), d_fx = A(0), d_fy = A(0);
         if (hit) {
