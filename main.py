@@ -208,7 +208,8 @@ def differing_flags(saved: Dict, args, names) -> List[str]:
 def check_resume_configuration(path: str, args, flag: str) -> None:
     """A checkpoint made with another architecture or other optimiser groups cannot continue: one
     error naming every flag that differs (before a load fails somewhere inside torch)."""
-    saved = load_checkpoint(path).get("args") or {}
+    checkpoint = load_checkpoint(path)
+    saved = (checkpoint.get("args") if isinstance(checkpoint, dict) else None) or {}
     names = ARCHITECTURE_FLAGS + (() if args.eval else ("lr_backbone",))
     different = differing_flags(saved, args, names)
     if different:
@@ -216,7 +217,8 @@ def check_resume_configuration(path: str, args, flag: str) -> None:
 
 
 def _all_differences(path: str, args) -> str:
-    saved = load_checkpoint(path).get("args") or {}
+    checkpoint = load_checkpoint(path)
+    saved = (checkpoint.get("args") if isinstance(checkpoint, dict) else None) or {}
     names = [n for n in saved if n not in _RUN_FLAGS and n not in _RUNTIME_KEYS]
     different = differing_flags(saved, args, names)
     return f"; flags that differ from the checkpoint's: {'; '.join(different)}" if different else ""

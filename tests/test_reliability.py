@@ -435,3 +435,10 @@ def test_config_yaml_holds_no_resume_bookkeeping(tmp_path):
     args = main_module.parse_args([*TINY, "--resume", __file__, "--auto_resume"])
     config = main_module.config_dict(args)
     assert "resume" not in config and "auto_resume" not in config and config["hidden_dim"] == 64
+
+
+def test_unreadable_resume_checkpoint_is_one_line(tmp_path, synthetic_dir, capsys):
+    broken = tmp_path / "checkpoint.pth"
+    broken.write_bytes(b"not a checkpoint")
+    code, err = cli(synthetic_flags(synthetic_dir, tmp_path / "out", "--resume", broken), capsys)
+    assert_one_line_error(code, err, "cannot read checkpoint", str(broken))

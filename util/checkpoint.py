@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from util.errors import InputError
+
 CHECKPOINT_NAME = "checkpoint.pth"
 LOCK_NAME = ".lock"
 _NUMBERED = re.compile(r"checkpoint(\d+)\.pth$")
@@ -166,8 +168,6 @@ class OutputDirLock:
             return None, ""
 
     def acquire(self) -> None:
-        from util.errors import InputError
-
         for _ in range(3):  # a takeover races with other starters at most a few times
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -204,12 +204,17 @@ class OutputDirLock:
             pass
 
 
+class UnreadableCheckpointError(InputError, RuntimeError):
+    """A checkpoint file that torch cannot load (a RuntimeError, and bad input: exit 2)."""
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint onto the CPU; a clear error names the file if it cannot be read."""
+    """Read a checkpoint onto the CPU; ``UnreadableCheckpointError`` names the file if it cannot be read."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise UnreadableCheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def find_latest_checkpoint(output_dir: str) -> Optional[str]:
