@@ -80,7 +80,8 @@ def data_summary(dataset, split: str) -> Dict:
     """
     coco = get_coco_api(dataset)
     return {"split": split, "images": len(coco.imgs), "annotations": len(coco.anns),
-            "clipped_boxes": int(getattr(coco, "num_clipped", 0)), "dropped_boxes": int(getattr(coco, "num_dropped", 0)),
+            "clipped_boxes": int(getattr(coco, "num_clipped", 0)),
+            "dropped_boxes": int(getattr(coco, "num_dropped", 0)),
             "ann_file": getattr(dataset, "ann_file", None)}
 
 

@@ -57,9 +57,9 @@ def small_coco(root, train_anns=None, categories=({"id": 1, "name": "a"}, {"id":
 
 
 def coco_flags(root, out, *extra):
-    return [str(a) for a in [*TINY, "--dataset_file", "coco", "--coco_path", root, "--num_classes", "3", "--min_size", "32",
-            "--max_size", "32", "--no-random_crop", "--num_workers", "0", "--batch_size", "1", "--epochs", "1",
-            "--max_iters_per_epoch", "2", "--no-tensorboard", "--output_dir", out, *extra]]
+    return [str(a) for a in [*TINY, "--dataset_file", "coco", "--coco_path", root, "--num_classes", "3",
+            "--min_size", "32", "--max_size", "32", "--no-random_crop", "--num_workers", "0", "--batch_size", "1",
+            "--epochs", "1", "--max_iters_per_epoch", "2", "--no-tensorboard", "--output_dir", out, *extra]]
 
 
 def synthetic_flags(data_dir, out, *extra):
