@@ -13,13 +13,28 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from util.checkpoint import atomic_write_text
+from util.checkpoint import atomic_write_text, fault_point
 from util.dist import is_main_process
 from util.logger import JsonlLogger, LossWindow, ProgressBar, TensorboardLogger
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the message names the epoch, iteration and terms."""
+    """Training produced a NaN/inf loss (or predictions, or gradients); the message names the
+    epoch, iteration and terms."""
+
+
+class DivergedOutputsError(RuntimeError):
+    """The criterion failed on predictions that were already NaN/inf (raised by ``train_step``)."""
+
+
+def outputs_finite(outputs: Dict) -> torch.Tensor:
+    """0-dim bool on the device: every predicted logit and box is finite. No host sync."""
+    return torch.isfinite(outputs["pred_logits"]).all() & torch.isfinite(outputs["pred_boxes"]).all()
+
+
+def count_skipped(targets: List[Dict]) -> int:
+    """Unreadable images the loader replaced (``--skip_bad_images``) in this batch."""
+    return sum(len(t.get("skipped_ids", ())) for t in targets)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -92,6 +107,8 @@ def _nonfinite_message(epoch: int, window: LossWindow, first_iter: int, last_ite
         # each term is logged weighted and '_unscaled'; name it once, and leave out the total
         names = sorted({t[: -len("_unscaled")] if t.endswith("_unscaled") else t for t in report["terms"]}
                        - {"loss", "grad_norm"})
+        if report.get("outputs"):
+            names.append("the predictions (pred_logits/pred_boxes) or gradients")
         terms = ", ".join(names) if names else "none by itself (their weighted sum overflowed)"
     return (f"non-finite loss at epoch {epoch}, {where}; non-finite terms: {terms}. Training stopped; "
             "no checkpoint was written for this epoch (the last good one is kept)")
@@ -110,12 +127,25 @@ def _nonfinite_error(epoch: int, window: LossWindow, first_iter: int, last_iter:
 # ----------------------------------------------------------------------------- training
 
 def train_step(model, criterion, samples, targets, optimizer, device, amp: str, clip: float, params,
-               scaler=None) -> Dict[str, torch.Tensor]:
-    """Forward, loss, backward, (clip), optimiser step; returns the device-side values to log."""
+               scaler=None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Forward, loss, backward, (clip), optimiser step.
+
+    Returns the device-side values to log and a 0-dim bool (device) that is True when the step
+    diverged: non-finite predictions, or (clipping without a loss scaler) a non-finite gradient
+    norm. Raises ``DivergedOutputsError`` when the criterion fails on non-finite predictions
+    (the matcher rejects NaN boxes); that check syncs, but only on the failure path.
+    """
     samples, targets = move_to_device(samples, targets, device)
     with autocast(device, amp):
         outputs = model(samples, targets)  # targets feed denoising queries (--use_dn); unused otherwise
-    loss_dict = criterion(outputs_to_float(outputs), targets)
+    outputs = outputs_to_float(outputs)
+    finite = outputs_finite(outputs)
+    try:
+        loss_dict = criterion(outputs, targets)
+    except Exception as exc:
+        if not bool(finite):
+            raise DivergedOutputsError(str(exc)) from exc
+        raise
     total, values = weigh_losses(loss_dict, criterion.weight_dict)
 
     optimizer.zero_grad(set_to_none=True)
@@ -130,8 +160,11 @@ def train_step(model, criterion, samples, targets, optimizer, device, amp: str, 
         total.backward()
         if clip > 0:
             values["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
+            # the norm is computed anyway; a non-finite one means the step just poisoned the weights
+            # (with a loss scaler, inf gradients are expected and the scaler skips those steps)
+            finite = finite & torch.isfinite(values["grad_norm"])
         optimizer.step()
-    return values
+    return values, ~finite
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -153,6 +186,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     if getattr(args, "max_iters_per_epoch", None):
         total_iters = min(total_iters, args.max_iters_per_epoch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    skipped = 0
 
     window = LossWindow(device)
     bar = ProgressBar(total_iters, f"Epoch {epoch}", enabled=is_main_process())
@@ -166,15 +200,21 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         if it >= total_iters:
             break
         data_time += time.time() - fetch_start
+        skipped += count_skipped(targets)
         try:
-            values = train_step(model, criterion, samples, targets, optimizer, device, amp, clip, params, scaler)
+            values, diverged = train_step(model, criterion, samples, targets, optimizer, device, amp, clip, params,
+                                          scaler)
+        except DivergedOutputsError as exc:
+            window.mark_diverged(it + 1)
+            raise _nonfinite_error(epoch, window, window_first + 1, it + 1, total_iters, bar, logger) from exc
         except Exception as exc:
             # once a loss was NaN the weights are too, and a later step may fail anywhere
             # (e.g. the matcher); report the cause, not the symptom
             if window.nonfinite_report() is not None:
                 raise _nonfinite_error(epoch, window, window_first + 1, it + 1, total_iters, bar, logger) from exc
             raise
-        window.add(it + 1, values)  # 1-based, as the progress bar counts
+        window.add(it + 1, values, diverged=diverged)  # 1-based, as the progress bar counts
+        fault_point("train_iter")
         bar.tick(it + 1)
         last = it + 1 == total_iters
         if (it + 1) % print_freq == 0 or last:
@@ -205,6 +245,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     means.update(current_lrs(optimizer))  # the rates this epoch trained with (the scheduler steps after)
     means["epoch_time"] = time.time() - epoch_start
     means["iters"] = epoch_count
+    means["skipped_images"] = skipped
     return means
 
 
@@ -230,7 +271,9 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Dict, data_
     bar = ProgressBar(total, desc, enabled=is_main_process())
     print_freq = max(int(getattr(args, "print_freq", 10) or 10), 1)
     start = time.time()
+    skipped = 0
     for it, (samples, targets) in enumerate(data_loader):
+        skipped += count_skipped(targets)
         samples, targets = move_to_device(samples, targets, device)
         with autocast(device, amp):
             outputs = model(samples)
@@ -239,6 +282,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Dict, data_
         results = postprocessors["bbox"](outputs, orig_sizes)
         by_image = {int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)}
         evaluator.update(by_image)
+        fault_point("eval_iter")
         bar.tick(it + 1)
         if (it + 1) % print_freq == 0 or it + 1 == total:
             bar.update(it + 1, {}, rate=(it + 1) / max(time.time() - start, 1e-9))
@@ -251,4 +295,17 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Dict, data_
         detections = evaluator.coco_results()
         atomic_write_text(os.path.join(output_dir, detections_name), json.dumps(detections))
     stats["eval_time"] = time.time() - start
+    stats["skipped_images"] = _total_over_ranks(skipped, device)
+    if stats["skipped_images"] and is_main_process():
+        # a replaced image is scored as if the model found nothing in it
+        print(f"evaluation: {stats['skipped_images']} unreadable images were skipped (--skip_bad_images); "
+              "they are left out of the score", flush=True)
     return stats
+
+
+def _total_over_ranks(count: int, device: torch.device) -> int:
+    from util.dist import all_reduce_sum, is_dist_avail_and_initialized
+
+    if not is_dist_avail_and_initialized():
+        return count
+    return int(all_reduce_sum(torch.tensor(count, device=device)).item())

@@ -4,12 +4,19 @@ Single process, ``torchrun``, ``python -m torch.distributed.launch`` and SLURM (
 run this file; ``util.dist.init_distributed_mode`` reads whichever environment they set.
 Only the main process (rank 0) writes files: ``checkpoint.pth`` (every epoch, atomically),
 ``checkpointNNNN.pth`` (before each lr drop and at the end), ``log.jsonl``, ``config.yaml``,
-``detections_val.json`` and TensorBoard events under ``tensorboard/``.
+``detections_val.json``, TensorBoard events under ``tensorboard/`` and, while it runs, the lock
+file ``.lock`` (pid and host of the run that owns the directory).
+
+An epoch is one recoverable unit: training, then ``checkpoint.pth`` (which also holds the epoch's
+training statistics), then the epoch's tail -- numbered copy, evaluation, the ``epoch`` record in
+``log.jsonl``. The record is written last, so its absence tells a resumed run (``--auto_resume``,
+or ``--resume`` of the output directory's own checkpoint) to finish that tail before training on.
 """
 import os
 import random
 import sys
 import time
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -18,14 +25,29 @@ import yaml
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 import util.dist as dist_utils
-from util.checkpoint import (CHECKPOINT_NAME, atomic_save, atomic_write_text, capture_rng_state, find_latest_checkpoint,
-                             load_checkpoint, restore_rng_state)
-from util.config import get_args_parser, parse_args  # noqa: F401  (get_args_parser is part of main's interface)
+from util.checkpoint import (CHECKPOINT_NAME, OutputDirLock, atomic_copy, atomic_save, atomic_write_text,
+                             capture_rng_state, fault_point, find_latest_checkpoint, load_checkpoint,
+                             remove_stale_temp_files, restore_rng_state)
+from util.config import get_args_parser, parse_args, validate_paths  # noqa: F401  (get_args_parser: main's interface)
+from util.errors import InputError
 from util.logger import JsonlLogger, TensorboardLogger, format_seconds
 from util.optim import build_lr_scheduler, build_optimizer, lr_drop_epochs
 
-# keys of the namespace that are run state, not configuration (never written to config.yaml)
-_RUNTIME_KEYS = {"config", "distributed", "rank", "world_size", "gpu", "dist_backend"}
+# keys of the namespace that are run state or resume bookkeeping, not configuration: never written to
+# config.yaml (which must reproduce the run from scratch with --config) nor compared on resume
+_RUNTIME_KEYS = {"config", "distributed", "rank", "world_size", "gpu", "dist_backend", "resume", "auto_resume"}
+
+# flags that change the model's parameters or the optimiser's parameter groups: a checkpoint made
+# with other values cannot be resumed (lr_backbone matters only as zero / non-zero, see below)
+ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "num_feature_levels", "enc_layers", "dec_layers",
+                      "stages", "dim_feedforward", "hidden_dim", "nheads", "num_queries_one2one",
+                      "num_queries_one2many", "dec_n_points", "enc_n_points", "with_box_refine", "two_stage",
+                      "mixed_selection", "look_forward_twice", "use_ms_detr", "use_aux_ffn", "num_classes",
+                      "enc_ref_mode", "use_dn", "sgd", "lr_backbone_names", "lr_linear_proj_names")
+# flags that never affect what a checkpoint holds (left out when listing differences after a failed load)
+_RUN_FLAGS = {"epochs", "output_dir", "eval", "eval_every", "print_freq", "max_iters_per_epoch", "tensorboard",
+              "num_workers", "device", "start_epoch", "coco_path", "local_rank", "find_unused_parameters",
+              "skip_bad_images", "pretrained", "variant", "seed", "train_ann", "val_ann"}
 
 
 def say(*parts, **kwargs) -> None:
@@ -137,8 +159,10 @@ def count_parameters(model: torch.nn.Module) -> Tuple[int, int]:
     return trainable, total
 
 
-def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args) -> Dict:
-    """Everything ``--resume`` needs to continue exactly where this epoch ended."""
+def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args,
+                     train_stats: Optional[Dict] = None) -> Dict:
+    """Everything ``--resume`` needs to continue exactly where this epoch ended (and to write the
+    epoch's log record if the run was killed before it)."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -147,40 +171,90 @@ def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args) -
         "epoch": epoch,
         "args": config_dict(args),
         "rng_state": capture_rng_state(),
+        "train_stats": dict(train_stats or {}),
     }
 
 
-def checkpoint_paths(output_dir: str, epoch: int, args) -> List[str]:
-    """checkpoint.pth always; checkpointNNNN.pth too on the epoch before an lr drop and on the last one."""
-    paths = [os.path.join(output_dir, CHECKPOINT_NAME)]
+def numbered_checkpoint_paths(output_dir: str, epoch: int, args) -> List[str]:
+    """checkpointNNNN.pth on the epoch before an lr drop and on the last one (else nothing)."""
     if epoch + 1 in lr_drop_epochs(args) or epoch + 1 == args.epochs:
-        paths.append(os.path.join(output_dir, f"checkpoint{epoch:04}.pth"))
-    return paths
+        return [os.path.join(output_dir, f"checkpoint{epoch:04}.pth")]
+    return []
 
 
-def load_model_weights(model, path: str, strict: bool) -> None:
-    """Weights through ``models.load_pretrained`` (prints missing/unexpected keys).
+def _flag_value(saved: Dict, args, name: str):
+    """(saved, current) value of a flag, as compared on resume; lists and tuples alike."""
+    def norm(value):
+        return list(value) if isinstance(value, tuple) else value
 
-    ``strict``: resuming training from a checkpoint that does not fit the model would silently
-    train a partly random model, so any missing or unexpected key is an error then.
+    saved_value, current = norm(saved.get(name)), norm(getattr(args, name, None))
+    if name == "lr_backbone":  # only freezing (0) versus training (> 0) changes the parameter groups
+        return (saved_value or 0) > 0, (current or 0) > 0
+    return saved_value, current
+
+
+def differing_flags(saved: Dict, args, names) -> List[str]:
+    """'--flag now (checkpoint: then)' for each flag in ``names`` recorded in ``saved`` with another value."""
+    out = []
+    for name in names:
+        if name not in saved or not hasattr(args, name):
+            continue
+        then, now = _flag_value(saved, args, name)
+        if then != now:
+            out.append(f"--{name} {now} (checkpoint: {then})")
+    return out
+
+
+def check_resume_configuration(path: str, args, flag: str) -> None:
+    """A checkpoint made with another architecture or other optimiser groups cannot continue: one
+    error naming every flag that differs (before a load fails somewhere inside torch)."""
+    checkpoint = load_checkpoint(path)
+    saved = (checkpoint.get("args") if isinstance(checkpoint, dict) else None) or {}
+    names = ARCHITECTURE_FLAGS + (() if args.eval else ("lr_backbone",))
+    different = differing_flags(saved, args, names)
+    if different:
+        raise InputError(f"{flag} {path} was made with another model configuration: {'; '.join(different)}")
+
+
+def _all_differences(path: str, args) -> str:
+    checkpoint = load_checkpoint(path)
+    saved = (checkpoint.get("args") if isinstance(checkpoint, dict) else None) or {}
+    names = [n for n in saved if n not in _RUN_FLAGS and n not in _RUNTIME_KEYS]
+    different = differing_flags(saved, args, names)
+    return f"; flags that differ from the checkpoint's: {'; '.join(different)}" if different else ""
+
+
+def load_model_weights(model, path: str, strict: bool, flag: str = "--resume", args=None) -> None:
+    """Weights through ``models.load_pretrained`` (prints what it loaded and what it skipped).
+
+    ``strict`` (``--resume``, also with ``--eval``): a checkpoint that does not fit the model would
+    silently train or evaluate a partly random model, so a missing, unexpected or mis-shaped key is
+    an ``InputError`` naming the keys (and the flags that differ, when the checkpoint records them).
+    ``--pretrained`` loads leniently and only lists what it skipped.
     """
     import models
 
     missing, unexpected = models.load_pretrained(model, path)
     if strict and (missing or unexpected):
-        raise RuntimeError(f"--resume {path} does not match this model's configuration: "
-                           f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-                           f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        raise InputError(f"{flag} {path} does not match this model's configuration: "
+                         f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+                         + (_all_differences(path, args) if args is not None else ""))
 
 
-def resume_training_state(path: str, optimizer, lr_scheduler, scaler, args) -> int:
-    """Load optimiser, scheduler, scaler and RNG state; returns the epoch to start from."""
+def resume_training_state(path: str, optimizer, lr_scheduler, scaler, args) -> Tuple[int, Dict]:
+    """Load optimiser, scheduler, scaler and RNG state; returns (epoch to start from, the
+    training statistics of the checkpoint's epoch)."""
     checkpoint = load_checkpoint(path)
     missing = [k for k in ("optimizer", "lr_scheduler", "epoch") if k not in checkpoint]
     if missing:
-        raise RuntimeError(f"--resume {path}: not a training checkpoint (no {', '.join(missing)}); "
-                           "use --pretrained to start from its weights")
-    optimizer.load_state_dict(checkpoint["optimizer"])
+        raise InputError(f"--resume {path}: not a training checkpoint (no {', '.join(missing)}); "
+                         "use --pretrained to start from its weights")
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as exc:  # torch: "loaded state dict contains a parameter group that doesn't match..."
+        raise InputError(f"--resume {path}: the optimiser's parameter groups do not match this run's ({exc})"
+                         + _all_differences(path, args)) from None
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
@@ -190,43 +264,128 @@ def resume_training_state(path: str, optimizer, lr_scheduler, scaler, args) -> i
         if name in saved_args and saved_args[name] != getattr(args, name):
             say(f"warning: --{name} is {getattr(args, name)} now but was {saved_args[name]} in {path}; "
                   "the optimiser and schedule continue from the checkpoint's state", flush=True)
-    return int(checkpoint["epoch"]) + 1
+    return int(checkpoint["epoch"]) + 1, checkpoint.get("train_stats") or {}
 
 
 # ----------------------------------------------------------------------------- main
 
 def compile_if_asked(model: torch.nn.Module, args) -> torch.nn.Module:
     """``torch.compile(model)`` under ``--compile`` (shares parameters with ``model``), else ``model``."""
-    return torch.compile(model) if getattr(args, "compile", False) else model
+    return torch.compile(model) if args.compile else model
+
+
+def data_summaries(loaders, logger: JsonlLogger) -> None:
+    """One line per split (images, annotations, clipped and dropped boxes), printed and logged."""
+    import datasets
+
+    for split, loader in loaders:
+        if loader is None:
+            continue
+        summary = datasets.data_summary(loader.dataset, split)
+        say(f"data {split}: {summary['images']} images, {summary['annotations']} annotations; boxes clipped to "
+            f"their image: {summary['clipped_boxes']}, dropped as degenerate: {summary['dropped_boxes']} "
+            f"({summary['ann_file']})", flush=True)
+        logger.write({"type": "data", **summary})
+
+
+def eval_due(epoch: int, args) -> bool:
+    return (epoch + 1) % max(args.eval_every, 1) == 0 or epoch + 1 == args.epochs
+
+
+def finish_epoch(run: SimpleNamespace, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
+    """The tail of an epoch whose ``checkpoint.pth`` is written: numbered copy, evaluation (when
+    due), the ``epoch`` log record (last: its presence marks the epoch complete). Returns the
+    evaluation stats ({} when none was due). Also what a resumed run redoes when a kill cut it short.
+    """
+    from engine import evaluate
+
+    args = run.args
+    if run.writes:
+        latest = os.path.join(run.output_dir, CHECKPOINT_NAME)
+        for path in numbered_checkpoint_paths(run.output_dir, epoch, args):
+            atomic_copy(latest, path)
+    record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+              "n_parameters": run.trainable}
+    stats: Dict = {}
+    if eval_due(epoch, args):
+        stats = evaluate(run.model, run.criterion, run.postprocessors, run.val_loader, run.base_ds, run.device, args,
+                         epoch=epoch, output_dir=run.output_dir if run.writes else None)
+        record.update({f"test_{k}": v for k, v in stats.items()})
+        run.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
+    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation
+    fault_point("before_log")
+    run.logger.write(record)
+    run.tb_logger.scalars("epoch", {k: v for k, v in train_stats.items()}, epoch + 1)
+    run.tb_logger.flush()
+    summary = (f"epoch {epoch} done in {format_seconds(record['epoch_time'])}: "
+               f"loss {train_stats.get('loss', float('nan')):.4f}")
+    if "test_AP" in record:
+        summary += f", AP {record['test_AP']:.3f}, AP50 {record['test_AP50']:.3f}"
+    if train_stats.get("skipped_images"):
+        summary += f", {train_stats['skipped_images']} unreadable training images skipped"
+    say(summary, flush=True)
+    return stats
+
+
+def unfinished_epoch(args, output_dir: Optional[str], logger: JsonlLogger, start_epoch: int, device) -> bool:
+    """Whether the resumed checkpoint's epoch lacks its tail (no epoch record in this directory's log).
+
+    Only the output directory's own checkpoint counts: a checkpoint resumed from elsewhere
+    belongs to another run's log. Decided on rank 0 and shared, since evaluation is collective.
+    """
+    unfinished = 0
+    if dist_utils.is_main_process() and args.resume and output_dir and start_epoch > 0:
+        own = os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir)
+        unfinished = int(own and not logger.has_epoch_record(start_epoch - 1))
+    return bool(dist_utils.broadcast_int(unfinished, device))
 
 
 def main(args) -> Dict:
     """Run training (or ``--eval``) as configured; returns the last evaluation stats (may be empty)."""
+    validate_paths(args)
+    resolve_device(args)
+    dist_utils.init_distributed_mode(args)
+    output_dir = args.output_dir or None
+    lock = OutputDirLock(output_dir) if dist_utils.is_main_process() and output_dir else None
+    if lock is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        lock.acquire()  # before anything is written there
+    try:
+        return _main_locked(args, output_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _main_locked(args, output_dir: Optional[str]) -> Dict:
     import datasets
     import models
     from engine import evaluate, train_one_epoch
 
-    resolve_device(args)
-    dist_utils.init_distributed_mode(args)
     is_main = dist_utils.is_main_process()
     device = torch.device(args.device)
-    seed_everything(args.seed + args.rank)
-
+    writes = is_main and output_dir is not None
+    if writes:
+        removed = remove_stale_temp_files(output_dir)
+        if removed:
+            say(f"removed {len(removed)} temporary files left by an interrupted save in {output_dir}", flush=True)
     if args.num_classes is None:
         args.num_classes = datasets.num_classes(args)
-    output_dir = args.output_dir or None
-    if output_dir and is_main:
-        os.makedirs(output_dir, exist_ok=True)
     if args.auto_resume and not args.resume:
         latest = find_latest_checkpoint(output_dir)
         if latest:
             say(f"auto-resume: continuing from {latest}", flush=True)
             args.resume = latest
-    writes = is_main and output_dir is not None
+    if args.resume:
+        check_resume_configuration(args.resume, args, "--eval --resume" if args.eval else "--resume")
+    # annotation files are checked here, before the model is built and long before any training
+    train_loader, val_loader, train_sampler, seeder, base_ds = build_data(args)
     if writes:
         save_config(args, os.path.join(output_dir, "config.yaml"))
     logger = JsonlLogger(os.path.join(output_dir, "log.jsonl") if writes else None)
+    data_summaries([("train", train_loader), ("val", val_loader)], logger)
 
+    seed_everything(args.seed + args.rank)
     model, criterion, postprocessors = models.build_model(args)
     model.to(device)
     criterion.to(device)
@@ -235,11 +394,10 @@ def main(args) -> Dict:
     say(f"number of params: {trainable:,} trainable / {total:,} total", flush=True)
 
     if args.pretrained:
-        load_model_weights(model_without_ddp, args.pretrained, strict=False)
+        load_model_weights(model_without_ddp, args.pretrained, strict=False, flag="--pretrained")
     if args.resume:
-        load_model_weights(model_without_ddp, args.resume, strict=not args.eval)
-
-    train_loader, val_loader, train_sampler, seeder, base_ds = build_data(args)
+        load_model_weights(model_without_ddp, args.resume, strict=True,
+                           flag="--eval --resume" if args.eval else "--resume", args=args)
 
     if args.eval:
         stats = evaluate(model_without_ddp, criterion, postprocessors, val_loader, base_ds, device, args,
@@ -257,15 +415,27 @@ def main(args) -> Dict:
     optimizer = build_optimizer(model_without_ddp, args)
     lr_scheduler = build_lr_scheduler(optimizer, args)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-    start_epoch = args.start_epoch
+    start_epoch, resumed_stats = args.start_epoch, {}
     if args.resume:
-        start_epoch = resume_training_state(args.resume, optimizer, lr_scheduler, scaler, args)
+        start_epoch, resumed_stats = resume_training_state(args.resume, optimizer, lr_scheduler, scaler, args)
         say(f"resumed from {args.resume}: starting at epoch {start_epoch}", flush=True)
-    if start_epoch >= args.epochs:
-        say(f"nothing to train: start epoch {start_epoch} >= --epochs {args.epochs}", flush=True)
+    if writes:
+        dropped = logger.drop_epochs_from(start_epoch)
+        if dropped:
+            say(f"log.jsonl: removed {dropped} records of epochs >= {start_epoch} (an interrupted run's; they are "
+                "trained again)", flush=True)
 
     tb_logger = TensorboardLogger(os.path.join(output_dir, "tensorboard") if writes else None, args.tensorboard)
+    run = SimpleNamespace(args=args, model=model_without_ddp, criterion=criterion, postprocessors=postprocessors,
+                          val_loader=val_loader, base_ds=base_ds, device=device, output_dir=output_dir,
+                          writes=writes, logger=logger, tb_logger=tb_logger, trainable=trainable)
     stats: Dict = {}
+    if unfinished_epoch(args, output_dir, logger, start_epoch, device):
+        say(f"epoch {start_epoch - 1} was interrupted after its checkpoint: finishing it (numbered copy, "
+            "evaluation, log record)", flush=True)
+        stats = finish_epoch(run, start_epoch - 1, resumed_stats, time.time() - resumed_stats.get("epoch_time", 0.0))
+    if start_epoch >= args.epochs:
+        say(f"nothing to train: start epoch {start_epoch} >= --epochs {args.epochs}", flush=True)
     say(f"training epochs {start_epoch}..{args.epochs - 1}", flush=True)
     run_start = time.time()
     for epoch in range(start_epoch, args.epochs):
@@ -279,28 +449,12 @@ def main(args) -> Dict:
                                       scaler=scaler, logger=logger, tb_logger=tb_logger)
         lr_scheduler.step()
         if writes:
-            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args)
-            for path in checkpoint_paths(output_dir, epoch, args):
-                atomic_save(state, path)
-        record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                  "n_parameters": trainable}
-        if (epoch + 1) % max(args.eval_every, 1) == 0 or epoch + 1 == args.epochs:
-            stats = evaluate(model_without_ddp, criterion, postprocessors, val_loader, base_ds, device, args,
-                             epoch=epoch, output_dir=output_dir if writes else None)
-            record.update({f"test_{k}": v for k, v in stats.items()})
-            tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
-        record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation
-        logger.write(record)
-        tb_logger.scalars("epoch", {k: v for k, v in train_stats.items()}, epoch + 1)
-        tb_logger.flush()
-        summary = f"epoch {epoch} done in {format_seconds(record['epoch_time'])}: loss {train_stats.get('loss', float('nan')):.4f}"
-        if "test_AP" in record:
-            summary += f", AP {record['test_AP']:.3f}, AP50 {record['test_AP50']:.3f}"
-        if is_main:
-            print(summary, flush=True)
+            atomic_save(checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, train_stats),
+                        os.path.join(output_dir, CHECKPOINT_NAME))
+        fault_point("after_checkpoint")
+        stats = finish_epoch(run, epoch, train_stats, epoch_start)
     tb_logger.close()
-    if is_main:
-        print(f"training time {format_seconds(time.time() - run_start)}", flush=True)
+    say(f"training time {format_seconds(time.time() - run_start)}", flush=True)
     return stats
 
 
@@ -310,6 +464,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
 
     try:
         args = parse_args(argv)
+        validate_paths(args)
         resolve_device(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -319,6 +474,10 @@ def cli(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except (InputError, FileNotFoundError) as exc:
+        # bad input found once the run started (data files, checkpoint, output dir): one line too
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if dist_utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

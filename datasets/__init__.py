@@ -5,9 +5,10 @@ Entry points used by the training code:
     collate_fn(batch)              -> (NestedTensor (B, 3, H, W) + mask (B, H, W) True on padding, [targets])
     num_classes(args)              -> classifier size (max category id + 1)
     get_coco_api(dataset)          -> the pycocotools COCO object of a dataset (Subset unwrapped)
+    data_summary(dataset, split)   -> counts of images, annotations and sanitised boxes of a split
 """
 import os
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch.utils.data
 
@@ -15,9 +16,10 @@ from util.dist import is_main_process
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 from . import synthetic
-from .coco import BadImageError, CocoDetection, build as build_coco
+from .coco import AnnotationError, BadImageError, CocoDetection, build as build_coco
 
-__all__ = ["build_dataset", "collate_fn", "num_classes", "get_coco_api", "BadImageError", "CocoDetection"]
+__all__ = ["build_dataset", "collate_fn", "num_classes", "get_coco_api", "data_summary", "AnnotationError",
+           "BadImageError", "CocoDetection"]
 
 COCO_NUM_CLASSES = 91  # upstream convention: largest COCO category id (90) + 1
 
@@ -68,6 +70,19 @@ def get_coco_api(dataset):
     if not hasattr(dataset, "coco"):
         raise TypeError(f"{type(dataset).__name__} has no COCO annotations")
     return dataset.coco
+
+
+def data_summary(dataset, split: str) -> Dict:
+    """{'split', 'images', 'annotations', 'clipped_boxes', 'dropped_boxes', 'ann_file'} of a loaded split.
+
+    Clipped/dropped boxes are counted when the annotation file is sanitised; images skipped as
+    unreadable are only known while reading them, so epoch and evaluation records count those.
+    """
+    coco = get_coco_api(dataset)
+    return {"split": split, "images": len(coco.imgs), "annotations": len(coco.anns),
+            "clipped_boxes": int(getattr(coco, "num_clipped", 0)),
+            "dropped_boxes": int(getattr(coco, "num_dropped", 0)),
+            "ann_file": getattr(dataset, "ann_file", None)}
 
 
 def collate_fn(batch: List[Tuple]) -> Tuple[NestedTensor, List[dict]]:

@@ -11,6 +11,7 @@ image); missing ``area`` / ``iscrowd`` fields get the COCO defaults.
 """
 import contextlib
 import io
+import json
 import math
 import os
 import warnings
@@ -20,11 +21,19 @@ import PIL.Image
 import torch
 from pycocotools.coco import COCO
 
+from util.errors import InputError
+
 from . import transforms as T
 
 
 class BadImageError(RuntimeError):
-    """An image file that is missing or cannot be decoded. The message names the path and image id."""
+    """An image file that is missing, cannot be decoded, or whose size is not the one its
+    annotation file states. The message names the path and image id."""
+
+
+class AnnotationError(InputError):
+    """An annotation file that cannot be used: not JSON, keys missing, duplicate image ids,
+    category ids outside ``categories`` or the classifier. The message names the file and entry."""
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -80,12 +89,88 @@ def sanitize_annotations(coco: COCO) -> Tuple[int, int]:
     return clipped, dropped
 
 
-def load_coco(ann_file: str) -> COCO:
-    """The pycocotools object of ``ann_file``, sanitised (see ``sanitize_annotations``)."""
+def read_annotation_json(ann_file: str) -> Dict:
+    """The parsed annotation file; ``AnnotationError`` naming the file when it is not a JSON object."""
     if not os.path.isfile(ann_file):
         raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    try:
+        with open(ann_file, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(f"annotation file {ann_file} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                              f"column {exc.colno}") from None
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(f"annotation file {ann_file} is not valid JSON (not UTF-8 text: {exc.reason})") from None
+    if not isinstance(data, dict):
+        raise AnnotationError(f"annotation file {ann_file}: the top level must be a JSON object with 'images', "
+                              f"'annotations' and 'categories', not a {type(data).__name__}")
+    return data
+
+
+def _entry_id(entry, ann_file: str, what: str, index: int):
+    if not isinstance(entry, dict) or "id" not in entry:
+        raise AnnotationError(f"annotation file {ann_file}: {what} #{index} has no 'id'")
+    return entry["id"]
+
+
+def check_annotation_json(data: Dict, ann_file: str, num_classes: Optional[int] = None) -> None:
+    """Structural checks, before any training, of a COCO annotation dict; raises ``AnnotationError``.
+
+    'images', 'categories' and 'annotations' are required (an empty annotation list is allowed, with a
+    warning); image ids are unique and every image names its file; every annotation refers to a listed
+    image and a listed category, and (given ``num_classes``) its category id is a valid classifier index
+    in 0..num_classes-1 (a negative id would silently index from the end).
+    """
+    for key in ("images", "categories", "annotations"):
+        if key not in data:
+            raise AnnotationError(f"annotation file {ann_file} has no '{key}' key")
+        if not isinstance(data[key], list):
+            raise AnnotationError(f"annotation file {ann_file}: '{key}' must be a list")
+    if not data["images"]:
+        raise AnnotationError(f"annotation file {ann_file} lists no images")
+    image_ids = set()
+    for index, image in enumerate(data["images"]):
+        image_id = _entry_id(image, ann_file, "image", index)
+        if image_id in image_ids:
+            raise AnnotationError(f"annotation file {ann_file}: image id {image_id} is listed twice")
+        if "file_name" not in image:
+            raise AnnotationError(f"annotation file {ann_file}: image id {image_id} has no 'file_name'")
+        image_ids.add(image_id)
+    category_ids = set()
+    for index, category in enumerate(data["categories"]):
+        category_id = _entry_id(category, ann_file, "category", index)
+        if category_id in category_ids:
+            raise AnnotationError(f"annotation file {ann_file}: category id {category_id} is listed twice")
+        category_ids.add(category_id)
+    if not data["annotations"]:
+        warnings.warn(f"annotation file {ann_file} has no annotations: every image is background", RuntimeWarning)
+    for index, annotation in enumerate(data["annotations"]):
+        ann_id = _entry_id(annotation, ann_file, "annotation", index)
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in annotation:
+                raise AnnotationError(f"annotation file {ann_file}: annotation id {ann_id} has no '{key}'")
+        if annotation["image_id"] not in image_ids:
+            raise AnnotationError(f"annotation file {ann_file}: annotation id {ann_id} refers to image id "
+                                  f"{annotation['image_id']}, which is not in 'images'")
+        category_id = annotation["category_id"]
+        if category_id not in category_ids:
+            raise AnnotationError(f"annotation file {ann_file}: annotation id {ann_id} has category_id "
+                                  f"{category_id}, which is not in 'categories' (ids {sorted(category_ids)})")
+        if num_classes is not None and not (isinstance(category_id, int) and 0 <= category_id < num_classes):
+            raise AnnotationError(f"annotation file {ann_file}: annotation id {ann_id} has category_id "
+                                  f"{category_id}, outside the classifier's range 0..{num_classes - 1} "
+                                  f"(--num_classes {num_classes})")
+
+
+def load_coco(ann_file: str, num_classes: Optional[int] = None) -> COCO:
+    """The pycocotools object of ``ann_file``, checked (``check_annotation_json``) and sanitised
+    (``sanitize_annotations``; the counts are ``num_clipped`` / ``num_dropped``)."""
+    data = read_annotation_json(ann_file)
+    check_annotation_json(data, ann_file, num_classes)
+    coco = COCO()
+    coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines, once per process
-        coco = COCO(ann_file)
+        coco.createIndex()
     coco.num_clipped, coco.num_dropped = sanitize_annotations(coco)
     return coco
 
@@ -142,10 +227,11 @@ class CocoDetection(torch.utils.data.Dataset):
     process (loader workers keep their own counts) and ``skipped_image_ids`` lists the ids.
     """
 
-    def __init__(self, img_folder: str, ann_file: str, transforms=None, skip_bad_images: bool = False):
+    def __init__(self, img_folder: str, ann_file: str, transforms=None, skip_bad_images: bool = False,
+                 num_classes: Optional[int] = None):
         self.img_folder = img_folder
         self.ann_file = ann_file
-        self.coco = load_coco(ann_file)
+        self.coco = load_coco(ann_file, num_classes)
         self.ids = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.skip_bad_images = skip_bad_images
@@ -161,18 +247,30 @@ class CocoDetection(torch.utils.data.Dataset):
     def load(self, index: int):
         """(PIL image, target before transforms) of item ``index``; ``BadImageError`` on a bad file."""
         image_id = self.ids[index]
-        image = read_image(self.image_path(image_id), image_id)
+        path = self.image_path(image_id)
+        image = read_image(path, image_id)
         width, height = image.size
+        listed = (self.coco.imgs[image_id].get("width"), self.coco.imgs[image_id].get("height"))
+        if None not in listed and (int(listed[0]), int(listed[1])) != (width, height):
+            # the boxes were clipped to the listed size: they would not fit this file
+            raise BadImageError(f"image file {path} (image id {image_id}) is {width}x{height} pixels but "
+                                f"{self.ann_file} says {listed[0]}x{listed[1]}")
         target = coco_target(image_id, self.coco.imgToAnns.get(image_id, []), width, height)
         return image, target
 
     def _load_or_replace(self, index: int):
         if not self.skip_bad_images:
             return self.load(index)
+        skipped_here: List[int] = []
         for step in range(len(self.ids)):
             try:
-                return self.load((index + step) % len(self.ids))
+                image, target = self.load((index + step) % len(self.ids))
+                if skipped_here:
+                    # travels with the batch, so the main process can count skips made in loader workers
+                    target["skipped_ids"] = skipped_here
+                return image, target
             except BadImageError as exc:
+                skipped_here.append(self.ids[(index + step) % len(self.ids)])
                 self.num_skipped += 1
                 self.skipped_image_ids.append(self.ids[(index + step) % len(self.ids)])
                 warnings.warn(f"skipping bad image ({exc}); using the next image instead", RuntimeWarning)
@@ -221,4 +319,5 @@ def build(image_set: str, args, ann_file: Optional[str] = None) -> CocoDetection
     if not os.path.isdir(img_folder):
         raise FileNotFoundError(f"image folder not found: {img_folder} (expected under --coco_path {root})")
     return CocoDetection(img_folder, ann_file, transforms=transforms_from_args(image_set, args),
-                         skip_bad_images=bool(getattr(args, "skip_bad_images", False)))
+                         skip_bad_images=bool(getattr(args, "skip_bad_images", False)),
+                         num_classes=getattr(args, "num_classes", None))

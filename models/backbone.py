@@ -1,7 +1,7 @@
 """ResNet backbone (frozen BatchNorm, or trainable BatchNorm from random init) returning multi-scale
 features and their padding masks."""
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,10 +89,15 @@ def build_resnet(name: str, dilation: bool, weights: str, norm: str = "frozen_bn
 
 
 class Backbone(nn.Module):
-    """ResNet trunk returning stride 8/16/32 maps (or stride 32 only) with downsampled masks."""
+    """ResNet trunk returning stride 8/16/32 maps (or stride 32 only) with downsampled masks.
+
+    ``num_levels`` (with ``return_interm_layers``): how many of the stride 8/16/32 maps the detector
+    uses. Stages after the last used one are not kept (their parameters would never get a gradient,
+    which DistributedDataParallel rejects); None keeps all three.
+    """
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool, weights: str,
-                 norm: str = "frozen_bn"):
+                 norm: str = "frozen_bn", num_levels: Optional[int] = None):
         super().__init__()
         net = build_resnet(name, dilation, weights, norm)
         # pretrained stem and layer1 stay frozen as upstream; from random init everything must learn
@@ -100,16 +105,19 @@ class Backbone(nn.Module):
         for pname, param in net.named_parameters():
             if not train_backbone or not any(t in pname for t in trainable):
                 param.requires_grad_(False)
+        last = 512 if name in ("resnet18", "resnet34") else 2048
         if return_interm_layers:
-            return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
-            self.strides = [8, 16, 32]
+            kept = 3 if num_levels is None else max(1, min(int(num_levels), 3))
+            return_layers = {f"layer{2 + i}": str(i) for i in range(kept)}
+            self.strides = [8, 16, 32][:kept]
+            self.num_channels = [last // 4, last // 2, last][:kept]
         else:
             return_layers = {"layer4": "0"}
             self.strides = [32]
-        last = 512 if name in ("resnet18", "resnet34") else 2048
-        self.num_channels = [last // 4, last // 2, last] if return_interm_layers else [last]
-        if dilation:
+            self.num_channels = [last]
+        if dilation and "layer4" in return_layers:
             self.strides[-1] //= 2
+        # IntermediateLayerGetter keeps the trunk only up to the last returned stage
         self.body = IntermediateLayerGetter(net, return_layers=return_layers)
 
     def forward(self, tensor_list: NestedTensor) -> List[NestedTensor]:
@@ -141,5 +149,5 @@ def build_backbone(args) -> Joiner:
     weights = "none" if isinstance(weights, str) and weights.lower() == "none" else weights
     backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
                         return_interm_layers=args.num_feature_levels > 1, dilation=args.dilation, weights=weights,
-                        norm=args.backbone_norm)
+                        norm=args.backbone_norm, num_levels=args.num_feature_levels)
     return Joiner(backbone, build_position_encoding(args))

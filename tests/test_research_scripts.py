@@ -250,7 +250,8 @@ def test_visualize_refs_command_line_on_image_file(tmp_path):
 
 def test_visualize_refs_on_synthetic_image(tmp_path):
     data = ["--dataset_file", "synthetic", "--coco_path", str(tmp_path / "data"), "--synthetic_num_train", "1",
-            "--synthetic_num_val", "3", "--synthetic_image_size", "64", "--eval_size", "64", "--max_size", "96"]
+            "--synthetic_num_val", "3", "--synthetic_image_size", "64", "--eval_size", "64", "--max_size", "96",
+            "--num_classes", "7"]  # the synthetic category ids go up to 6: loading checks they fit the classifier
     args = visualize_refs.build_args(TINY_GUIDED + data)
     image = visualize_refs.load_image("synthetic:2", args)
     assert image.shape[0] == 3 and min(image.shape[1:]) == 64  # val image 2 through the evaluation transforms

@@ -6,6 +6,7 @@ import main as main_module
 from tests.helpers import TINY
 from util.checkpoint import load_checkpoint
 from util.config import parse_args
+from util.errors import InputError
 
 
 def _flags(data_dir, out, *extra):
@@ -44,6 +45,7 @@ def test_resume_matches_straight_run(tmp_path, num_workers):
 def test_resume_rejects_a_checkpoint_of_another_model(tmp_path):
     data = tmp_path / "data"
     _run(_flags(data, tmp_path / "a", "--epochs", "1", "--num_workers", "0"))
-    with pytest.raises(RuntimeError, match="does not match this model"):
+    # the checkpoint records its flags: the error names the one that differs, before any load
+    with pytest.raises(InputError, match=r"another model configuration: --two_stage True \(checkpoint: False\)"):
         _run(_flags(data, tmp_path / "b", "--epochs", "2", "--num_workers", "0", "--two_stage",
                     "--resume", str(tmp_path / "a" / "checkpoint.pth")))

@@ -222,7 +222,10 @@ def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(_yaml_error_line(path, exc)) from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path}: top level must be a mapping of flag names to values")
     bases = data.pop("_base_", [])
@@ -232,6 +235,14 @@ def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict
         merged.update(load_yaml_config(os.path.join(os.path.dirname(path), base), _seen + (path,)))
     merged.update(data)
     return merged
+
+
+def _yaml_error_line(path: str, exc: "yaml.YAMLError") -> str:
+    """'config FILE: line N column C: what is wrong' from a PyYAML error (one line)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"config {path}: malformed YAML at {where}{problem}"
 
 
 def _flag_table(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
@@ -357,10 +368,108 @@ def _warn(message: str) -> None:
         print(f"warning: {message}", flush=True)
 
 
+# (flag, lowest allowed, highest allowed): None is no bound; a flag whose value is None (unset) is not checked
+_NUMERIC_DOMAINS = (
+    ("lr", 0.0, None), ("lr_backbone", 0.0, None), ("lr_linear_proj_mult", 0.0, None), ("weight_decay", 0.0, None),
+    ("clip_max_norm", 0.0, None), ("batch_size", 1, None), ("epochs", 0, None), ("lr_drop", 1, None),
+    ("lr_drop_epochs", 1, None), ("start_epoch", 0, None), ("num_workers", 0, None), ("min_size", 1, None),
+    ("max_size", 1, None), ("eval_size", 1, None), ("crop_min_size", 1, None), ("crop_size", 1, None),
+    ("hidden_dim", 1, None), ("nheads", 1, None), ("dim_feedforward", 1, None), ("dropout", 0.0, 1.0),
+    ("enc_n_points", 1, None), ("dec_n_points", 1, None), ("position_embedding_scale", 0.0, None),
+    ("set_cost_class", 0.0, None), ("set_cost_bbox", 0.0, None), ("set_cost_giou", 0.0, None),
+    ("cls_loss_coef", 0.0, None), ("bbox_loss_coef", 0.0, None), ("giou_loss_coef", 0.0, None),
+    ("enc_cls_loss_coef", 0.0, None), ("enc_bbox_loss_coef", 0.0, None), ("enc_giou_loss_coef", 0.0, None),
+    ("focal_alpha", 0.0, 1.0), ("lambda_one2many", 0.0, None), ("o2m_cls_loss_coef", 0.0, None),
+    ("o2m_bbox_loss_coef", 0.0, None), ("o2m_giou_loss_coef", 0.0, None), ("num_classes", 1, None),
+    ("eval_every", 1, None), ("print_freq", 1, None), ("max_iters_per_epoch", 1, None),
+    ("synthetic_num_train", 1, None), ("synthetic_num_val", 1, None), ("synthetic_image_size", 16, None),
+)
+# strictly positive, not just >= 0: a zero learning rate trains nothing
+_POSITIVE = {"lr", "position_embedding_scale"}
+
+
+def check_numeric_domains(args: argparse.Namespace) -> None:
+    """Every numeric flag with a domain is inside it (and finite); raises ValueError naming the flag."""
+    for name, low, high in _NUMERIC_DOMAINS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            # written so that NaN fails every comparison
+            ok = item > low if name in _POSITIVE else item >= low
+            ok = ok and (high is None or item <= high) and math.isfinite(item)
+            if not ok:
+                bound = (f"> {low}" if name in _POSITIVE else f">= {low}") + (f" and <= {high}" if high is not None
+                                                                                 else "")
+                extra = " (0 freezes the backbone)" if name == "lr_backbone" else ""
+                raise ValueError(f"invalid configuration: --{name} {item} must be {bound}{extra}")
+    if args.crop_size[0] > args.crop_size[1]:
+        raise ValueError(f"invalid configuration: --crop_size {args.crop_size[0]} {args.crop_size[1]}: "
+                         "the minimum is larger than the maximum")
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def validate_paths(args: argparse.Namespace) -> None:
+    """Files and folders the run reads or writes, checked before any work (main.py calls it after
+    ``parse_args``; kept apart so that parsing alone never depends on the file system).
+
+    --coco_path: for COCO, the root, its image folders and annotation files exist (only 'val'
+    for --eval); for the synthetic data, a folder that exists or can be made. --output_dir: a
+    writable folder, or one that can be made. Raises ValueError (or FileNotFoundError) naming it.
+    """
+    def fail(msg: str):
+        raise ValueError(f"invalid configuration: {msg}")
+
+    def creatable(path: str, flag: str) -> None:
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                fail(f"{flag} {path} exists and is not a folder")
+            if not os.access(path, os.W_OK | os.X_OK):
+                fail(f"{flag} {path} is not writable")
+            return
+        anchor = _nearest_existing(path)
+        if not os.path.isdir(anchor):
+            fail(f"{flag} {path} cannot be created: {anchor} is not a folder")
+        if not os.access(anchor, os.W_OK | os.X_OK):
+            fail(f"{flag} {path} cannot be created: {anchor} is not writable")
+
+    if args.output_dir:
+        creatable(args.output_dir, "--output_dir")
+    if args.dataset_file == "synthetic":
+        creatable(args.coco_path, "--coco_path")
+    elif args.dataset_file == "coco":
+        root = args.coco_path
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--coco_path {root}: folder not found (expected train2017/, val2017/, "
+                                    "annotations/ in it)")
+        from datasets.coco import resolve_ann_file
+
+        splits = [("val", args.val_ann)] + ([] if args.eval else [("train", args.train_ann)])
+        for split, ann in splits:
+            folder = os.path.join(root, f"{split}2017")
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"--coco_path {root}: image folder {folder} not found")
+            ann_file = resolve_ann_file(root, ann)
+            if not os.path.isfile(ann_file):
+                raise FileNotFoundError(f"--coco_path {root}: annotation file {ann_file} not found "
+                                        f"(--{split}_ann {ann})")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """The one place that checks the whole configuration; raises ValueError naming the flags."""
     def fail(msg: str):
         raise ValueError(f"invalid configuration: {msg}")
+
+    check_numeric_domains(args)
 
     # stored expanded, so logs, config.yaml and run summaries show the actual schedule
     args.stages = expand_stages(args.stages or "stock", args.enc_layers, args.dec_layers)

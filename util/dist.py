@@ -78,3 +78,12 @@ def init_distributed_mode(args) -> None:
     args.dist_backend = backend
     dist.init_process_group(backend=backend, init_method="env://", world_size=args.world_size, rank=args.rank)
     dist.barrier()
+
+
+def broadcast_int(value: int, device) -> int:
+    """Rank 0's ``value`` on every process (so all ranks take the same branch); no-op in one process."""
+    if not is_dist_avail_and_initialized():
+        return value
+    tensor = torch.tensor([value if is_main_process() else 0], dtype=torch.long, device=device)
+    dist.broadcast(tensor, 0)
+    return int(tensor.item())

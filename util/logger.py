@@ -42,9 +42,15 @@ class LossWindow:
         self.count = 0
         self.first_bad_iter = torch.full((), -1, dtype=torch.long, device=self.device)
         self.bad_terms: Optional[torch.Tensor] = None
+        self.bad_outputs = torch.zeros((), dtype=torch.bool, device=self.device)
 
-    def add(self, iteration: int, values: Dict[str, torch.Tensor], total_key: str = "loss") -> None:
-        """values: name -> 0-dim tensor (same names every call). ``values[total_key]`` is the total."""
+    def add(self, iteration: int, values: Dict[str, torch.Tensor], total_key: str = "loss",
+            diverged: Optional[torch.Tensor] = None) -> None:
+        """values: name -> 0-dim tensor (same names every call). ``values[total_key]`` is the total.
+
+        ``diverged``: optional 0-dim bool (device), True when the predictions or gradients of this
+        step were not finite; counted like a non-finite total loss (same sync, same report).
+        """
         if self.names is None:
             self.names = sorted(values)
             self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
@@ -55,6 +61,10 @@ class LossWindow:
         self.sums += stacked
         self.count += 1
         total_bad = ~torch.isfinite(stacked[self.names.index(total_key)])
+        if diverged is not None:
+            total_bad = total_bad | diverged.to(self.device)
+            self.bad_outputs = torch.where(total_bad & (self.first_bad_iter < 0), diverged.to(self.device),
+                                           self.bad_outputs)
         first_time = total_bad & (self.first_bad_iter < 0)
         self.first_bad_iter = torch.where(first_time, torch.full_like(self.first_bad_iter, iteration),
                                           self.first_bad_iter)
@@ -80,13 +90,21 @@ class LossWindow:
         self.count = 0
         return result
 
+    def mark_diverged(self, iteration: int) -> None:
+        """Record a step that failed on non-finite predictions (no values to add); host side, off the hot path."""
+        if int(self.first_bad_iter.item()) < 0:
+            self.first_bad_iter.fill_(iteration)
+            self.bad_outputs.fill_(True)
+
     def nonfinite_report(self) -> Optional[Dict]:
-        """This rank's first non-finite iteration and the terms that were non-finite (None if none)."""
+        """This rank's first non-finite iteration, the terms that were non-finite then and whether
+        the predictions (or gradients) were (None if none)."""
         iteration = int(self.first_bad_iter.item())
         if iteration < 0:
             return None
-        flags = self.bad_terms.tolist()
-        return {"iteration": iteration, "terms": [n for n, bad in zip(self.names, flags) if bad]}
+        flags = self.bad_terms.tolist() if self.bad_terms is not None else []
+        return {"iteration": iteration, "terms": [n for n, bad in zip(self.names or [], flags) if bad],
+                "outputs": bool(self.bad_outputs.item())}
 
 
 class ProgressBar:
@@ -149,6 +167,26 @@ class ProgressBar:
             self.stream.flush()
 
 
+def read_jsonl(path: str) -> List[Dict]:
+    """The records of a JSON-lines log; a line cut short by a killed write is skipped."""
+    records = []
+    if not os.path.isfile(path):
+        return records
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+# record types that belong to one training epoch; a rerun of that epoch writes them again
+EPOCH_RECORD_TYPES = ("train", "epoch")
+
+
 class JsonlLogger:
     """Appends one JSON object per line to ``path`` (main process only; None path: no-op).
 
@@ -166,6 +204,46 @@ class JsonlLogger:
         line = json.dumps(record, default=_json_default, allow_nan=True)
         with open(self.path, "a") as f:
             f.write(line + "\n")
+
+    def records(self) -> List[Dict]:
+        return read_jsonl(self.path) if self.path else []
+
+    def has_epoch_record(self, epoch: int) -> bool:
+        """Whether the epoch record (the last step of an epoch) of ``epoch`` was written."""
+        return any(r.get("type") == "epoch" and r.get("epoch") == epoch for r in self.records())
+
+    def drop_epochs_from(self, first_epoch: int) -> int:
+        """Remove the train/epoch records of epochs >= ``first_epoch`` (about to be trained again),
+        repeated epoch records, and a line cut short by a kill. Returns the number of lines removed.
+
+        Called at start-up, so an epoch interrupted and redone is in the log once. Other records
+        (errors, evaluations, data summaries) are history and stay.
+        """
+        if not self.path or not os.path.isfile(self.path):
+            return 0
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept, seen_epochs = [], set()
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if record.get("type") in EPOCH_RECORD_TYPES and isinstance(record.get("epoch"), int):
+                if record["epoch"] >= first_epoch:
+                    continue
+                if record["type"] == "epoch":
+                    if record["epoch"] in seen_epochs:
+                        continue
+                    seen_epochs.add(record["epoch"])
+            kept.append(line if line.endswith("\n") else line + "\n")
+        removed = len(lines) - len(kept)
+        if removed:
+            from util.checkpoint import atomic_write_text
+            atomic_write_text(self.path, "".join(kept))
+        return removed
 
 
 def _json_default(value):
