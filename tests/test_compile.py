@@ -235,7 +235,8 @@ def test_compile_flag_training_step_matches_eager(fresh_dynamo, monkeypatch):
     def one_step(trained, called):
         optimizer = build_optimizer(trained, args)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        values = train_step(called, criterion, samples, targets, optimizer, torch.device("cpu"), "off", 0.1, params)
+        values, _ = train_step(called, criterion, samples, targets, optimizer, torch.device("cpu"), "off", 0.1,
+                               params)
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
 
     before = [p.detach().clone() for p in model.parameters()]

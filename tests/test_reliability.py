@@ -154,8 +154,8 @@ class _NaNBoxesAfter(torch.nn.Module):
         super().__init__()
         self.model, self.start, self.calls = model, start, 0
 
-    def forward(self, samples):
-        out = self.model(samples)
+    def forward(self, samples, targets=None):
+        out = self.model(samples, targets)
         self.calls += 1
         if self.calls > self.start:
             out["pred_boxes"] = out["pred_boxes"] * float("nan")
