@@ -1,7 +1,8 @@
 """Training-step time and peak memory of the whole detector on a synthetic batch.
 
 usage: python scripts/bench_model.py --config FILE [--image_size H W] [--warmup N] [--repeats N]
-                                     [--compare VARIANT [VARIANT ...]] [any main.py flag]
+                                     [--compare VARIANT [VARIANT ...] | --compare_flags FLAGS [FLAGS ...]]
+                                     [any main.py flag]
        (or: python scripts/benchmark.py model ...)
 
 One step is ``engine.train_step``, what training does per iteration: forward, losses, backward,
@@ -15,12 +16,16 @@ counted op by op in one extra, untimed step.
 
 ``--compare A B ...`` builds one model per variant in this process and interleaves their steps
 (A B A B ...) so drifting clocks, thermal state and background load hit every variant alike;
-it then prints a ratio line of each later variant against the first.
+it then prints a ratio line of each later variant against the first. ``--compare_flags base use_dn``
+does the same for sets of extra flags on one configuration (e.g. denoising on/off): each item is
+space-separated flag names without dashes, ``name=value`` for valued flags, ``base`` for none. Under
+``--compile`` each model is ``torch.compile``d as main.py does.
 """
 import argparse
 import gc
 import json
 import os
+import shlex
 import statistics
 import sys
 import weakref
@@ -51,16 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objects", type=int, default=5, help="ground-truth boxes per synthetic image")
     parser.add_argument("--compare", nargs="+", default=None, metavar="VARIANT",
                         help="measure these presets side by side, interleaving their steps")
+    parser.add_argument("--compare_flags", nargs="+", default=None, metavar="FLAGS",
+                        help="measure the configuration with each of these flag sets side by side, "
+                             "interleaving their steps: flag names without dashes, name=value for valued "
+                             "flags, 'base' for none (e.g. base use_dn 'use_dn dn_number=20')")
 
 
 # ----------------------------------------------------------------------------- set-up
 
-def model_args(main_argv: Sequence[str], variant: Optional[str] = None) -> argparse.Namespace:
+def model_args(main_argv: Sequence[str], variant: Optional[str] = None, extra: str = "") -> argparse.Namespace:
     """main.py flags (+ an overriding --variant) -> validated args with num_classes and a usable device.
 
     Backbone weights are irrelevant to speed, so random init is used unless the flags name a file.
     """
-    argv = list(main_argv)
+    argv = list(main_argv) + flag_set_tokens(extra)
     if "--backbone_weights" not in argv:
         argv += ["--backbone_weights", "none"]
     if variant is not None:
@@ -71,6 +80,17 @@ def model_args(main_argv: Sequence[str], variant: Optional[str] = None) -> argpa
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         args.device = "cpu"
     return args
+
+
+def flag_set_tokens(flag_set: str) -> List[str]:
+    """'use_dn dn_number=20' -> ['--use_dn', '--dn_number', '20']; 'base' or '' -> []."""
+    tokens = []
+    for item in shlex.split(flag_set):
+        if item == "base":
+            continue
+        name, sep, value = item.partition("=")
+        tokens += ["--" + name.lstrip("-")] + ([value] if sep else [])
+    return tokens
 
 
 def _dataset_classes(args) -> int:
@@ -131,7 +151,10 @@ def build_subject(name: str, args) -> Subject:
     criterion.to(device).train()
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return Subject(name, args, model, criterion, build_optimizer(model, args), scaler, trainable)
+    optimizer = build_optimizer(model, args)
+    if args.compile:  # main.py's --compile: the step runs the compiled module, parameters are shared
+        model = torch.compile(model)
+    return Subject(name, args, model, criterion, optimizer, scaler, trainable)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -233,7 +256,7 @@ def cpu_peak(subject: Subject, samples, targets) -> float:
 def result_line(subject: Subject, size: Tuple[int, int], mem_kind: str, warmup: int) -> Dict:
     args = subject.args
     return {
-        "variant": args.variant or "custom", "stages": args.stages, "two_stage": bool(args.two_stage),
+        "label": subject.name, "variant": args.variant or "custom", "stages": args.stages, "two_stage": bool(args.two_stage),
         "image_size": list(size), "batch_size": args.batch_size, "device": str(torch.device(args.device)),
         "dtype": DTYPE_NAMES[args.amp], "step_s": round(statistics.median(subject.times), 5),
         "step_s_min": round(min(subject.times), 5), "repeats": len(subject.times), "warmup": warmup,
@@ -244,16 +267,20 @@ def result_line(subject: Subject, size: Tuple[int, int], mem_kind: str, warmup: 
 
 def ratio_line(num: Dict, den: Dict) -> Dict:
     """num / den of the medians, of the fastest steps (robust when other jobs share the machine) and of peaks."""
-    return {"ratio": f"{num['variant']}/{den['variant']}", "step_s": round(num["step_s"] / den["step_s"], 4),
+    return {"ratio": f"{num['label']}/{den['label']}", "step_s": round(num["step_s"] / den["step_s"], 4),
             "step_s_min": round(num["step_s_min"] / den["step_s_min"], 4),
             "peak_mem": round(num["peak_mem_mb"] / den["peak_mem_mb"], 4) if den["peak_mem_mb"] > 0 else None}
 
 
 def run(bench: argparse.Namespace, main_argv: Sequence[str], emit=print) -> List[Dict]:
     """Measure one configuration, or each of ``bench.compare`` interleaved; returns the JSON records."""
-    names = bench.compare or [None]
     subjects = []
-    for name in names:
+    if bench.compare_flags:
+        for extra in bench.compare_flags:
+            subjects.append(build_subject(extra.strip() or "base", model_args(main_argv, extra=extra)))
+        if len(subjects) == 1:
+            raise SystemExit("--compare_flags needs at least two flag sets (e.g. base use_dn)")
+    for name in bench.compare or ([] if bench.compare_flags else [None]):
         args = model_args(main_argv, name)
         subjects.append(build_subject(name or args.variant or "custom", args))
     size = tuple(bench.image_size) if bench.image_size else default_image_size(subjects[0].args)
@@ -287,6 +314,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench, main_argv = parser.parse_known_args(argv)
     if bench.repeats < 1 or bench.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if bench.compare and bench.compare_flags:
+        parser.error("give --compare (presets) or --compare_flags (flag sets), not both")
     run(bench, main_argv)
     return 0
 

@@ -325,6 +325,19 @@ def test_bench_model_compare_interleaves(capsys):
     assert ratio["step_s"] == pytest.approx(lines[1]["step_s"] / lines[0]["step_s"], rel=1e-2)
 
 
+def test_bench_model_compare_flag_sets(capsys):
+    """--compare_flags: the same configuration with and without a flag set (here denoising)."""
+    assert bench_model.flag_set_tokens("use_dn dn_number=4") == ["--use_dn", "--dn_number", "4"]
+    assert bench_model.flag_set_tokens("base") == []
+    argv = ["--image_size", "64", "128", "--warmup", "0", "--repeats", "1", "--batch_size", "1",
+            "--compare_flags", "base", "use_dn dn_number=4"] + TINY_GUIDED + ["--variant", "cascade"]
+    assert bench_model.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [r.get("label") for r in lines[:2]] == ["base", "use_dn dn_number=4"]
+    assert lines[1]["params"] > lines[0]["params"]  # the label embedding: the flag set did reach the model
+    assert lines[2]["ratio"] == "use_dn dn_number=4/base"
+
+
 def test_live_tensor_bytes_counts_allocations_and_releases():
     """The CPU peak counter: new storages count until released; views and in-place ops do not."""
     base = torch.zeros(1000)                       # exists before: not counted
