@@ -14,6 +14,7 @@ from models.cross_attn_map import cross_attention_map
 from models.enc_reference import (CandidateSet, EncoderReferenceGenerator, build_enc_reference_generator,
                                   make_candidates)
 from models.level_layout import LevelLayout
+from tests.helpers import tiny_args
 
 SHAPES = [(4, 4), (2, 2)]  # T = 20
 T = 20
@@ -420,6 +421,23 @@ def test_generator_has_no_parameters_and_validates():
                            ref_keep_self=True, ref_grad=False, attn_map_accum="sum", ref_queries="o2o")
     built = build_enc_reference_generator(args)
     assert (built.ref_keep_self, built.attn_map_accum, built.ref_queries, built.n_points) == (True, "sum", "o2o", 4)
+
+
+@pytest.mark.parametrize("flags,kwargs", [
+    (["--variant", "v3.0.1", "--ref_rank", "attn"], dict(enc_ref_mode="per_level", ref_rank="attn")),
+    (["--variant", "v3.0.2", "--ref_rank", "cls"], dict(enc_ref_mode="per_point", ref_rank="cls")),
+    (["--variant", "v3.0.1", "--attn_map_accum", "sum"],
+     dict(enc_ref_mode="per_level", ref_rank="cls", attn_map_accum="sum")),
+    (["--variant", "v3.0.1", "--ref_keep_self"], dict(enc_ref_mode="per_level", ref_rank="cls", ref_keep_self=True)),
+    (["--variant", "v3.0.4", "--enc_n_points", "1"], dict(enc_ref_mode="per_point", ref_keep_self=True, n_points=1)),
+])
+def test_parser_and_generator_reject_with_the_same_rule(flags, kwargs):
+    """Each combination rule is written once: the parser's error is the generator's, prefixed."""
+    with pytest.raises(ValueError) as from_parser:
+        tiny_args(*flags)
+    with pytest.raises(ValueError) as from_generator:
+        EncoderReferenceGenerator(**{"n_levels": 4, "n_points": 4, **kwargs})
+    assert str(from_parser.value) == f"invalid configuration: {from_generator.value}"
 
 
 def test_references_cached_until_next_observe():
