@@ -48,7 +48,7 @@ def build_model(args):
     from .criterion import build_criterion
     from .postprocess import build_postprocessors
 
-    if getattr(args, "num_classes", None) is None:
+    if args.num_classes is None:
         raise ValueError("build_model: args.num_classes is not set (91 for COCO; datasets.num_classes(args))")
     model = DeformableDETR(
         build_backbone(args), build_transformer(args), num_classes=args.num_classes,

@@ -4,13 +4,13 @@ import os
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from util.nested_tensor import NestedTensor
 
+from .level_layout import downsample_mask
 from .position_encoding import build_position_encoding
 
 _WEIGHTS_ENUM = {
@@ -123,11 +123,7 @@ class Backbone(nn.Module):
     def forward(self, tensor_list: NestedTensor) -> List[NestedTensor]:
         """images (B, 3, H, W) + mask (B, H, W) -> per level features (B, C_l, H_l, W_l) + masks."""
         features: Dict[str, torch.Tensor] = self.body(tensor_list.tensors)
-        out = []
-        for x in features.values():
-            mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:])[0].to(torch.bool)
-            out.append(NestedTensor(x, mask))
-        return out
+        return [NestedTensor(x, downsample_mask(tensor_list.mask, x.shape[-2:])) for x in features.values()]
 
 
 class Joiner(nn.Sequential):

@@ -239,8 +239,8 @@ class SetCriterion(nn.Module):
 
 # ----- construction -------------------------------------------------------------
 
-def _coef(args, name: str, fallback: float) -> float:
-    value = getattr(args, name, None)
+def _coef(value: Optional[float], fallback: float) -> float:
+    """An optional loss weight flag: unset (None) takes the weight it defaults to."""
     return fallback if value is None else value
 
 
@@ -252,12 +252,8 @@ def build_weight_dict(args) -> Dict[str, float]:
     one-to-many: hybrid -> main weights * lambda_one2many; mixed -> o2m_*_loss_coef (2, 5, 2);
     denoising (--use_dn): dn_*_loss_coef, None -> the main coefficient, on every layer.
     """
-    base = {
-        "loss_ce": _coef(args, "cls_loss_coef", 2.0),
-        "loss_bbox": _coef(args, "bbox_loss_coef", 5.0),
-        "loss_giou": _coef(args, "giou_loss_coef", 2.0),
-    }
-    num_aux = getattr(args, "dec_layers", 6) - 1 if getattr(args, "aux_loss", True) else 0
+    base = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    num_aux = args.dec_layers - 1 if args.aux_loss else 0
 
     def with_aux(weights: Dict[str, float], suffix: str) -> Dict[str, float]:
         out = {k + suffix: v for k, v in weights.items()}
@@ -267,26 +263,23 @@ def build_weight_dict(args) -> Dict[str, float]:
 
     weight_dict = with_aux(base, "")
     weight_dict.update({
-        "loss_ce_enc": _coef(args, "enc_cls_loss_coef", base["loss_ce"]),
-        "loss_bbox_enc": _coef(args, "enc_bbox_loss_coef", base["loss_bbox"]),
-        "loss_giou_enc": _coef(args, "enc_giou_loss_coef", base["loss_giou"]),
+        "loss_ce_enc": _coef(args.enc_cls_loss_coef, base["loss_ce"]),
+        "loss_bbox_enc": _coef(args.enc_bbox_loss_coef, base["loss_bbox"]),
+        "loss_giou_enc": _coef(args.enc_giou_loss_coef, base["loss_giou"]),
     })
     mode = one2many_mode(args)
     if mode == "hybrid":
-        lam = getattr(args, "lambda_one2many", 1.0)
+        lam = args.lambda_one2many
         weight_dict.update(with_aux({k: v * lam for k, v in base.items()}, "_one2many"))
     elif mode == "mixed":
-        o2m = {
-            "loss_ce": _coef(args, "o2m_cls_loss_coef", 2.0),
-            "loss_bbox": _coef(args, "o2m_bbox_loss_coef", 5.0),
-            "loss_giou": _coef(args, "o2m_giou_loss_coef", 2.0),
-        }
+        o2m = {"loss_ce": args.o2m_cls_loss_coef, "loss_bbox": args.o2m_bbox_loss_coef,
+               "loss_giou": args.o2m_giou_loss_coef}
         weight_dict.update(with_aux(o2m, "_one2many"))
-    if getattr(args, "use_dn", False):
+    if args.use_dn:
         dn = {
-            "loss_ce": _coef(args, "dn_cls_loss_coef", base["loss_ce"]),
-            "loss_bbox": _coef(args, "dn_bbox_loss_coef", base["loss_bbox"]),
-            "loss_giou": _coef(args, "dn_giou_loss_coef", base["loss_giou"]),
+            "loss_ce": _coef(args.dn_cls_loss_coef, base["loss_ce"]),
+            "loss_bbox": _coef(args.dn_bbox_loss_coef, base["loss_bbox"]),
+            "loss_giou": _coef(args.dn_giou_loss_coef, base["loss_giou"]),
         }
         weight_dict.update(with_aux(dn, "_dn"))
     return weight_dict
@@ -294,9 +287,9 @@ def build_weight_dict(args) -> Dict[str, float]:
 
 def one2many_mode(args) -> Optional[str]:
     """'mixed' with --use_ms_detr, 'hybrid' with --num_queries_one2many > 0, else None."""
-    if getattr(args, "use_ms_detr", False):
+    if args.use_ms_detr:
         return "mixed"
-    if getattr(args, "num_queries_one2many", 0) > 0:
+    if args.num_queries_one2many > 0:
         return "hybrid"
     return None
 
@@ -309,12 +302,7 @@ def build_criterion(args, num_classes: int) -> SetCriterion:
     if mode == "hybrid":
         o2m_matcher = copy.deepcopy(matcher)
     elif mode == "mixed":
-        o2m_matcher = TopkIoUAssigner(k=getattr(args, "o2m_matcher_k", 6),
-                                      threshold=getattr(args, "o2m_matcher_threshold", 0.4))
-    return SetCriterion(
-        num_classes, matcher, build_weight_dict(args),
-        focal_alpha=getattr(args, "focal_alpha", 0.25),
-        aux_loss=getattr(args, "aux_loss", True),
-        one2many=mode, o2m_matcher=o2m_matcher,
-        k_one2many=getattr(args, "k_one2many", 6),
-    )
+        o2m_matcher = TopkIoUAssigner(k=args.o2m_matcher_k, threshold=args.o2m_matcher_threshold)
+    return SetCriterion(num_classes, matcher, build_weight_dict(args), focal_alpha=args.focal_alpha,
+                        aux_loss=args.aux_loss, one2many=mode, o2m_matcher=o2m_matcher,
+                        k_one2many=args.k_one2many)

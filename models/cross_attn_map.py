@@ -14,17 +14,15 @@ Three forms live here:
   * ``CrossAttnMapAccumulator``: combines the sparse maps of several decoder layers
     (``--attn_map_accum none|sum|max``) without ever building a (T, Q) tensor.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["CORNERS", "attention_footprint", "footprint_to_dense", "cross_attention_map", "reduce_rows",
-           "CrossAttnMapAccumulator", "ACCUM_MODES"]
+from .level_layout import LevelLayout
+from .research_settings import ACCUM_MODES, check_choice
 
-CORNERS = 4
-# no 'mean': dividing the sum by the number of layers rescales every entry alike, so it ranks
-# exactly like 'sum' and could never give a different ablation row
-ACCUM_MODES = ("none", "sum", "max")
+__all__ = ["attention_footprint", "footprint_to_dense", "cross_attention_map", "reduce_rows",
+           "CrossAttnMapAccumulator"]
 
 
 def _axis_corners(pixel: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -49,10 +47,7 @@ def _axis_corners(pixel: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor
     return index, factors
 
 
-def attention_footprint(sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                        spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                        padding_mask: Optional[torch.Tensor] = None,
-                        spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None
+def attention_footprint(sampling_locations: torch.Tensor, attention_weights: torch.Tensor, layout: LevelLayout
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every bilinear corner of every sample as (flattened token index, weight).
 
@@ -60,12 +55,9 @@ def attention_footprint(sampling_locations: torch.Tensor, attention_weights: tor
         sampling_locations: (bs, Q, heads, levels, points, 2), normalised (x, y); values outside
             [0, 1] are allowed (their outside corners get weight 0).
         attention_weights: (bs, Q, heads, levels, points).
-        spatial_shapes: (levels, 2) int64 (H, W). Used on its own device, so nothing is read on
-            the host and the call never synchronises.
-        level_start_index: (levels,) int64 offset of each level in the token axis.
-        padding_mask: optional (bs, T) bool, True on padding; padded tokens get weight 0.
-        spatial_shapes_list: accepted for symmetry with the operator; not needed, since the
-            level sizes are broadcast from the tensor on the device.
+        layout: the token axis. The level sizes are broadcast from ``layout.spatial_shapes`` on
+            its own device, so nothing is read on the host and the call never synchronises;
+            padded tokens (``layout.padding_mask`` True) get weight 0.
 
     Returns:
         token_index (bs, Q, K) int64 and weight (bs, Q, K) float (at least float32), with
@@ -73,8 +65,9 @@ def attention_footprint(sampling_locations: torch.Tensor, attention_weights: tor
         (so head = k // (levels * points * 4)). Corners outside their level and padded tokens
         carry weight 0 and a clamped, valid index.
     """
-    del spatial_shapes_list  # level sizes come from the device tensor (no host read needed)
     bs, num_q, _, levels, _, _ = sampling_locations.shape
+    spatial_shapes, level_start_index, padding_mask = layout.spatial_shapes, layout.level_start_index, \
+        layout.padding_mask
     dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
     # level sizes broadcast over (bs, Q, heads, levels, points): one pass covers all levels
     height = spatial_shapes[:, 0].view(1, 1, 1, levels, 1)
@@ -117,20 +110,9 @@ def footprint_to_dense(token_index: torch.Tensor, weight: torch.Tensor, num_toke
     return dense.view(bs, heads, num_tokens, num_q)
 
 
-def _num_tokens(spatial_shapes: torch.Tensor, padding_mask: Optional[torch.Tensor],
-                spatial_shapes_list: Optional[Sequence[Sequence[int]]]) -> int:
-    """T = sum of H_l * W_l, from whichever source needs no host read (python int)."""
-    if padding_mask is not None:
-        return padding_mask.shape[1]
-    if spatial_shapes_list is not None:
-        return sum(int(h) * int(w) for h, w in spatial_shapes_list)
-    return int(spatial_shapes.prod(1).sum())
-
-
 def cross_attention_map(sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                         spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                        padding_mask: Optional[torch.Tensor] = None, per_head: bool = False,
-                        spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+                        padding_mask: Optional[torch.Tensor] = None, per_head: bool = False) -> torch.Tensor:
     """Dense cross-attention map (the reference form; the model uses the sparse footprint).
 
     Args:
@@ -139,16 +121,15 @@ def cross_attention_map(sampling_locations: torch.Tensor, attention_weights: tor
         spatial_shapes: (levels, 2) int64 (H, W); level_start_index: (levels,).
         padding_mask: optional (bs, T) True on padding.
         per_head: keep heads apart.
-        spatial_shapes_list: optional [(H, W), ...] to learn T without reading the tensor.
 
     Returns:
         (bs, T, Q), or (bs, heads, T, Q) with ``per_head``; M[b, t, q] as in the module doc.
+        T is read from ``spatial_shapes`` (a host read: this is the reference, not the model path).
     """
-    token_index, weight = attention_footprint(sampling_locations, attention_weights, spatial_shapes,
-                                              level_start_index, padding_mask)
-    num_tokens = _num_tokens(spatial_shapes, padding_mask, spatial_shapes_list)
+    layout = LevelLayout.from_tensors(spatial_shapes, level_start_index, padding_mask)
+    token_index, weight = attention_footprint(sampling_locations, attention_weights, layout)
     heads = sampling_locations.shape[2] if per_head else None
-    return footprint_to_dense(token_index, weight, num_tokens, heads)
+    return footprint_to_dense(token_index, weight, layout.num_tokens, heads)
 
 
 def reduce_rows(token_index: torch.Tensor, weight: torch.Tensor, reduce: str = "sum"
@@ -209,10 +190,9 @@ class CrossAttnMapAccumulator:
     only its footprint.
     """
 
-    def __init__(self, mode: str = "none"):
-        if mode not in ACCUM_MODES:
-            raise ValueError(f"attn_map_accum must be one of {ACCUM_MODES}, got {mode!r}")
-        self.mode = mode
+    def __init__(self, attn_map_accum: str = "none"):
+        check_choice("attn_map_accum", attn_map_accum, ACCUM_MODES)
+        self.attn_map_accum = attn_map_accum
         self.num_layers = 0
         self._raw: List[Tuple[torch.Tensor, torch.Tensor]] = []      # footprints not merged yet
         self._merged: List[Tuple[torch.Tensor, torch.Tensor]] = []   # max mode: per-layer merged maps
@@ -227,7 +207,7 @@ class CrossAttnMapAccumulator:
             raise ValueError(f"CrossAttnMapAccumulator: footprint {tuple(token_index.shape)} does not match "
                              f"the earlier layers' {tuple(self._raw[-1][0].shape)} in batch or queries")
         entry = (token_index.detach(), weight.detach())
-        if self.mode == "none":
+        if self.attn_map_accum == "none":
             self._raw = [entry]
         else:
             self._raw.append(entry)
@@ -247,8 +227,8 @@ class CrossAttnMapAccumulator:
         return self._cache
 
     def _combine(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Merge the stored footprints according to the mode -> (bs, Q, E) pair."""
-        if self.mode == "max":
+        """Merge the stored footprints as ``attn_map_accum`` says -> (bs, Q, E) pair."""
+        if self.attn_map_accum == "max":
             # a layer's map entry is a sum over its own samples, so merge per layer before the max
             self._merged.extend(reduce_rows(t, w, "sum") for t, w in self._raw)
             self._raw = []

@@ -8,12 +8,12 @@ import math
 from typing import Dict, List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 from .denoising import DenoisingConfig, make_denoising_queries
+from .level_layout import downsample_mask
 from .transformer_layers import MLP
 
 
@@ -109,7 +109,7 @@ class DeformableDETR(nn.Module):
         pos = list(pos[:self.num_feature_levels])
         for lvl in range(len(srcs), self.num_feature_levels):
             src = self.input_proj[lvl](features[-1].tensors if lvl == len(features) else srcs[-1])
-            mask = F.interpolate(samples.mask[None].float(), size=src.shape[-2:])[0].to(torch.bool)
+            mask = downsample_mask(samples.mask, src.shape[-2:])
             srcs.append(src)
             masks.append(mask)
             pos.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))

@@ -17,6 +17,7 @@ from torch import nn
 from util.box_ops import inverse_sigmoid
 
 from .denoising import DenoisingPredictions, DenoisingQueries, append_denoising_queries
+from .level_layout import LevelLayout, valid_size
 from .ms_deform_attn import MSDeformAttn
 from .transformer_layers import DeformableDecoderLayer, DeformableEncoderLayer
 
@@ -26,11 +27,7 @@ class FlatInputs:
     """All levels flattened into one token axis (T = sum of H_l * W_l)."""
     src: torch.Tensor                 # (bs, T, C)
     pos: torch.Tensor                 # (bs, T, C) position + level embedding
-    padding_mask: torch.Tensor        # (bs, T) True on padding
-    spatial_shapes: torch.Tensor      # (L, 2) int64 (H, W)
-    spatial_shapes_list: List[Tuple[int, int]]
-    level_start_index: torch.Tensor   # (L,)
-    valid_ratios: torch.Tensor        # (bs, L, 2) (w, h) fraction of each level that is image
+    layout: LevelLayout               # shapes, start indices, padding mask (bs, T), valid ratios (bs, L, 2)
 
 
 @dataclass
@@ -64,23 +61,16 @@ def refine_boxes(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
 
 
-def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
-    """mask (bs, H, W) True on padding -> (bs, 2) valid (width, height) fractions."""
-    _, height, width = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1).float() / height
-    valid_w = (~mask[:, 0, :]).sum(1).float() / width
-    return torch.stack([valid_w, valid_h], -1)
-
-
-def encoder_reference_points(spatial_shapes_list, valid_ratios: torch.Tensor) -> torch.Tensor:
+def encoder_reference_points(layout: LevelLayout) -> torch.Tensor:
     """Each token's own centre, expressed on every level: (bs, T, L, 2), normalised (x, y).
 
     A token's position is normalised by its level's valid size, then multiplied by each level's
     valid ratio, so it lands on the same image point on every level.
     """
     refs = []
+    valid_ratios = layout.valid_ratios
     device = valid_ratios.device
-    for lvl, (h, w) in enumerate(spatial_shapes_list):
+    for lvl, (h, w) in enumerate(layout.shapes):
         ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
                                 torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device), indexing="ij")
         ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -140,19 +130,10 @@ class DeformableTransformer(nn.Module):
 
     def flatten_inputs(self, srcs, masks, pos_embeds) -> FlatInputs:
         """Per-level (bs, C, H_l, W_l) maps, (bs, H_l, W_l) masks and positions -> FlatInputs."""
-        spatial_shapes_list = [tuple(src.shape[-2:]) for src in srcs]
         src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
-        mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
         pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                               for lvl, pos in enumerate(pos_embeds)], 1)
-        device = src_flat.device
-        spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=device)
-        sizes = [h * w for h, w in spatial_shapes_list]
-        level_start_index = torch.as_tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long,
-                                            device=device)
-        valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
-        return FlatInputs(src_flat, pos_flat, mask_flat, spatial_shapes, spatial_shapes_list, level_start_index,
-                          valid_ratios)
+        return FlatInputs(src_flat, pos_flat, LevelLayout.from_masks(masks))
 
     # ------------------------------------------------------------------ queries
 
@@ -164,35 +145,32 @@ class DeformableTransformer(nn.Module):
         pos = proposals.sigmoid()[:, :, :, None] * (2 * math.pi) / dim_t
         return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
 
-    def encoder_proposals(self, memory: torch.Tensor, inputs: FlatInputs):
+    def encoder_proposals(self, memory: torch.Tensor, layout: LevelLayout):
         """One fixed-size box per token -> (transformed memory (bs, T, C), proposals (bs, T, 4) unactivated).
 
         Proposals too close to the border or on padding get +inf so they never win top-k.
         """
         bs = memory.shape[0]
-        proposals, start = [], 0
-        for lvl, (h, w) in enumerate(inputs.spatial_shapes_list):
-            mask = inputs.padding_mask[:, start:start + h * w].view(bs, h, w)
-            valid_h = (~mask[:, :, 0]).sum(1)
-            valid_w = (~mask[:, 0, :]).sum(1)
+        proposals = []
+        for lvl, (h, w) in enumerate(layout.shapes):
             ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
                                     torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
                                     indexing="ij")
             grid = torch.stack([xs, ys], -1)
-            scale = torch.stack([valid_w, valid_h], 1).view(bs, 1, 1, 2)
+            # grid cells normalised by the level's image part, not by its padded size
+            scale = valid_size(layout.level_padding(lvl)).view(bs, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(bs, -1, -1, -1) + 0.5) / scale
             wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
             proposals.append(torch.cat((grid, wh), -1).view(bs, -1, 4))
-            start += h * w
         proposals = torch.cat(proposals, 1)
         keep = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
         proposals = torch.log(proposals / (1 - proposals))
-        proposals = proposals.masked_fill(inputs.padding_mask.unsqueeze(-1), float("inf"))
+        proposals = proposals.masked_fill(layout.padding_mask.unsqueeze(-1), float("inf"))
         proposals = proposals.masked_fill(~keep, float("inf"))
-        memory = memory.masked_fill(inputs.padding_mask.unsqueeze(-1), 0.0).masked_fill(~keep, 0.0)
+        memory = memory.masked_fill(layout.padding_mask.unsqueeze(-1), 0.0).masked_fill(~keep, 0.0)
         return self.enc_output_norm(self.enc_output(memory)), proposals
 
-    def init_queries(self, memory, inputs: FlatInputs, query_embed, class_embed, bbox_embed, num_queries):
+    def init_queries(self, memory, layout: LevelLayout, query_embed, class_embed, bbox_embed, num_queries):
         """Start the decoder: learned queries, or (two-stage) the top encoder proposals.
 
         Returns (DecoderState, enc_outputs dict or None).
@@ -207,7 +185,7 @@ class DeformableTransformer(nn.Module):
         if memory.shape[1] < num_queries:
             raise ValueError(f"two-stage: {num_queries} queries requested but the image has only "
                              f"{memory.shape[1]} tokens; use larger images or fewer queries")
-        output_memory, proposals = self.encoder_proposals(memory, inputs)
+        output_memory, proposals = self.encoder_proposals(memory, layout)
         head = len(self.decoder.layers)  # the extra head after the decoder heads scores proposals
         # fp32 scores too: they choose which proposals become queries
         enc_logits = fp32_head(class_embed[head], output_memory)
@@ -228,16 +206,14 @@ class DeformableTransformer(nn.Module):
 
     # ------------------------------------------------------------------ layers
 
-    def run_decoder_layer(self, lid, state: DecoderState, memory, inputs: FlatInputs, class_embed, bbox_embed,
-                          self_attn_mask, want_sampling: bool, with_one2many: bool):
+    def run_decoder_layer(self, lid, state: DecoderState, memory, layout: LevelLayout, class_embed, bbox_embed,
+                          self_attn_mask, with_one2many: bool):
         """Run decoder layer ``lid``, predict classes and boxes, advance the references."""
         ref = state.reference
-        scale = torch.cat([inputs.valid_ratios, inputs.valid_ratios], -1) if ref.shape[-1] == 4 else \
-            inputs.valid_ratios
-        out = self.decoder.layers[lid](state.tgt, state.query_pos, ref[:, :, None] * scale[:, None], memory,
-                                       inputs.spatial_shapes, inputs.level_start_index, inputs.padding_mask,
-                                       self_attn_mask=self_attn_mask, return_sampling=want_sampling,
-                                       with_one2many=with_one2many, spatial_shapes_list=inputs.spatial_shapes_list)
+        valid_ratios = layout.valid_ratios
+        scale = torch.cat([valid_ratios, valid_ratios], -1) if ref.shape[-1] == 4 else valid_ratios
+        out = self.decoder.layers[lid](state.tgt, state.query_pos, ref[:, :, None] * scale[:, None], memory, layout,
+                                       self_attn_mask=self_attn_mask, with_one2many=with_one2many)
         delta = fp32_head(bbox_embed[lid], out.hidden)
         box_from_input = refine_boxes(delta, ref)
         # look-forward-twice: the loss of layer i also trains layer i-1's box through its prediction
@@ -269,13 +245,11 @@ class DeformableTransformer(nn.Module):
         ones (``self_attn_mask`` then covers Q + D). Returns (DecoderState with per-layer predictions,
         enc_outputs or None)."""
         inputs = self.flatten_inputs(srcs, masks, pos_embeds)
-        stock_refs = encoder_reference_points(inputs.spatial_shapes_list, inputs.valid_ratios)
+        layout = inputs.layout
+        stock_refs = encoder_reference_points(layout)
         guidance = None
         if self.enc_reference_generator is not None:
-            guidance = self.enc_reference_generator.new_state(
-                inputs.spatial_shapes, inputs.level_start_index, inputs.padding_mask, inputs.valid_ratios,
-                inputs.spatial_shapes_list)
-        want_map = guidance is not None and self.enc_reference_generator.needs_map
+            guidance = self.enc_reference_generator.new_state(layout)
         memory, state, enc_outputs = inputs.src, None, None
         enc_lid = dec_lid = 0
         previous_locations = None  # sampling locations of the last encoder layer, for progressive refs
@@ -285,21 +259,18 @@ class DeformableTransformer(nn.Module):
                     refs = previous_locations
                 else:
                     refs = stock_refs if guidance is None else guidance.references(stock_refs)
-                out = self.encoder.layers[enc_lid](memory, inputs.pos, refs, inputs.spatial_shapes,
-                                                   inputs.level_start_index, inputs.padding_mask,
-                                                   return_sampling=self.enc_ref_progressive,
-                                                   spatial_shapes_list=inputs.spatial_shapes_list)
+                out = self.encoder.layers[enc_lid](memory, inputs.pos, refs, layout)
                 memory, enc_lid = out.memory, enc_lid + 1
                 if self.enc_ref_progressive:
                     previous_locations = out.sampling_locations.detach()
             if n_dec and state is None:
-                state, enc_outputs = self.init_queries(memory, inputs, query_embed, class_embed, bbox_embed,
+                state, enc_outputs = self.init_queries(memory, layout, query_embed, class_embed, bbox_embed,
                                                        num_queries)
                 if denoising is not None:
                     state = append_denoising_queries(self, state, denoising)
             for _ in range(n_dec):
-                out = self.run_decoder_layer(dec_lid, state, memory, inputs, class_embed, bbox_embed,
-                                             self_attn_mask, want_map, with_one2many)
+                out = self.run_decoder_layer(dec_lid, state, memory, layout, class_embed, bbox_embed,
+                                             self_attn_mask, with_one2many)
                 dec_lid += 1
                 if guidance is not None:
                     guidance.observe(out.sampling_locations, out.attention_weights,

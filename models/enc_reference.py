@@ -10,7 +10,7 @@ per_point (v3.0.2-v3.0.4): per token, the P queries with the largest (combined)
     cross-attention weight M[t, q] (or weight x class score); query p's centre, projected onto
     every level, is point p's reference -> (bs, T, L, P, 2). A query fills at most one slot of a
     token (in the mixed form its two predictions share one map column and give one candidate).
-    Empty slots fall back to the token's own location; ``keep_self`` reserves point 0 for it.
+    Empty slots fall back to the token's own location; ``ref_keep_self`` reserves point 0 for it.
 
 Candidates (``make_candidates``) are the same in training and inference when the model keeps
 its one-to-many queries / stream running at inference for them (``reads_one2many``).
@@ -21,19 +21,17 @@ key that orders it by (weight, class score), and P rounds of a per-token scatter
 winners. Nothing of size T x Q is built and no Python loop runs over tokens or queries.
 """
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from .cross_attn_map import ACCUM_MODES, CrossAttnMapAccumulator, attention_footprint
+from .cross_attn_map import CrossAttnMapAccumulator, attention_footprint
+from .level_layout import LevelLayout
+from .research_settings import REF_QUERY_SETS, check_choice, check_research_settings
 
 __all__ = ["CandidateSet", "make_candidates", "EncoderReferenceGenerator", "GuidanceState",
            "build_enc_reference_generator"]
-
-MODES = ("per_level", "per_point")
-RANKS = ("cls", "attn", "attn_cls")
-QUERY_SETS = ("all", "o2o")
 
 
 @dataclass
@@ -82,8 +80,7 @@ def make_candidates(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, num_que
 
     Returns a CandidateSet with C = Q, num_queries_one2one or (mixed, per prediction) 2Q.
     """
-    if ref_queries not in QUERY_SETS:
-        raise ValueError(f"ref_queries must be one of {QUERY_SETS}, got {ref_queries!r}")
+    check_choice("ref_queries", ref_queries, REF_QUERY_SETS)
     if (one2many_logits is None) != (one2many_boxes is None):
         raise ValueError("make_candidates: give both one2many_logits and one2many_boxes, or neither")
     scores = _class_scores(pred_logits)
@@ -178,15 +175,14 @@ def _keys_to_candidates(picked: torch.Tensor, order: torch.Tensor) -> Tuple[torc
 class GuidanceState:
     """What one forward pass has learnt from its decoder layers so far (see the module doc)."""
 
-    def __init__(self, generator: "EncoderReferenceGenerator", spatial_shapes: torch.Tensor,
-                 level_start_index: torch.Tensor, padding_mask: Optional[torch.Tensor],
-                 valid_ratios: torch.Tensor, spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None):
-        """spatial_shapes (L, 2), level_start_index (L,), padding_mask (bs, T) or None, valid_ratios (bs, L, 2)."""
+    def __init__(self, generator: "EncoderReferenceGenerator", layout: LevelLayout):
+        """layout: the encoder's token axis; its valid ratios (bs, L, 2) project centres onto the levels."""
+        if layout.valid_ratios is None:
+            raise ValueError("GuidanceState: the layout needs valid_ratios (bs, L, 2)")
         self.generator = generator
-        self.spatial_shapes, self.level_start_index = spatial_shapes, level_start_index
-        self.padding_mask, self.valid_ratios = padding_mask, valid_ratios
-        self.spatial_shapes_list = spatial_shapes_list
-        self.accumulator = CrossAttnMapAccumulator(generator.accum)
+        self.layout = layout
+        self.valid_ratios = layout.valid_ratios
+        self.accumulator = CrossAttnMapAccumulator(generator.attn_map_accum)
         self.candidates: Optional[CandidateSet] = None
         self.observed = 0  # decoder layers seen so far
         self._pending = []  # (locations, weights) of observed layers not yet in the accumulator
@@ -202,9 +198,9 @@ class GuidanceState:
             if sampling_locations is None or attention_weights is None:
                 raise ValueError("per_point guidance needs the decoder's sampling locations and weights")
             # the footprint is built when references are asked for: the last decoder layer's
-            # map is often never used, and with accum 'none' only the latest layer matters
+            # map is often never used, and with attn_map_accum 'none' only the latest layer matters
             pending = (sampling_locations.detach(), attention_weights.detach())
-            self._pending = [pending] if self.generator.accum == "none" else self._pending + [pending]
+            self._pending = [pending] if self.generator.attn_map_accum == "none" else self._pending + [pending]
         self.observed += 1
         self.candidates = candidates
         self._cache = None
@@ -220,7 +216,7 @@ class GuidanceState:
             return stock_references
         if self._cache is not None and self._cache[0] is stock_references:
             return self._cache[1]
-        if self.generator.mode == "per_level":
+        if self.generator.enc_ref_mode == "per_level":
             refs = self._per_level(stock_references)
         else:
             refs = self._per_point(stock_references)
@@ -243,9 +239,9 @@ class GuidanceState:
         """v3.0.2-4: stock (bs, T, L, 2) -> (bs, T, L, P, 2) from the per-token top candidates."""
         gen, cands = self.generator, self.candidates
         bs, num_tokens = stock.shape[:2]
-        from_map = gen.n_points - 1 if gen.keep_self else gen.n_points
+        from_map = gen.n_points - 1 if gen.ref_keep_self else gen.n_points
         own = stock[:, :, :, None, :]  # (bs, T, L, 1, 2)
-        parts = [own] if gen.keep_self else []
+        parts = [own] if gen.ref_keep_self else []
         if from_map > 0:
             chosen, valid = self._rank(num_tokens, from_map)  # (bs, T, P') each
             centres = _centres(cands, gen.ref_grad).to(stock.dtype)
@@ -258,8 +254,7 @@ class GuidanceState:
         """Per token the ``points`` best candidates -> candidate index (bs, T, points), valid (bs, T, points)."""
         cands = self.candidates
         for locations, weights in self._pending:
-            self.accumulator.add(*attention_footprint(locations, weights, self.spatial_shapes, self.level_start_index,
-                                                      self.padding_mask, self.spatial_shapes_list))
+            self.accumulator.add(*attention_footprint(locations, weights, self.layout))
         self._pending = []
         tokens, weights = self.accumulator.combined()  # (bs, Q, E), tokens unique per row
         # candidate c is query c: its row of the map (the one-to-one group is the first rows)
@@ -273,44 +268,31 @@ class GuidanceState:
 class EncoderReferenceGenerator(nn.Module):
     """Reference-point generator of DESIGN §6 (no parameters, so no state-dict keys).
 
-    mode 'per_level' (v3.0.1, needs ref_rank 'cls') or 'per_point' (v3.0.2-4, ref_rank 'attn'
-    or 'attn_cls'); n_levels L; n_points P (encoder points); keep_self: point 0 is the token
-    itself; ref_grad: centres keep their gradient; accum: map combination across decoder
-    layers; ref_queries: which predictions may be candidates ('all' or 'o2o').
+    Parameters carry their flags' names (``--enc_ref_mode`` -> ``enc_ref_mode``; rules in
+    ``models/research_settings.py``): enc_ref_mode 'per_level' (v3.0.1, ref_rank 'cls') or
+    'per_point' (v3.0.2-4, ref_rank 'attn' or 'attn_cls'); n_levels L; n_points P (encoder
+    points); ref_keep_self: point 0 is the token itself; ref_grad: centres keep their gradient;
+    attn_map_accum: map combination across decoder layers; ref_queries: which predictions may be
+    candidates ('all' or 'o2o').
     """
 
-    def __init__(self, mode: str, n_levels: int, n_points: int, ref_rank: str = "attn", keep_self: bool = False,
-                 ref_grad: bool = False, accum: str = "none", ref_queries: str = "all"):
+    def __init__(self, enc_ref_mode: str, n_levels: int, n_points: int, ref_rank: str = "attn",
+                 ref_keep_self: bool = False, ref_grad: bool = False, attn_map_accum: str = "none",
+                 ref_queries: str = "all"):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"enc_ref_mode must be one of {MODES}, got {mode!r}")
-        if ref_rank not in RANKS:
-            raise ValueError(f"ref_rank must be one of {RANKS}, got {ref_rank!r}")
-        if mode == "per_level" and ref_rank != "cls":
-            raise ValueError("per_level references rank candidates by class score: use ref_rank 'cls'")
-        if mode == "per_point" and ref_rank == "cls":
-            raise ValueError("per_point references rank by map weight: use ref_rank 'attn' or 'attn_cls'")
-        if keep_self and mode != "per_point":
-            raise ValueError("keep_self needs mode 'per_point'")
-        if accum not in ACCUM_MODES:
-            raise ValueError(f"accum must be one of {ACCUM_MODES}, got {accum!r}")
-        if ref_queries not in QUERY_SETS:
-            raise ValueError(f"ref_queries must be one of {QUERY_SETS}, got {ref_queries!r}")
-        self.mode, self.n_levels, self.n_points = mode, n_levels, n_points
-        self.ref_rank, self.keep_self, self.ref_grad = ref_rank, keep_self, ref_grad
-        self.accum, self.ref_queries = accum, ref_queries
+        check_research_settings(enc_ref_mode, ref_rank, ref_keep_self, attn_map_accum, ref_queries, n_points)
+        self.enc_ref_mode, self.n_levels, self.n_points = enc_ref_mode, n_levels, n_points
+        self.ref_rank, self.ref_keep_self, self.ref_grad = ref_rank, ref_keep_self, ref_grad
+        self.attn_map_accum, self.ref_queries = attn_map_accum, ref_queries
 
     @property
     def needs_map(self) -> bool:
         """Whether ``observe`` needs the decoder's sampling (per_level ranks by class score alone)."""
-        return self.mode == "per_point"
+        return self.enc_ref_mode == "per_point"
 
-    def new_state(self, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                  padding_mask: Optional[torch.Tensor], valid_ratios: torch.Tensor,
-                  spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None) -> GuidanceState:
-        """A fresh per-forward state; shapes as in ``GuidanceState``."""
-        return GuidanceState(self, spatial_shapes, level_start_index, padding_mask, valid_ratios,
-                             spatial_shapes_list)
+    def new_state(self, layout: LevelLayout) -> GuidanceState:
+        """A fresh per-forward state over the encoder tokens of ``layout`` (with valid ratios)."""
+        return GuidanceState(self, layout)
 
     def candidates(self, decoder_state, num_queries_one2one: int) -> CandidateSet:
         """Candidates from the latest decoder layer of a ``DecoderState`` (its logits/boxes lists).
@@ -322,7 +304,7 @@ class EncoderReferenceGenerator(nn.Module):
                                self.ref_queries,
                                decoder_state.logits_one2many[-1] if mixed else None,
                                decoder_state.boxes_one2many[-1] if mixed else None,
-                               per_query=self.mode == "per_point")
+                               per_query=self.enc_ref_mode == "per_point")
 
     @property
     def reads_one2many(self) -> bool:
@@ -330,14 +312,14 @@ class EncoderReferenceGenerator(nn.Module):
         return self.ref_queries == "all"
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode}, n_levels={self.n_levels}, n_points={self.n_points}, ref_rank={self.ref_rank}, "
-                f"keep_self={self.keep_self}, ref_grad={self.ref_grad}, accum={self.accum}, "
-                f"ref_queries={self.ref_queries}")
+        return (f"enc_ref_mode={self.enc_ref_mode}, n_levels={self.n_levels}, n_points={self.n_points}, "
+                f"ref_rank={self.ref_rank}, ref_keep_self={self.ref_keep_self}, ref_grad={self.ref_grad}, "
+                f"attn_map_accum={self.attn_map_accum}, ref_queries={self.ref_queries}")
 
 
 def build_enc_reference_generator(args) -> EncoderReferenceGenerator:
     """The generator from parsed flags (--enc_ref_mode, --ref_rank, --ref_keep_self, ...)."""
-    return EncoderReferenceGenerator(mode=args.enc_ref_mode, n_levels=args.num_feature_levels,
+    return EncoderReferenceGenerator(enc_ref_mode=args.enc_ref_mode, n_levels=args.num_feature_levels,
                                      n_points=args.enc_n_points, ref_rank=args.ref_rank,
-                                     keep_self=args.ref_keep_self, ref_grad=args.ref_grad,
-                                     accum=args.attn_map_accum, ref_queries=args.ref_queries)
+                                     ref_keep_self=args.ref_keep_self, ref_grad=args.ref_grad,
+                                     attn_map_accum=args.attn_map_accum, ref_queries=args.ref_queries)

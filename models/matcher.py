@@ -217,8 +217,6 @@ class TopkIoUAssigner(nn.Module):
 def build_matcher(args) -> HungarianMatcher:
     """One-to-one matcher from ``--set_cost_class/bbox/giou`` and ``--focal_alpha``."""
     return HungarianMatcher(
-        cost_class=getattr(args, "set_cost_class", 2.0),
-        cost_bbox=getattr(args, "set_cost_bbox", 5.0),
-        cost_giou=getattr(args, "set_cost_giou", 2.0),
-        focal_alpha=getattr(args, "focal_alpha", 0.25),
+        cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou,
+        focal_alpha=args.focal_alpha,
     )

@@ -3,12 +3,21 @@
 The sampling itself is `ops.ms_deform_attn` (compiled CUDA op on GPUs, PyTorch elsewhere).
 """
 import math
-from typing import List, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ops import ms_deform_attn
+
+from .level_layout import LevelLayout
+
+
+class MSDeformAttnOutput(NamedTuple):
+    """What one attention call produced; the sampling feeds the encoder guidance and the map."""
+    output: torch.Tensor              # (bs, Lq, C)
+    sampling_locations: torch.Tensor  # (bs, Lq, H, L, P, 2) normalised (x, y), as sampled
+    attention_weights: torch.Tensor   # (bs, Lq, H, L, P), softmax over each head's L * P samples
 
 
 class MSDeformAttn(nn.Module):
@@ -72,26 +81,20 @@ class MSDeformAttn(nn.Module):
         return reference_points + offsets
 
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
-                input_spatial_shapes: torch.Tensor, input_level_start_index: torch.Tensor,
-                input_padding_mask: Optional[torch.Tensor] = None, return_sampling: bool = False,
-                spatial_shapes_list: Optional[List[Tuple[int, int]]] = None):
-        """query (bs, Lq, C); input_flatten (bs, Lin, C); input_padding_mask (bs, Lin) True on padding.
+                layout: LevelLayout) -> MSDeformAttnOutput:
+        """query (bs, Lq, C); input_flatten (bs, T, C) laid out as ``layout`` (padding True -> value 0).
 
-        Returns output (bs, Lq, C), and with ``return_sampling`` also the sampling locations
-        (bs, Lq, H, L, P, 2) and attention weights (bs, Lq, H, L, P) actually used.
+        Returns the output (bs, Lq, C) with the sampling locations and attention weights it used.
         """
         bs, len_q, _ = query.shape
         len_in = input_flatten.shape[1]
         value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        if layout.padding_mask is not None:
+            value = value.masked_fill(layout.padding_mask[..., None], 0.0)
         value = value.view(bs, len_in, self.n_heads, self.d_model // self.n_heads)
         weights = self.attention_weights(query).view(bs, len_q, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(bs, len_q, self.n_heads, self.n_levels, self.n_points)
-        locations = self.sampling_locations(query, reference_points, input_spatial_shapes)
-        output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
-                                spatial_shapes_list=spatial_shapes_list)
-        output = self.output_proj(output)
-        if return_sampling:
-            return output, locations, weights
-        return output
+        locations = self.sampling_locations(query, reference_points, layout.spatial_shapes)
+        output = ms_deform_attn(value, layout.spatial_shapes, layout.level_start_index, locations, weights,
+                                spatial_shapes_list=layout.shapes)
+        return MSDeformAttnOutput(self.output_proj(output), locations, weights)

@@ -45,5 +45,5 @@ class PostProcess(nn.Module):
 
 
 def build_postprocessors(args) -> Dict[str, nn.Module]:
-    """{'bbox': PostProcess(topk=args.topk_eval (default 100))}."""
-    return {"bbox": PostProcess(topk=getattr(args, "topk_eval", 100))}
+    """{'bbox': PostProcess(topk=args.topk_eval)}."""
+    return {"bbox": PostProcess(topk=args.topk_eval)}

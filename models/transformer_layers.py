@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .level_layout import LevelLayout
 from .ms_deform_attn import MSDeformAttn
 
 
@@ -35,7 +36,7 @@ def _ffn(x: torch.Tensor, linear1: nn.Linear, dropout_mid: nn.Dropout, linear2: 
 
 class EncoderLayerOutput(NamedTuple):
     memory: torch.Tensor                       # (bs, T, C)
-    sampling_locations: Optional[torch.Tensor]  # (bs, T, H, L, P, 2) when requested
+    sampling_locations: torch.Tensor  # (bs, T, H, L, P, 2) of the self-attention
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -53,22 +54,20 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None,
-                return_sampling: bool = False, spatial_shapes_list=None) -> EncoderLayerOutput:
-        """src, pos (bs, T, C); reference_points: any shape MSDeformAttn accepts; padding_mask (bs, T)."""
-        attn = self.self_attn(with_pos_embed(src, pos), reference_points, src, spatial_shapes, level_start_index,
-                              padding_mask, return_sampling=return_sampling, spatial_shapes_list=spatial_shapes_list)
-        attn, locations = (attn[0], attn[1]) if return_sampling else (attn, None)
-        src = self.norm1(src + self.dropout1(attn))
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
+                layout: LevelLayout) -> EncoderLayerOutput:
+        """src, pos (bs, T, C) laid out as ``layout``; reference_points: any shape MSDeformAttn accepts."""
+        attn = self.self_attn(with_pos_embed(src, pos), reference_points, src, layout)
+        src = self.norm1(src + self.dropout1(attn.output))
         src = _ffn(src, self.linear1, self.dropout2, self.linear2, self.dropout3, self.norm2)
-        return EncoderLayerOutput(src, locations)
+        return EncoderLayerOutput(src, attn.sampling_locations)
 
 
 class DecoderLayerOutput(NamedTuple):
     hidden: torch.Tensor                        # (bs, Q, C) one-to-one stream
     hidden_one2many: Optional[torch.Tensor]     # (bs, Q, C) MS-DETR one-to-many stream, training only
-    sampling_locations: Optional[torch.Tensor]  # (bs, Q, H, L, P, 2) of the cross-attention, when requested
-    attention_weights: Optional[torch.Tensor]   # (bs, Q, H, L, P)
+    sampling_locations: torch.Tensor            # (bs, Q, H, L, P, 2) of the cross-attention
+    attention_weights: torch.Tensor             # (bs, Q, H, L, P)
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -106,31 +105,24 @@ class DeformableDecoderLayer(nn.Module):
         out = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         return self.norm2(tgt + self.dropout2(out))
 
-    def _cross_attention(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index,
-                         padding_mask, return_sampling, spatial_shapes_list):
-        out = self.cross_attn(with_pos_embed(tgt, query_pos), reference_points, src, spatial_shapes,
-                              level_start_index, padding_mask, return_sampling=return_sampling,
-                              spatial_shapes_list=spatial_shapes_list)
-        out, locations, weights = out if return_sampling else (out, None, None)
-        return self.norm1(tgt + self.dropout1(out)), locations, weights
+    def _cross_attention(self, tgt, query_pos, reference_points, src, layout):
+        attn = self.cross_attn(with_pos_embed(tgt, query_pos), reference_points, src, layout)
+        return self.norm1(tgt + self.dropout1(attn.output)), attn
 
-    def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask=None,
-                self_attn_mask=None, return_sampling: bool = False, with_one2many: bool = False,
-                spatial_shapes_list=None) -> DecoderLayerOutput:
-        """tgt, query_pos (bs, Q, C); reference_points (bs, Q, L, 2|4); src (bs, T, C);
-        self_attn_mask (Q, Q) bool, True = may not attend. ``with_one2many`` asks MS-DETR's
-        one-to-many stream (training only)."""
-        cross_args = (reference_points, src, spatial_shapes, level_start_index, padding_mask, return_sampling,
-                      spatial_shapes_list)
+    def forward(self, tgt, query_pos, reference_points, src, layout: LevelLayout, self_attn_mask=None,
+                with_one2many: bool = False) -> DecoderLayerOutput:
+        """tgt, query_pos (bs, Q, C); reference_points (bs, Q, L, 2|4); src (bs, T, C) laid out as
+        ``layout``; self_attn_mask (Q, Q) bool, True = may not attend. ``with_one2many`` asks
+        MS-DETR's one-to-many stream (training only)."""
         hidden_one2many = None
         if self.use_ms_detr:
-            tgt, locations, weights = self._cross_attention(tgt, query_pos, *cross_args)
+            tgt, attn = self._cross_attention(tgt, query_pos, reference_points, src, layout)
             if with_one2many:
                 hidden_one2many = (_ffn(tgt, self.linear3, self.dropout5, self.linear4, self.dropout6, self.norm4)
                                    if self.use_aux_ffn else tgt)
             tgt = self._self_attention(tgt, query_pos, self_attn_mask)
         else:
             tgt = self._self_attention(tgt, query_pos, self_attn_mask)
-            tgt, locations, weights = self._cross_attention(tgt, query_pos, *cross_args)
+            tgt, attn = self._cross_attention(tgt, query_pos, reference_points, src, layout)
         tgt = _ffn(tgt, self.linear1, self.dropout3, self.linear2, self.dropout4, self.norm3)
-        return DecoderLayerOutput(tgt, hidden_one2many, locations, weights)
+        return DecoderLayerOutput(tgt, hidden_one2many, attn.sampling_locations, attn.attention_weights)

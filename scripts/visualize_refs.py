@@ -147,25 +147,17 @@ class Capture:
         self.handles.clear()
 
     def _on_encoder(self, module, args, kwargs):
-        # DeformableEncoderLayer.forward(src, pos, reference_points, spatial_shapes, level_start_index, ...)
+        # DeformableEncoderLayer.forward(src, pos, reference_points, layout)
         self.encoder_refs.append(_arg(args, kwargs, 2, "reference_points").detach())
         return None
 
     def _on_cross_attn(self, module, args, kwargs, output):
-        # MSDeformAttn.forward(query, reference_points, input_flatten, input_spatial_shapes,
-        #                      input_level_start_index, input_padding_mask=None, return_sampling=False, ...)
-        if isinstance(output, tuple):
-            locations, weights = output[1], output[2]
-        else:
-            # the model did not ask for them (unguided variants): run the module again for them;
-            # calling .forward directly does not re-enter this hook
-            again = dict(kwargs, return_sampling=True)
-            with torch.no_grad():
-                _, locations, weights = module.forward(*args, **again)
-        self.decoder_sampling.append((locations.detach(), weights.detach()))
-        self.spatial_shapes = _arg(args, kwargs, 3, "input_spatial_shapes")
-        self.level_start_index = _arg(args, kwargs, 4, "input_level_start_index")
-        self.padding_mask = _arg(args, kwargs, 5, "input_padding_mask")
+        # MSDeformAttn.forward(query, reference_points, input_flatten, layout) -> MSDeformAttnOutput
+        self.decoder_sampling.append((output.sampling_locations.detach(), output.attention_weights.detach()))
+        layout = _arg(args, kwargs, 3, "layout")
+        self.spatial_shapes = layout.spatial_shapes
+        self.level_start_index = layout.level_start_index
+        self.padding_mask = layout.padding_mask
         return None
 
 

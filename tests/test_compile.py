@@ -20,6 +20,7 @@ import torch
 import models
 import ops
 import ops.dispatch as dispatch
+from models.level_layout import LevelLayout
 from models.ms_deform_attn import MSDeformAttn
 from ops import ms_deform_attn_pytorch, ms_deform_attn_registered
 from ops.ms_deform_attn_cuda import _backward_op, _forward_op
@@ -122,15 +123,15 @@ def module_and_inputs(seed=0):
     flat = torch.randn(2, len_in, 16, generator=g)
     padding = torch.zeros(2, len_in, dtype=torch.bool)
     padding[1, -5:] = True
-    args = (query, reference, flat, torch.tensor(LEVELS), torch.tensor([0, LEVELS[0][0] * LEVELS[0][1]]), padding)
-    return module, args, {"spatial_shapes_list": LEVELS}
+    layout = LevelLayout(torch.tensor(LEVELS), LEVELS, torch.tensor([0, LEVELS[0][0] * LEVELS[0][1]]), padding)
+    return module, (query, reference, flat, layout), {}
 
 
 def forward_backward(module, args, kwargs):
     """Output and the gradients of every parameter and of the query, for a fixed output weighting."""
     module.zero_grad(set_to_none=True)
     query = args[0].clone().requires_grad_(True)
-    out = module(query, *args[1:], **kwargs)
+    out = module(query, *args[1:], **kwargs).output
     weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
     (out * weights).sum().backward()
     return [out.detach(), query.grad] + [p.grad for p in module.parameters()]

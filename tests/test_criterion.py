@@ -1,6 +1,5 @@
 """Losses on hand-worked values; the full criterion on fake model outputs; post-processing."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +7,8 @@ import torch
 from models.criterion import SetCriterion, build_criterion, repeat_targets, sigmoid_focal_loss
 from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess, build_postprocessors
+from tests.helpers import TINY
+from util.config import parse_args
 
 
 # ----- focal loss --------------------------------------------------------------
@@ -61,13 +62,16 @@ NUM_CLASSES, NUM_QUERIES, NUM_O2M, DEC_LAYERS = 5, 10, 12, 4
 
 
 def _args(**kw):
+    """The parser's complete namespace (every flag a builder reads), with these tests' settings."""
+    args = parse_args(TINY)
     base = dict(dec_layers=DEC_LAYERS, aux_loss=True, num_queries_one2many=0, use_ms_detr=False,
                 cls_loss_coef=2.0, bbox_loss_coef=5.0, giou_loss_coef=2.0,
                 enc_cls_loss_coef=None, enc_bbox_loss_coef=None, enc_giou_loss_coef=None,
                 k_one2many=3, lambda_one2many=1.0, o2m_cls_loss_coef=2.0, o2m_bbox_loss_coef=5.0,
                 o2m_giou_loss_coef=2.0, o2m_matcher_k=6, o2m_matcher_threshold=0.4, topk_eval=100)
     base.update(kw)
-    return SimpleNamespace(**base)
+    vars(args).update(base)
+    return args
 
 
 def _leaf_prediction(generator, batch, queries):
@@ -161,8 +165,8 @@ def test_weight_dict_values():
     assert "loss_ce_0" not in losses
 
 
-def test_args_defaults_via_getattr():
-    criterion = build_criterion(SimpleNamespace(), NUM_CLASSES)
+def test_parser_defaults_configure_the_criterion():
+    criterion = build_criterion(parse_args(TINY + ["--dec_layers", "6"]), NUM_CLASSES)
     assert criterion.one2many is None and criterion.matcher.cost_class == 2.0
     assert criterion.weight_dict["loss_ce_4"] == 2.0  # dec_layers default 6 -> aux 0..4
 

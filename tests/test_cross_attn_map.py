@@ -4,6 +4,7 @@ import torch
 
 from models.cross_attn_map import (CrossAttnMapAccumulator, attention_footprint, cross_attention_map,
                                    footprint_to_dense, reduce_rows)
+from models.level_layout import LevelLayout
 from ops import ms_deform_attn_pytorch
 
 SHAPES = [(6, 5), (3, 4), (2, 2)]
@@ -70,18 +71,20 @@ def case():
     ss, starts, total = level_layout(SHAPES)
     loc, attn = random_sampling(2, 7, 3, SHAPES, 3)
     mask = padding_for(SHAPES, [(1.0, 1.0), (0.6, 0.5)])
-    return dict(ss=ss, starts=starts, total=total, loc=loc, attn=attn, mask=mask)
+    return dict(ss=ss, starts=starts, total=total, loc=loc, attn=attn, mask=mask,
+                layout=LevelLayout(ss, SHAPES, starts, mask), unpadded=LevelLayout(ss, SHAPES, starts))
 
 
 def test_footprint_layout_and_corner_order():
     """K = heads*levels*points*4 ordered (head, level, point, corner); corner = 2*dy + dx."""
     ss, starts, _ = level_layout([(4, 4), (2, 2)])
+    layout = LevelLayout(ss, [(4, 4), (2, 2)], starts)
     loc = torch.zeros(1, 1, 2, 2, 1, 2, dtype=torch.float64)
     # head 0, level 0: pixel coords (1.25, 2.5) -> x0 1, y0 2; head 1, level 1: (0.5, 0.0)
     loc[0, 0, 0, 0, 0] = torch.tensor([(1.25 + 0.5) / 4, (2.5 + 0.5) / 4])
     loc[0, 0, 1, 1, 0] = torch.tensor([(0.5 + 0.5) / 2, (0.0 + 0.5) / 2])
     attn = torch.ones(1, 1, 2, 2, 1, dtype=torch.float64)
-    tokens, weights = attention_footprint(loc, attn, ss, starts)
+    tokens, weights = attention_footprint(loc, attn, layout)
     assert tokens.shape == weights.shape == (1, 1, 2 * 2 * 1 * 4)
     assert tokens.dtype == torch.int64
     k_head, k_level = 2 * 1 * 4, 1 * 4
@@ -95,12 +98,12 @@ def test_footprint_layout_and_corner_order():
 
 
 def test_footprint_outside_corners_zero_and_indices_valid(case):
-    tokens, weights = attention_footprint(case["loc"], case["attn"], case["ss"], case["starts"], case["mask"])
+    tokens, weights = attention_footprint(case["loc"], case["attn"], case["layout"])
     assert int(tokens.min()) >= 0 and int(tokens.max()) < case["total"]
     assert bool((weights >= 0).all())
     far = case["loc"].clone()
     far[..., 0] = 5.0  # every sample far right of every level
-    _, weights_far = attention_footprint(far, case["attn"], case["ss"], case["starts"])
+    _, weights_far = attention_footprint(far, case["attn"], case["unpadded"])
     assert bool((weights_far == 0).all())
 
 
@@ -115,7 +118,7 @@ def test_diverged_locations_contribute_nothing(case, dtype):
         loc[0, i, i % 3, i % 3, i % 3, i % 2] = value
     bad[1, :, 0, 1] = True  # and a whole level of image 1, both coordinates
     loc[1, :, 0, 1] = float("nan")
-    tokens, weights = attention_footprint(loc, attn, case["ss"], case["starts"], case["mask"])
+    tokens, weights = attention_footprint(loc, attn, case["layout"])
     assert int(tokens.min()) >= 0 and int(tokens.max()) < case["total"]
     dense = cross_attention_map(loc, attn, case["ss"], case["starts"], case["mask"])
     without = cross_attention_map(loc.masked_fill(bad[..., None], 0.5), attn.masked_fill(bad, 0.0), case["ss"],
@@ -176,12 +179,6 @@ def test_padded_tokens_receive_nothing(case):
     assert float(unmasked[1][case["mask"][1]].sum()) > 0  # the mask, not luck, keeps them empty
 
 
-def test_spatial_shapes_list_gives_same_map(case):
-    a = cross_attention_map(case["loc"], case["attn"], case["ss"], case["starts"], spatial_shapes_list=SHAPES)
-    b = cross_attention_map(case["loc"], case["attn"], case["ss"], case["starts"])
-    assert torch.equal(a, b)
-
-
 def test_reduce_rows_merges_repeats():
     tokens = torch.tensor([[[3, 1, 3, 0, 1, 3]]])
     weights = torch.tensor([[[0.5, 0.25, 0.125, 0.0, 0.5, 1.0]]])
@@ -199,7 +196,7 @@ def test_accumulator_matches_dense_combination(case, mode):
     for layer in range(3):
         loc, attn = random_sampling(2, 7, 3, SHAPES, 3, seed=10 + layer)
         dense_layers.append(cross_attention_map(loc, attn, case["ss"], case["starts"], case["mask"]))
-        acc.add(*attention_footprint(loc, attn, case["ss"], case["starts"], case["mask"]))
+        acc.add(*attention_footprint(loc, attn, case["layout"]))
         stack = torch.stack(dense_layers)
         expected = {"none": stack[-1], "sum": stack.sum(0), "max": stack.amax(0)}[mode]
         assert len(acc) == layer + 1
@@ -216,7 +213,7 @@ def test_accumulator_stores_detached_and_rejects_bad_use(case):
     acc = CrossAttnMapAccumulator("sum")
     with pytest.raises(RuntimeError):
         acc.combined()
-    acc.add(*attention_footprint(loc, attn, case["ss"], case["starts"]))
+    acc.add(*attention_footprint(loc, attn, case["unpadded"]))
     assert not acc.combined()[1].requires_grad
     with pytest.raises(ValueError):
         acc.add(torch.zeros(2, 3, 4, dtype=torch.int64), torch.zeros(2, 3, 4))

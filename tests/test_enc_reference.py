@@ -2,19 +2,19 @@
 
 Maps are built exactly: with power-of-two level sizes a sample at a pixel centre puts its whole
 weight on that pixel, so ``sampling_from_map`` turns any dense (bs, T, Q) map into decoder
-sampling that reproduces it. ``python -m tests.test_enc_reference [--threads N]`` (from the
-repository root) prints a CPU benchmark of the guidance at COCO scale; it is not a test.
+sampling that reproduces it. The CPU benchmark of the guidance at COCO scale is
+``scripts/bench_guidance.py``.
 """
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from models.cross_attn_map import attention_footprint, cross_attention_map
+from models.cross_attn_map import cross_attention_map
 from models.enc_reference import (CandidateSet, EncoderReferenceGenerator, build_enc_reference_generator,
                                   make_candidates)
+from models.level_layout import LevelLayout
+from tests.helpers import tiny_args
 
 SHAPES = [(4, 4), (2, 2)]  # T = 20
 T = 20
@@ -56,7 +56,7 @@ def new_state(gen, bs=1, valid_ratios=None, padding_mask=None):
     ss, starts = layout()
     if valid_ratios is None:
         valid_ratios = torch.ones(bs, len(SHAPES), 2)
-    return gen.new_state(ss, starts, padding_mask, valid_ratios, SHAPES)
+    return gen.new_state(LevelLayout(ss, SHAPES, starts, padding_mask, valid_ratios))
 
 
 def stock_refs(bs=1, seed=0):
@@ -64,11 +64,11 @@ def stock_refs(bs=1, seed=0):
     return torch.rand(bs, T, len(SHAPES), 2, generator=torch.Generator().manual_seed(seed))
 
 
-def loop_references(combined, cands, stock, valid_ratios, points, keep_self, by_score):
+def loop_references(combined, cands, stock, valid_ratios, points, ref_keep_self, by_score):
     """Per-token python reference of per_point references: combined (bs, T, Q) -> (bs, T, L, P, 2)."""
     bs = stock.shape[0]
     out = stock[:, :, :, None, :].repeat(1, 1, 1, points, 1)
-    first = 1 if keep_self else 0
+    first = 1 if ref_keep_self else 0
     for b in range(bs):
         for t in range(T):
             ranked = []
@@ -182,7 +182,7 @@ def test_v303_one_to_one_only_hybrid():
 
 
 def test_v304_keep_self_first():
-    gen = EncoderReferenceGenerator("per_point", 2, 3, ref_rank="attn", keep_self=True)
+    gen = EncoderReferenceGenerator("per_point", 2, 3, ref_rank="attn", ref_keep_self=True)
     stock = stock_refs()
     refs = run_hand(gen, hybrid_candidates(), stock=stock)
     assert refs.shape == (1, T, 2, 3, 2)
@@ -280,7 +280,7 @@ def test_a_query_never_fills_two_slots(form, rank, accum):
         cands = make_candidates(logits, o2o_boxes, num_q, "all", torch.randn(bs, num_q, 3, generator=g), o2m_boxes)
     else:
         cands = make_candidates(logits, o2o_boxes, 2, "all")
-    gen = EncoderReferenceGenerator("per_point", 2, points, ref_rank=rank, accum=accum)
+    gen = EncoderReferenceGenerator("per_point", 2, points, ref_rank=rank, attn_map_accum=accum)
     state = new_state(gen, bs=bs)
     stock = stock_refs(bs)
     for _ in range(3):
@@ -326,7 +326,7 @@ def test_accumulation_modes_change_ranking():
     cands = CandidateSet(BOXES[:, :3], SCORES[:, :3])
     winners = {}
     for accum in ("none", "sum", "max"):
-        gen = EncoderReferenceGenerator("per_point", 2, 1, ref_rank="attn", accum=accum)
+        gen = EncoderReferenceGenerator("per_point", 2, 1, ref_rank="attn", attn_map_accum=accum)
         state = new_state(gen, valid_ratios=VR)
         stock = stock_refs()
         observe_map(state, first, cands)
@@ -359,7 +359,8 @@ def test_per_point_matches_loop_reference(rank, keep_self, accum, form):
                                 "o2o" if form == "hybrid_o2o" else "all")
     # sigmoid(logit(k / 8)) in float32 may be off by an ulp: snap back so products tie exactly
     cands = CandidateSet(cands.boxes, cands.scores.mul(8).round().div(8))
-    gen = EncoderReferenceGenerator("per_point", 2, points, ref_rank=rank, keep_self=keep_self, accum=accum)
+    gen = EncoderReferenceGenerator("per_point", 2, points, ref_rank=rank, ref_keep_self=keep_self,
+                                    attn_map_accum=accum)
     state = new_state(gen, bs=bs, valid_ratios=vr, padding_mask=mask)
     stock = stock_refs(bs)
     layers = []
@@ -401,22 +402,42 @@ def test_gradient_reaches_boxes_only_with_ref_grad(mode):
 
 
 def test_generator_has_no_parameters_and_validates():
-    gen = EncoderReferenceGenerator("per_point", 4, 4, "attn_cls", keep_self=True, accum="max")
+    gen = EncoderReferenceGenerator("per_point", 4, 4, "attn_cls", ref_keep_self=True, attn_map_accum="max")
     assert list(gen.parameters()) == [] and gen.state_dict() == {}
     assert gen.needs_map and not EncoderReferenceGenerator("per_level", 4, 4, "cls").needs_map
-    for bad in (dict(mode="per_level", ref_rank="attn"), dict(mode="per_point", ref_rank="cls"),
-                dict(mode="per_level", ref_rank="cls", keep_self=True), dict(mode="sideways"),
-                dict(mode="per_point", accum="median"), dict(mode="per_point", ref_queries="o2m")):
+    for bad in (dict(enc_ref_mode="per_level", ref_rank="attn"), dict(enc_ref_mode="per_point", ref_rank="cls"),
+                dict(enc_ref_mode="per_level", ref_rank="cls", ref_keep_self=True), dict(enc_ref_mode="sideways"),
+                dict(enc_ref_mode="per_point", attn_map_accum="median"),
+                dict(enc_ref_mode="per_point", ref_queries="o2m"),
+                dict(enc_ref_mode="per_level", ref_rank="cls", attn_map_accum="sum"),
+                dict(enc_ref_mode="per_point", ref_keep_self=True, n_points=1)):
         kwargs = dict(n_levels=4, n_points=4)
         kwargs.update(bad)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="--"):  # the message names the flags
             EncoderReferenceGenerator(**kwargs)
     with pytest.raises(ValueError):
         new_state(EncoderReferenceGenerator("per_point", 2, 2)).observe(None, None, hybrid_candidates())
     args = SimpleNamespace(enc_ref_mode="per_point", num_feature_levels=4, enc_n_points=4, ref_rank="attn",
                            ref_keep_self=True, ref_grad=False, attn_map_accum="sum", ref_queries="o2o")
     built = build_enc_reference_generator(args)
-    assert (built.keep_self, built.accum, built.ref_queries, built.n_points) == (True, "sum", "o2o", 4)
+    assert (built.ref_keep_self, built.attn_map_accum, built.ref_queries, built.n_points) == (True, "sum", "o2o", 4)
+
+
+@pytest.mark.parametrize("flags,kwargs", [
+    (["--variant", "v3.0.1", "--ref_rank", "attn"], dict(enc_ref_mode="per_level", ref_rank="attn")),
+    (["--variant", "v3.0.2", "--ref_rank", "cls"], dict(enc_ref_mode="per_point", ref_rank="cls")),
+    (["--variant", "v3.0.1", "--attn_map_accum", "sum"],
+     dict(enc_ref_mode="per_level", ref_rank="cls", attn_map_accum="sum")),
+    (["--variant", "v3.0.1", "--ref_keep_self"], dict(enc_ref_mode="per_level", ref_rank="cls", ref_keep_self=True)),
+    (["--variant", "v3.0.4", "--enc_n_points", "1"], dict(enc_ref_mode="per_point", ref_keep_self=True, n_points=1)),
+])
+def test_parser_and_generator_reject_with_the_same_rule(flags, kwargs):
+    """Each combination rule is written once: the parser's error is the generator's, prefixed."""
+    with pytest.raises(ValueError) as from_parser:
+        tiny_args(*flags)
+    with pytest.raises(ValueError) as from_generator:
+        EncoderReferenceGenerator(**{"n_levels": 4, "n_points": 4, **kwargs})
+    assert str(from_parser.value) == f"invalid configuration: {from_generator.value}"
 
 
 def test_references_cached_until_next_observe():
@@ -430,76 +451,16 @@ def test_references_cached_until_next_observe():
     assert torch.equal(state.references(stock), stock[:, :, :, None].expand(1, T, 2, 2, 2))
 
 
-# ----------------------------------------------------------------------------- benchmark (not a test)
+def test_guidance_benchmark_script_runs_at_a_tiny_size(capsys):
+    """scripts/bench_guidance.py stays runnable: every measurement at a toy size (not a timing)."""
+    import importlib.util
+    import pathlib
 
-def coco_levels():
-    """800 x 1333 input: strides 8, 16, 32, 64."""
-    return [(100, 167), (50, 84), (25, 42), (13, 21)]
-
-
-def benchmark(bs=2, num_q=1800, heads=8, points=4, channels=32, repeats=5, layers=3):
-    """CPU timings (ms) of the guidance work vs the decoder layer that produces one map.
-
-    Every measurement runs once per round and rounds repeat, keeping each one's best time, so
-    a load change on a shared machine hits all of them alike. Returns {name: ms}.
-    """
-    from models.ms_deform_attn import MSDeformAttn
-    from ops import ms_deform_attn_pytorch
-    torch.manual_seed(0)
-    shapes = coco_levels()
-    ss, starts = layout(shapes)
-    total, levels, d_model = int(ss.prod(1).sum()), len(shapes), heads * channels
-    value = torch.randn(bs, total, heads, channels)
-    memory, query = value.reshape(bs, total, d_model), torch.randn(bs, num_q, d_model)
-    mask, vr = torch.zeros(bs, total, dtype=torch.bool), torch.ones(bs, levels, 2)
-    stock, box_refs = torch.rand(bs, total, levels, 2), torch.rand(bs, num_q, levels, 2)
-    # decoder-like sampling: every query's samples cluster around its box
-    samples = [(torch.rand(bs, num_q, 1, 1, 1, 2) + 0.02 * torch.randn(bs, num_q, heads, levels, points, 2),
-                torch.rand(bs, num_q, heads, levels, points).softmax(-1)) for _ in range(layers)]
-    cands = make_candidates(torch.randn(bs, num_q, 3), torch.rand(bs, num_q, 4), num_q)
-    loc, attn = samples[0]
-    module = MSDeformAttn(d_model, levels, heads, points)
-    runs = {
-        "operator forward (ms_deform_attn_pytorch)":
-            lambda: ms_deform_attn_pytorch(value, ss, starts, loc, attn, spatial_shapes_list=shapes),
-        "MSDeformAttn module forward":
-            lambda: module(query, box_refs, memory, ss, starts, mask, spatial_shapes_list=shapes),
-        "attention_footprint (1 layer)": lambda: attention_footprint(loc, attn, ss, starts, mask),
-    }
-    try:
-        from models.transformer_layers import DeformableDecoderLayer
-        layer = DeformableDecoderLayer(d_model, 1024, 0.0, levels, heads, points).eval()
-        runs["decoder layer forward (FFN 1024)"] = lambda: layer(query, query, box_refs, memory, ss, starts, mask,
-                                                                 spatial_shapes_list=shapes)
-    except ImportError:  # another part of the tree; the other numbers stand alone
-        pass
-
-    def guided(accum, count):
-        gen = EncoderReferenceGenerator("per_point", levels, points, "attn", keep_self=True, accum=accum)
-        state = gen.new_state(ss, starts, mask, vr, shapes)
-        for layer_loc, layer_attn in samples[:count]:
-            state.observe(layer_loc, layer_attn, cands)
-        return state.references(stock)
-
-    for accum in ("none", "sum", "max"):
-        for count in sorted({1, layers}):
-            runs[f"v3.0.4 accum={accum}: observe x{count} + references"] = (
-                lambda accum=accum, count=count: guided(accum, count))
-    best = {name: float("inf") for name in runs}
-    with torch.no_grad():
-        for _ in range(repeats + 1):  # the first round warms up
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-    print(f"bs {bs}, T {total}, Q {num_q}, heads {heads}, levels {levels}, points {points}, "
-          f"footprint entries/layer {bs * num_q * heads * levels * points * 4}, threads {torch.get_num_threads()}")
-    for name, seconds in best.items():
-        print(f"{name:55s} {seconds * 1e3:8.1f} ms")
-    return {name: seconds * 1e3 for name, seconds in best.items()}
-
-
-if __name__ == "__main__":
-    if "--threads" in sys.argv:
-        torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
-    benchmark()
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_guidance.py"
+    spec = importlib.util.spec_from_file_location("bench_guidance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    times = bench.benchmark(bs=1, num_q=3, heads=2, points=2, channels=4, repeats=0, layers=2, shapes=SHAPES, ffn=8)
+    assert len(times) == 4 + 3 * 2  # operator, module, decoder layer, footprint; 3 accum modes x {1, 2} layers
+    assert all(ms >= 0 for ms in times.values())
+    assert "v3.0.4 accum=max: observe x2 + references" in capsys.readouterr().out

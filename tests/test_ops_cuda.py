@@ -485,6 +485,7 @@ def test_levels_that_do_not_fit_value(device):
 
 def test_registered_op_opcheck_and_compile_on_gpu(device):
     """The registered op's fake / autograd registrations against the CUDA kernels; compile and export of the module."""
+    from models.level_layout import LevelLayout
     from models.ms_deform_attn import MSDeformAttn
 
     value, shapes, starts, loc, attn, levels = make_case("channels6", device)
@@ -494,12 +495,11 @@ def test_registered_op_opcheck_and_compile_on_gpu(device):
     torch.manual_seed(0)
     module = MSDeformAttn(d_model=16, n_levels=len(levels), n_heads=2, n_points=2).to(device)
     len_in = sum(h * w for h, w in levels)
+    layout = LevelLayout(shapes, levels, starts, torch.zeros(2, len_in, dtype=torch.bool, device=device))
     args = (torch.randn(2, 30, 16, device=device), torch.rand(2, 30, len(levels), 2, device=device),
-            torch.randn(2, len_in, 16, device=device), shapes, starts,
-            torch.zeros(2, len_in, dtype=torch.bool, device=device))
-    kwargs = {"spatial_shapes_list": levels}
+            torch.randn(2, len_in, 16, device=device), layout)
     torch._dynamo.reset()
     compiled = torch.compile(module, fullgraph=True)
-    torch.testing.assert_close(compiled(*args, **kwargs), module(*args, **kwargs), rtol=1e-5, atol=1e-6)
-    exported = torch.export.export(module, args, kwargs=kwargs)
+    torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-6)
+    exported = torch.export.export(module, args)
     assert sum("msda.ms_deform_attn" in str(n.target) for n in exported.graph.nodes) == 1

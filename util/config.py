@@ -134,12 +134,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dn_bbox_loss_coef", default=None, type=float, help="unset: --bbox_loss_coef")
     g.add_argument("--dn_giou_loss_coef", default=None, type=float, help="unset: --giou_loss_coef")
 
+    # allowed values live with the research code; imported here, not at the top, because
+    # importing the models package imports this module (parse_stages)
+    from models.research_settings import ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS
+
     g = p.add_argument_group("cross-attention-guided encoder references (research)")
-    g.add_argument("--enc_ref_mode", default="none", choices=["none", "per_level", "per_point"],
+    g.add_argument("--enc_ref_mode", default="none", choices=("none",) + ENC_REF_MODES,
                    help="none: stock token grid; per_level: v3.0.1; per_point: v3.0.2-4")
-    g.add_argument("--ref_rank", default="attn", choices=["cls", "attn", "attn_cls"],
+    g.add_argument("--ref_rank", default="attn", choices=REF_RANKS,
                    help="how candidates are ranked for encoder references: class score, map weight, or both")
-    g.add_argument("--ref_queries", default="all", choices=["all", "o2o"],
+    g.add_argument("--ref_queries", default="all", choices=REF_QUERY_SETS,
                    help="candidate queries for encoder references: all or one-to-one only")
     g.add_argument("--ref_keep_self", action=BOOL, default=False,
                    help="point 0 keeps the token's own location (v3.0.4)")
@@ -153,7 +157,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--enc_ref_progressive", action=BOOL, default=False,
                    help="encoder layers use the previous encoder layer's sampling locations (per head) as "
                         "references, across decoder layers too; not combinable with --enc_ref_mode")
-    g.add_argument("--attn_map_accum", default="none", choices=["none", "sum", "max"],
+    g.add_argument("--attn_map_accum", default="none", choices=ACCUM_MODES,
                    help="combine the cross-attention maps of the decoder layers run so far: none (latest "
                         "layer), sum, or max (per token and query)")
 
@@ -510,6 +514,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.epochs < 0:
         fail("--batch_size must be >= 1 and --epochs >= 0")
 
+    from models.research_settings import check_research_settings  # see get_args_parser
+
     guided_mode = args.enc_ref_mode != "none"
     if guided_mode:
         if num_guided_encoder_layers(pairs) == 0:
@@ -519,19 +525,16 @@ def validate_args(args: argparse.Namespace) -> None:
         if args.enc_ref_mode == "per_level" and n_candidates < args.num_feature_levels:
             fail(f"--enc_ref_mode per_level picks {args.num_feature_levels} queries but only {n_candidates} "
                  "are candidates")
-        if args.enc_ref_mode == "per_level" and args.ref_rank != "cls":
-            fail("--enc_ref_mode per_level (v3.0.1) ranks candidates by class score: use --ref_rank cls")
-        if args.enc_ref_mode == "per_point" and args.ref_rank == "cls":
-            fail("--enc_ref_mode per_point ranks candidates per token by map weight: "
-                 "--ref_rank attn or attn_cls")
+        try:  # the rules the generator itself enforces, written once in the research module
+            check_research_settings(args.enc_ref_mode, args.ref_rank, args.ref_keep_self, args.attn_map_accum,
+                                    args.ref_queries, args.enc_n_points)
+        except ValueError as error:
+            fail(str(error))
         if args.enc_ref_progressive:
             # in every schedule a guided encoder layer directly follows a decoder layer, whose
             # fresh guidance would replace the progressive chain: the flag would do nothing
             fail(f"--enc_ref_progressive and --enc_ref_mode {args.enc_ref_mode} both set the encoder's "
                  "references (previous encoder layer's sampling vs the decoder's guidance); use one")
-        if args.enc_ref_mode == "per_level" and args.attn_map_accum != "none":
-            fail(f"--attn_map_accum {args.attn_map_accum} combines cross-attention maps, but "
-                 "--enc_ref_mode per_level ranks by class score and reads no map")
     else:
         for flag, value, default in (("--ref_keep_self", args.ref_keep_self, False), ("--ref_grad", args.ref_grad, False),
                                      ("--attn_map_accum", args.attn_map_accum, "none"),
@@ -543,10 +546,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if not args.ref_eval_one2many and (args.ref_queries != "all" or not has_one2many):
         fail("--no-ref_eval_one2many drops one-to-many guidance candidates at inference, but there are none: "
              "it needs --ref_queries all and a one-to-many form (--num_queries_one2many > 0 or --use_ms_detr)")
-    if args.ref_keep_self and args.enc_ref_mode != "per_point":
-        fail("--ref_keep_self needs --enc_ref_mode per_point")
-    if args.ref_keep_self and args.enc_n_points < 2:
-        fail("--ref_keep_self keeps point 0 for the token itself: needs --enc_n_points >= 2")
     if args.ref_queries == "o2o" and args.num_queries_one2many == 0 and not args.use_ms_detr:
         _warn("--ref_queries o2o without a one-to-many form: all queries are one-to-one already")
     _validate_denoising(args, fail)
