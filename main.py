@@ -26,8 +26,8 @@ from util.checkpoint import (CHECKPOINT_NAME, OutputDirLock, all_differences, at
                              check_resume_configuration, checkpoint_state, fault_point, find_latest_checkpoint,
                              load_checkpoint, numbered_checkpoint_paths, remove_stale_temp_files,
                              resume_training_state, saved_config)
-from util.config import (Config, get_args_parser, parse_args, resolve_config, save_config,  # noqa: F401
-                         validate_paths)  # get_args_parser: main's interface
+from util.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
+from util.config import Config, parse_args, resolve_config, save_config, validate_paths
 from util.dist import DistInfo, say
 from util.errors import InputError
 from util.logger import JsonlLogger, TensorboardLogger, format_seconds

@@ -1,9 +1,12 @@
-"""Checkpoints that survive a killed process, and the random-number state that makes resuming exact.
+"""Checkpoints that survive a killed process, what they hold, and how a run resumes from one.
 
-A checkpoint is written to a temporary file in the destination directory, flushed to disk,
-and only then renamed over the destination. ``os.replace`` is atomic on POSIX file systems
-when source and destination are on the same file system (hence the same directory), so a
-reader sees either the previous complete file or the new complete file, never a torn one.
+Every file the trainer writes whole (checkpoints, their numbered copies, config.yaml, the
+detections, the rewritten log) goes through ``atomic_write``: a temporary file in the destination
+directory, flushed to disk, renamed over the destination, then the directory synced. ``os.replace``
+is atomic on POSIX file systems when source and destination are on the same file system (hence
+the same directory), so a reader sees either the previous complete file or the new complete file,
+never a torn one. Resuming: ``check_resume_configuration`` refuses a checkpoint of another model
+before anything loads, ``resume_training_state`` restores optimiser, schedule, scaler and RNG state.
 """
 import errno
 import glob
