@@ -168,23 +168,23 @@ def train_step(model, criterion, samples, targets, optimizer, device, amp: str, 
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, args, scaler: Optional[torch.amp.GradScaler] = None,
+                    device: torch.device, epoch: int, *, amp: str, clip_max_norm: float, print_freq: int,
+                    max_iters: Optional[int] = None, scaler: Optional[torch.amp.GradScaler] = None,
                     logger: Optional[JsonlLogger] = None, tb_logger: Optional[TensorboardLogger] = None
                     ) -> Dict[str, float]:
-    """Train for one epoch (or ``args.max_iters_per_epoch`` iterations); returns epoch means.
+    """Train for one epoch (or ``max_iters`` iterations, when given); returns epoch means.
 
-    Per window of ``args.print_freq`` iterations: one host sync, a progress line, a JSON
-    record (``type: train``) and TensorBoard scalars. Raises ``NonFiniteLossError`` when a
-    loss is NaN/inf (detected at the end of the window it happened in).
+    ``amp``: 'off' | 'bf16' | 'fp16' (``--amp``); ``clip_max_norm``: 0 disables clipping. Per
+    window of ``print_freq`` iterations: one host sync, a progress line, a JSON record
+    (``type: train``) and TensorBoard scalars. Raises ``NonFiniteLossError`` when a loss is
+    NaN/inf (detected at the end of the window it happened in).
     """
     model.train()
     criterion.train()
-    amp = getattr(args, "amp", "off")
-    clip = getattr(args, "clip_max_norm", 0.0) or 0.0
-    print_freq = max(int(getattr(args, "print_freq", 10) or 10), 1)
+    print_freq = max(int(print_freq), 1)
     total_iters = len(data_loader)
-    if getattr(args, "max_iters_per_epoch", None):
-        total_iters = min(total_iters, args.max_iters_per_epoch)
+    if max_iters:
+        total_iters = min(total_iters, max_iters)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     skipped = 0
 
@@ -202,8 +202,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         data_time += time.time() - fetch_start
         skipped += count_skipped(targets)
         try:
-            values, diverged = train_step(model, criterion, samples, targets, optimizer, device, amp, clip, params,
-                                          scaler)
+            values, diverged = train_step(model, criterion, samples, targets, optimizer, device, amp, clip_max_norm,
+                                          params, scaler)
         except DivergedOutputsError as exc:
             window.mark_diverged(it + 1)
             raise _nonfinite_error(epoch, window, window_first + 1, it + 1, total_iters, bar, logger) from exc
@@ -252,24 +252,24 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Dict, data_loader: Iterable, base_ds,
-             device: torch.device, args, epoch: Optional[int] = None, output_dir: Optional[str] = None,
+def evaluate(model: nn.Module, postprocessors: Dict, data_loader: Iterable, base_ds, device: torch.device, *,
+             amp: str, print_freq: int, epoch: Optional[int] = None, output_dir: Optional[str] = None,
              detections_name: str = "detections_val.json") -> Dict[str, float]:
     """COCO box evaluation of ``model`` on ``data_loader``; returns {AP, AP50, ..., ARl}.
 
     Prints pycocotools' 12-number table (main process) and writes the detections as a COCO results
-    file ``output_dir/detections_name``. ``criterion`` is accepted for the upstream call
-    signature; evaluation losses are not computed (they would double the evaluation time).
+    file ``output_dir/detections_name``. Evaluation losses are not computed (they would double the
+    evaluation time). ``amp`` as in ``train_one_epoch``; the progress bar updates every ``print_freq``
+    batches.
     """
     from datasets.coco_eval import CocoEvaluator
 
     model.eval()
-    amp = getattr(args, "amp", "off")
     evaluator = CocoEvaluator(base_ds, ("bbox",))
     total = len(data_loader)
     desc = "Eval" if epoch is None else f"Eval {epoch}"
     bar = ProgressBar(total, desc, enabled=is_main_process())
-    print_freq = max(int(getattr(args, "print_freq", 10) or 10), 1)
+    print_freq = max(int(print_freq), 1)
     start = time.time()
     skipped = 0
     for it, (samples, targets) in enumerate(data_loader):

@@ -26,23 +26,18 @@ COCO_NUM_CLASSES = 91  # upstream convention: largest COCO category id (90) + 1
 
 def _synthetic_root(args) -> str:
     """Generate the synthetic data under ``args.coco_path`` if absent or made with other parameters."""
-    root = getattr(args, "coco_path", None)
+    root = args.coco_path
     if not root:
         raise ValueError("--coco_path is not set (the synthetic dataset is generated there)")
-    synthetic.ensure_synthetic_coco(
-        root,
-        num_train=getattr(args, "synthetic_num_train", 512),
-        num_val=getattr(args, "synthetic_num_val", 128),
-        image_size=getattr(args, "synthetic_image_size", 256),
-        seed=getattr(args, "synthetic_seed", 0),
-        verbose=is_main_process(),
-    )
+    synthetic.ensure_synthetic_coco(root, num_train=args.synthetic_num_train, num_val=args.synthetic_num_val,
+                                    image_size=args.synthetic_image_size, seed=args.synthetic_seed,
+                                    verbose=is_main_process())
     return root
 
 
 def build_dataset(image_set: str, args) -> CocoDetection:
     """The 'train' or 'val' split selected by ``args.dataset_file`` ('coco' | 'synthetic')."""
-    kind = getattr(args, "dataset_file", "coco")
+    kind = args.dataset_file
     if kind == "coco":
         return build_coco(image_set, args)
     if kind == "synthetic":
@@ -55,7 +50,7 @@ def build_dataset(image_set: str, args) -> CocoDetection:
 
 def num_classes(args) -> int:
     """Classifier size: 91 for COCO, max synthetic category id + 1 for the synthetic shapes."""
-    kind = getattr(args, "dataset_file", "coco")
+    kind = args.dataset_file
     if kind == "coco":
         return COCO_NUM_CLASSES
     if kind == "synthetic":

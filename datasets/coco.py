@@ -293,31 +293,22 @@ def resolve_ann_file(root: str, name: str) -> str:
 
 
 def transforms_from_args(image_set: str, args) -> T.Compose:
-    return T.make_coco_transforms(
-        image_set,
-        min_size=getattr(args, "min_size", None) or [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
-        max_size=getattr(args, "max_size", 1333),
-        eval_size=getattr(args, "eval_size", None),
-        random_crop=getattr(args, "random_crop", True),
-        crop_min_size=getattr(args, "crop_min_size", None) or [400, 500, 600],
-        crop_size=getattr(args, "crop_size", None) or [384, 600],
-    )
+    return T.make_coco_transforms(image_set, min_size=args.min_size, max_size=args.max_size,
+                                  eval_size=args.eval_size, random_crop=args.random_crop,
+                                  crop_min_size=args.crop_min_size, crop_size=args.crop_size)
 
 
 def build(image_set: str, args, ann_file: Optional[str] = None) -> CocoDetection:
     """The ``image_set`` ('train' | 'val') split under ``args.coco_path`` with the standard transforms."""
     if image_set not in ("train", "val"):
         raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")
-    root = getattr(args, "coco_path", None)
+    root = args.coco_path
     if not root:
         raise ValueError("--coco_path is not set")
     if ann_file is None:
-        name = getattr(args, "train_ann", "instances_train2017.json") if image_set == "train" \
-            else getattr(args, "val_ann", "instances_val2017.json")
-        ann_file = resolve_ann_file(root, name)
+        ann_file = resolve_ann_file(root, args.train_ann if image_set == "train" else args.val_ann)
     img_folder = os.path.join(root, f"{image_set}2017")
     if not os.path.isdir(img_folder):
         raise FileNotFoundError(f"image folder not found: {img_folder} (expected under --coco_path {root})")
     return CocoDetection(img_folder, ann_file, transforms=transforms_from_args(image_set, args),
-                         skip_bad_images=bool(getattr(args, "skip_bad_images", False)),
-                         num_classes=getattr(args, "num_classes", None))
+                         skip_bad_images=args.skip_bad_images, num_classes=args.num_classes)

@@ -52,6 +52,23 @@ def test_atomic_write_text(tmp_path):
     assert open(path).read() == "a: 2\n"
 
 
+def test_every_atomic_write_persists_the_rename(tmp_path, monkeypatch):
+    """Checkpoints, copies and text files alike fsync their directory after the rename (and only after it)."""
+    import util.checkpoint as checkpoint
+
+    synced = []
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda directory: synced.append(
+        (directory, sorted(n for n in os.listdir(directory)))))
+    saved, copied, text = (str(tmp_path / n) for n in ("a.pth", "b.pth", "c.json"))
+    checkpoint.atomic_save({"epoch": 1}, saved)
+    checkpoint.atomic_copy(saved, copied)
+    checkpoint.atomic_write_text(text, "[]")
+    # each call synced the destination's directory once, when its file was already in place
+    assert synced == [(str(tmp_path), ["a.pth"]), (str(tmp_path), ["a.pth", "b.pth"]),
+                      (str(tmp_path), ["a.pth", "b.pth", "c.json"])]
+    assert open(text).read() == "[]" and open(copied, "rb").read() == open(saved, "rb").read()
+
+
 def test_load_checkpoint_names_broken_file(tmp_path):
     path = tmp_path / "checkpoint.pth"
     path.write_bytes(b"not a checkpoint")

@@ -8,7 +8,7 @@ import torch
 
 import main as main_module
 from tests.helpers import TINY, tiny_args
-from util.config import get_args_parser, parse_args
+from util.config import config_dict, get_args_parser, parse_args, resolve_config, save_config, validate_args
 from util.optim import build_lr_scheduler, build_optimizer, build_param_groups, lr_drop_epochs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,11 +96,39 @@ def test_named_stage_schedules_follow_the_depth(capsys):
 def test_config_yaml_roundtrip(tmp_path):
     args = parse_args(TINY + ["--variant", "v3.0.2", "--stages", "1:1,1:1", "--lr_drop_epochs", "8", "11", "--epochs", "12"])
     path = str(tmp_path / "config.yaml")
-    main_module.save_config(args, path)
+    save_config(args, path)
     again = parse_args(["--config", path])
-    assert main_module.config_dict(again) == main_module.config_dict(args)
+    assert config_dict(again) == config_dict(args)
     # flags still win over the saved file
     assert parse_args(["--config", path, "--lr", "1e-3"]).lr == 1e-3
+
+
+def test_resolved_configuration_is_read_only_and_complete():
+    args = tiny_args("--stages", "cascade", "--lr_drop_epochs", "8", "11", "--resume", __file__, "--auto_resume",
+                     num_classes=None)
+    config = resolve_config(args, num_classes=7)
+    assert config.num_classes == 7 and config.stages == "1:1,1:1" and config.lr_drop_epochs == (8, 11)
+    assert args.num_classes is None  # the parsed flags are left as they were
+    with pytest.raises(AttributeError, match="read-only"):
+        config.num_classes = 3
+    with pytest.raises(AttributeError, match="read-only"):
+        del config.lr
+    # exactly what config.yaml saves: every flag but where the run starts from
+    flags = [a.dest for a in get_args_parser()._actions if a.dest != "help"]
+    assert sorted(vars(config)) == sorted(set(flags) - {"config", "resume", "auto_resume"})
+    assert config_dict(config) == {**config_dict(args), "num_classes": 7}
+
+
+def test_validation_leaves_the_flags_unchanged():
+    """Named schedules are expanded by parsing; validate_args only checks (here: an unexpanded name)."""
+    args = tiny_args()
+    args.stages = "cascade"
+    before = dict(vars(args))
+    validate_args(args)
+    assert vars(args) == before
+    args.stages = "bogus"
+    with pytest.raises(ValueError, match="--stages 'bogus'"):
+        validate_args(args)
 
 
 def _group(groups, name):

@@ -13,6 +13,7 @@ import datasets
 from datasets import transforms as T
 from datasets.coco import BadImageError, CocoDetection
 from datasets.coco_eval import STAT_NAMES, CocoEvaluator
+from util.config import get_args_parser
 
 MEAN = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(T.IMAGENET_STD).view(3, 1, 1)
@@ -84,9 +85,10 @@ def three_image_set(root):
 
 
 def make_args(root, **overrides):
+    """The parser's complete namespace (defaults) with a small COCO layout at ``root``."""
     values = dict(dataset_file="coco", coco_path=str(root), min_size=[32], max_size=64)
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return argparse.Namespace(**{**vars(get_args_parser().parse_args([])), **values})
 
 
 # ----------------------------------------------------------------------------- transforms keep boxes on their pixels
@@ -238,9 +240,10 @@ def test_annotation_file_resolution(tmp_path):
 
 
 def test_num_classes():
-    assert datasets.num_classes(argparse.Namespace(dataset_file="coco")) == 91
-    assert datasets.num_classes(argparse.Namespace()) == 91
-    assert datasets.num_classes(argparse.Namespace(dataset_file="synthetic")) == 7
+    defaults = get_args_parser().parse_args([])
+    assert datasets.num_classes(argparse.Namespace(**{**vars(defaults), "dataset_file": "coco"})) == 91
+    assert datasets.num_classes(defaults) == 91  # the parser's default dataset is COCO
+    assert datasets.num_classes(argparse.Namespace(**{**vars(defaults), "dataset_file": "synthetic"})) == 7
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -69,16 +69,16 @@ def worker(out_file: str) -> None:
     from util.dist import init_distributed_mode
 
     args, model, criterion = _build()
-    init_distributed_mode(args)
-    assert args.distributed and args.world_size == 2 and args.dist_backend == "gloo"
+    place = init_distributed_mode(args.device, args.local_rank)
+    assert place.distributed and place.world_size == 2 and place.backend == "gloo" and place.device == "cpu"
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     images, targets = _batch()
-    mine = slice(args.rank, args.rank + 1)
+    mine = slice(place.rank, place.rank + 1)
     values, grads = _step(ddp, criterion, images[mine], targets[mine])
     # a second step: DDP complains here if some parameter got no gradient in the first one
     model.zero_grad(set_to_none=True)
     _step(ddp, criterion, images[mine], targets[mine])
-    if args.rank == 0:
+    if place.rank == 0:
         torch.save({"values": values, "grads": grads}, out_file)
     torch.distributed.destroy_process_group()
 

@@ -41,9 +41,11 @@ def test_overfits_a_handful_of_images(tmp_path):
 
     start, history = time.time(), []
     for epoch in range(1, MAX_EPOCHS + 1):
-        train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, args)
+        train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, amp=args.amp,
+                        clip_max_norm=args.clip_max_norm, print_freq=args.print_freq)
         if epoch % EVAL_EVERY == 0:
-            stats = evaluate(model, criterion, postprocessors, eval_loader, base_ds, device, args)
+            stats = evaluate(model, postprocessors, eval_loader, base_ds, device, amp=args.amp,
+                             print_freq=args.print_freq)
             history.append((epoch, round(time.time() - start), round(stats["AP50"], 3)))
             if stats["AP50"] >= 0.9:
                 break

@@ -12,7 +12,7 @@ import yaml
 import main as main_module
 from tests.helpers import TINY
 from util.checkpoint import load_checkpoint
-from util.config import parse_args
+from util.config import config_dict, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +71,7 @@ def test_train_eval_resume_end_to_end(tmp_path, data_dir):
     config = yaml.safe_load(open(out / "config.yaml"))
     assert config["epochs"] == 2 and config["num_classes"] is not None
     again = parse_args(["--config", str(out / "config.yaml")])
-    assert main_module.config_dict(again) == config
+    assert config_dict(again) == config
 
     # COCO results file
     detections = json.load(open(out / "detections_val.json"))

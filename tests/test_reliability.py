@@ -20,7 +20,7 @@ from engine import train_step
 from tests.helpers import TINY, tiny_args
 from tests.test_datasets import ann, rectangle_image, write_coco
 from util.checkpoint import OutputDirLock, atomic_save, load_checkpoint
-from util.config import validate_paths
+from util.config import config_dict, validate_paths
 from util.errors import InputError
 from util.logger import JsonlLogger, LossWindow, read_jsonl
 from util.optim import build_optimizer
@@ -82,7 +82,7 @@ def tiny_checkpoint(path, *extra):
     model, _, _ = models.build_model(args)
     optimizer = build_optimizer(model, args)
     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0,
-                 "lr_scheduler": {}, "args": main_module.config_dict(args)}, str(path))
+                 "lr_scheduler": {}, "args": config_dict(args)}, str(path))
     return model
 
 
@@ -433,7 +433,7 @@ def test_stale_temp_files_are_removed_at_start_up(tmp_path, synthetic_dir, capsy
 
 def test_config_yaml_holds_no_resume_bookkeeping(tmp_path):
     args = main_module.parse_args([*TINY, "--resume", __file__, "--auto_resume"])
-    config = main_module.config_dict(args)
+    config = config_dict(args)
     assert "resume" not in config and "auto_resume" not in config and config["hidden_dim"] == 64
 
 

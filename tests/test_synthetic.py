@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 
 import datasets
 from datasets import synthetic
+from util.config import get_args_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +93,7 @@ def synthetic_args(root, **overrides):
     values = dict(dataset_file="synthetic", coco_path=str(root), synthetic_num_train=6, synthetic_num_val=4,
                   synthetic_image_size=64, synthetic_seed=0, min_size=[64], max_size=96, random_crop=False)
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return argparse.Namespace(**{**vars(get_args_parser().parse_args([])), **values})
 
 
 def test_build_dataset_generates_once_and_regenerates_on_new_parameters(tmp_path):

@@ -1,9 +1,12 @@
-"""Checkpoints that survive a killed process, and the random-number state that makes resuming exact.
+"""Checkpoints that survive a killed process, what they hold, and how a run resumes from one.
 
-A checkpoint is written to a temporary file in the destination directory, flushed to disk,
-and only then renamed over the destination. ``os.replace`` is atomic on POSIX file systems
-when source and destination are on the same file system (hence the same directory), so a
-reader sees either the previous complete file or the new complete file, never a torn one.
+Every file the trainer writes whole (checkpoints, their numbered copies, config.yaml, the
+detections, the rewritten log) goes through ``atomic_write``: a temporary file in the destination
+directory, flushed to disk, renamed over the destination, then the directory synced. ``os.replace``
+is atomic on POSIX file systems when source and destination are on the same file system (hence
+the same directory), so a reader sees either the previous complete file or the new complete file,
+never a torn one. Resuming: ``check_resume_configuration`` refuses a checkpoint of another model
+before anything loads, ``resume_training_state`` restores optimiser, schedule, scaler and RNG state.
 """
 import errno
 import glob
@@ -13,12 +16,15 @@ import re
 import shutil
 import socket
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from util.config import config_dict
+from util.dist import say
 from util.errors import InputError
+from util.optim import lr_drop_epochs
 
 CHECKPOINT_NAME = "checkpoint.pth"
 LOCK_NAME = ".lock"
@@ -26,6 +32,18 @@ _NUMBERED = re.compile(r"checkpoint(\d+)\.pth$")
 # test-only fault injection (see ``fault_point``)
 FAULT_ENV = "DETR_FAULT_POINT"
 _fault_counts: Dict[str, int] = {}
+
+# flags that change the model's parameters or the optimiser's parameter groups: a checkpoint made
+# with other values cannot be resumed (lr_backbone matters only as zero / non-zero, see below)
+ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "num_feature_levels", "enc_layers", "dec_layers",
+                      "stages", "dim_feedforward", "hidden_dim", "nheads", "num_queries_one2one",
+                      "num_queries_one2many", "dec_n_points", "enc_n_points", "with_box_refine", "two_stage",
+                      "mixed_selection", "look_forward_twice", "use_ms_detr", "use_aux_ffn", "num_classes",
+                      "enc_ref_mode", "use_dn", "sgd", "lr_backbone_names", "lr_linear_proj_names")
+# flags that never affect what a checkpoint holds (left out when listing differences after a failed load)
+_RUN_FLAGS = {"epochs", "output_dir", "eval", "eval_every", "print_freq", "max_iters_per_epoch", "tensorboard",
+              "num_workers", "device", "start_epoch", "coco_path", "local_rank", "find_unused_parameters",
+              "skip_bad_images", "pretrained", "variant", "seed", "train_ann", "val_ann"}
 
 
 def fault_point(name: str) -> None:
@@ -62,21 +80,25 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` such that ``path`` is never left partially written.
+def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True, fault: Optional[str] = None) -> None:
+    """Create or replace the file ``path`` such that it is never seen partially written.
 
-    On any failure the temporary file is removed and the previous ``path`` (if any) is untouched.
+    ``write(f)`` fills a temporary file in the same directory (a rename across file systems
+    would not be atomic); the file is flushed and fsynced, renamed over ``path``, and the
+    directory is fsynced so the rename itself survives a power loss. On any failure the
+    temporary file is removed and the previous ``path`` (if any) is untouched. ``fault``: the
+    name of the ``fault_point`` reached between writing and renaming (tests of crash recovery).
     """
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
-    # same directory as the destination: a rename across file systems would not be atomic
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        fault_point("checkpoint_write")
+        if fault is not None:
+            fault_point(fault)
         os.replace(tmp, path)
     except BaseException:
         # BaseException: also clean up on KeyboardInterrupt; the original error propagates
@@ -86,38 +108,23 @@ def atomic_save(obj: Any, path: str) -> None:
     _fsync_dir(directory)
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` through ``atomic_write`` (fault point ``checkpoint_write``)."""
+    atomic_write(path, lambda f: torch.save(obj, f), fault="checkpoint_write")
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    """Write a text file (JSON results, YAML config) with the same temp-file-then-rename guarantee."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """A text file (JSON results, YAML config, the rewritten log) through ``atomic_write``."""
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def atomic_copy(source: str, path: str) -> None:
-    """Copy the file ``source`` to ``path`` with the same temp-file-then-rename guarantee."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
+    """Copy the file ``source`` to ``path`` through ``atomic_write``."""
+    def copy(f) -> None:
+        with open(source, "rb") as src:
             shutil.copyfileobj(src, f, 16 * 1024 * 1024)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+
+    atomic_write(path, copy)
 
 
 def remove_stale_temp_files(output_dir: str) -> List[str]:
@@ -261,3 +268,99 @@ def restore_rng_state(state: Optional[Dict[str, Any]]) -> None:
         count = min(len(cuda_states), torch.cuda.device_count())
         for index in range(count):
             torch.cuda.set_rng_state(cuda_states[index].cpu(), index)
+
+
+# ----------------------------------------------------------------------------- what a checkpoint holds
+
+def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, config,
+                     train_stats: Optional[Dict] = None) -> Dict:
+    """Everything ``--resume`` needs to continue exactly where this epoch ended (and to write the
+    epoch's log record if the run was killed before it)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "args": config_dict(config),
+        "rng_state": capture_rng_state(),
+        "train_stats": dict(train_stats or {}),
+    }
+
+
+def numbered_checkpoint_paths(output_dir: str, epoch: int, config) -> List[str]:
+    """checkpointNNNN.pth on the epoch before an lr drop and on the last one (else nothing)."""
+    if epoch + 1 in lr_drop_epochs(config) or epoch + 1 == config.epochs:
+        return [os.path.join(output_dir, f"checkpoint{epoch:04}.pth")]
+    return []
+
+
+def saved_config(checkpoint: Any) -> Dict[str, Any]:
+    """The configuration a checkpoint records ({} for a bare state dict or a foreign file)."""
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return saved or {}
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _flag_value(saved: Dict, config, name: str):
+    """(saved, current) value of a flag, as compared on resume; lists and tuples alike."""
+    saved_value, current = _as_list(saved.get(name)), _as_list(getattr(config, name))
+    if name == "lr_backbone":  # only freezing (0) versus training (> 0) changes the parameter groups
+        return (saved_value or 0) > 0, (current or 0) > 0
+    return saved_value, current
+
+
+def differing_flags(saved: Dict, config, names) -> List[str]:
+    """'--flag now (checkpoint: then)' for each flag in ``names`` recorded in ``saved`` with another value."""
+    out = []
+    for name in names:
+        if name not in saved or not hasattr(config, name):
+            continue
+        then, now = _flag_value(saved, config, name)
+        if then != now:
+            out.append(f"--{name} {now} (checkpoint: {then})")
+    return out
+
+
+def check_resume_configuration(saved: Dict, config, path: str, flag: str) -> None:
+    """A checkpoint made with another architecture or other optimiser groups cannot continue: one
+    error naming every flag that differs (before a load fails somewhere inside torch).
+    ``saved``: the checkpoint's configuration (``saved_config``)."""
+    names = ARCHITECTURE_FLAGS + (() if config.eval else ("lr_backbone",))
+    different = differing_flags(saved, config, names)
+    if different:
+        raise InputError(f"{flag} {path} was made with another model configuration: {'; '.join(different)}")
+
+
+def all_differences(saved: Dict, config) -> str:
+    """'; flags that differ from the checkpoint's: ...' (every flag that can matter), or ''."""
+    different = differing_flags(saved, config, [n for n in saved if n not in _RUN_FLAGS])
+    return f"; flags that differ from the checkpoint's: {'; '.join(different)}" if different else ""
+
+
+def resume_training_state(checkpoint: Dict, path: str, optimizer, lr_scheduler, scaler, config) -> Tuple[int, Dict]:
+    """Load optimiser, scheduler, scaler and RNG state from the read ``checkpoint`` (of file
+    ``path``); returns (epoch to start from, the training statistics of the checkpoint's epoch)."""
+    missing = [k for k in ("optimizer", "lr_scheduler", "epoch") if k not in checkpoint]
+    if missing:
+        raise InputError(f"--resume {path}: not a training checkpoint (no {', '.join(missing)}); "
+                         "use --pretrained to start from its weights")
+    saved = saved_config(checkpoint)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as exc:  # torch: "loaded state dict contains a parameter group that doesn't match..."
+        raise InputError(f"--resume {path}: the optimiser's parameter groups do not match this run's ({exc})"
+                         + all_differences(saved, config)) from None
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng_state(checkpoint.get("rng_state"))
+    for name in ("lr", "lr_drop", "lr_drop_epochs", "batch_size"):
+        then, now = _flag_value(saved, config, name)
+        if name in saved and then != now:
+            say(f"warning: --{name} is {now} now but was {then} in {path}; "
+                "the optimiser and schedule continue from the checkpoint's state", flush=True)
+    return int(checkpoint["epoch"]) + 1, checkpoint.get("train_stats") or {}

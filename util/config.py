@@ -17,10 +17,6 @@ VARIANTS_FILE = os.path.join(CONFIG_DIR, "variants.yaml")
 BOOL = argparse.BooleanOptionalAction
 
 
-def _int_list(text: str) -> List[int]:
-    return [int(v) for v in str(text).replace(",", " ").split()]
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """All flags of training, evaluation, the model and the research variants (upstream names)."""
     p = argparse.ArgumentParser("Deformable DETR with cross-attention-guided encoder references", add_help=True)
@@ -311,8 +307,81 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cli_tokens = cli if cli is not None else sys.argv[1:]
     args = parser.parse_args(preset_tokens + file_tokens + cli_tokens)
     args.variant = variant
+    # stored expanded, so logs, config.yaml and run summaries show the actual schedule
+    args.stages = expand_stages(args.stages or "stock", args.enc_layers, args.dec_layers)
     validate_args(args)
     return args
+
+
+# ----------------------------------------------------------------------------- the resolved configuration
+
+# flags that say where a run's state comes from, not what the run is: not part of the
+# configuration (config.yaml must reproduce the run from scratch with --config)
+START_FLAGS = ("config", "resume", "auto_resume")
+
+
+class Config(argparse.Namespace):
+    """The resolved configuration of a run, read-only: exactly the values ``config.yaml`` saves.
+
+    Attribute access as on the parsed namespace (``models.build_model(config)`` reads ``config.x``);
+    list values are stored as tuples. Run state (rank, device of this process, resume path)
+    lives in the run context, not here.
+    """
+
+    def __init__(self, values: Dict[str, Any]):
+        super().__init__()
+        for name, value in values.items():
+            object.__setattr__(self, name, tuple(value) if isinstance(value, list) else value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the configuration is read-only (setting '{name}')")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"the configuration is read-only (deleting '{name}')")
+
+
+def configuration_flags() -> List[str]:
+    """Names of the flags that make up the configuration, in the parser's order."""
+    return [a.dest for a in get_args_parser()._actions if a.dest != "help" and a.dest not in START_FLAGS]
+
+
+def resolve_device(device: str) -> str:
+    """The device the run gets: 'cuda...' falls back to 'cpu' (with a message) when CUDA is absent."""
+    import torch
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA is not available: running on the CPU", flush=True)
+        return "cpu"
+    return device
+
+
+def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
+    """The read-only configuration of validated ``args``: the device after the CPU fallback,
+    ``num_classes`` (the flag's, else the dataset's). Raises ValueError when the fallback makes
+    the configuration invalid (--amp fp16 on the CPU)."""
+    values = {name: getattr(args, name) for name in configuration_flags()}
+    values["device"] = resolve_device(args.device)
+    values["num_classes"] = num_classes
+    check_amp_device(values["amp"], values["device"])
+    return Config(values)
+
+
+def config_dict(config: argparse.Namespace) -> Dict[str, Any]:
+    """The configuration as {flag name: value} (lists, not tuples), loadable again with ``--config``."""
+    out = {}
+    for name in configuration_flags():
+        if hasattr(config, name):
+            value = getattr(config, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def save_config(config: argparse.Namespace, path: str) -> None:
+    """``config.yaml``: the resolved configuration, written atomically."""
+    from util.checkpoint import atomic_write_text
+
+    header = "# resolved configuration of this run (python main.py --config config.yaml reproduces it)\n"
+    atomic_write_text(path, header + yaml.safe_dump(config_dict(config), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -475,9 +544,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
     check_numeric_domains(args)
 
-    # stored expanded, so logs, config.yaml and run summaries show the actual schedule
-    args.stages = expand_stages(args.stages or "stock", args.enc_layers, args.dec_layers)
-    pairs = parse_stages(args.stages, args.enc_layers, args.dec_layers)
+    pairs = parse_stages(args.stages or "stock", args.enc_layers, args.dec_layers)
     if args.enc_layers < 1 or args.dec_layers < 1:
         fail("--enc_layers and --dec_layers must be >= 1")
     if args.hidden_dim % args.nheads != 0:
@@ -549,8 +616,15 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.ref_queries == "o2o" and args.num_queries_one2many == 0 and not args.use_ms_detr:
         _warn("--ref_queries o2o without a one-to-many form: all queries are one-to-one already")
     _validate_denoising(args, fail)
-    if args.amp == "fp16" and str(args.device).startswith("cpu"):
-        fail("--amp fp16 is for GPUs; use --amp bf16 or off on CPU")
+    check_amp_device(args.amp, args.device)
+
+
+def check_amp_device(amp: str, device: str) -> None:
+    """fp16 autocast with loss scaling exists only on CUDA; checked on the flag (validate_args)
+    and again on the device the run actually gets (resolve_config's CPU fallback)."""
+    if amp == "fp16" and not str(device).startswith("cuda"):
+        raise ValueError(f"invalid configuration: --amp fp16 needs a CUDA device (--device {device}); "
+                         "use --amp bf16 or off on the CPU")
 
 
 def _validate_denoising(args: argparse.Namespace, fail) -> None:

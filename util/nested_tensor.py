@@ -16,9 +16,6 @@ class NestedTensor:
         mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
-    def decompose(self):
-        return self.tensors, self.mask
-
     def __repr__(self) -> str:
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
 
