@@ -126,17 +126,18 @@ def count_parameters(model: torch.nn.Module) -> Tuple[int, int]:
 
 
 def load_model_weights(model, path: str, strict: bool, flag: str = "--resume",
-                       saved: Optional[Dict] = None, config: Optional[Config] = None) -> None:
+                       saved: Optional[Dict] = None, config: Optional[Config] = None, loaded: Any = None) -> None:
     """Weights through ``models.load_pretrained`` (prints what it loaded and what it skipped).
 
     ``strict`` (``--resume``, also with ``--eval``): a checkpoint that does not fit the model would
     silently train or evaluate a partly random model, so a missing, unexpected or mis-shaped key is
     an ``InputError`` naming the keys (and the flags that differ from ``saved``, the configuration
     the checkpoint records, when given). ``--pretrained`` loads leniently and only lists what it skipped.
+    ``loaded``: the file's contents when already read (the resume checkpoint is read once).
     """
     import models
 
-    missing, unexpected = models.load_pretrained(model, path)
+    missing, unexpected = models.load_pretrained(model, path, loaded=loaded)
     if strict and (missing or unexpected):
         raise InputError(f"{flag} {path} does not match this model's configuration: "
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
@@ -275,7 +276,7 @@ def _run_locked(config: Config, ctx: RunContext) -> Dict:
         load_model_weights(model, config.pretrained, strict=False, flag="--pretrained")
     if checkpoint is not None:
         load_model_weights(model, ctx.resume, strict=True, flag=resume_flag, saved=saved_config(checkpoint),
-                           config=config)
+                           config=config, loaded=checkpoint)
     tail = EpochTail(config=config, ctx=ctx, model=model, postprocessors=postprocessors, val_loader=val_loader,
                      base_ds=base_ds, logger=logger, tb_logger=TensorboardLogger(None, enabled=False),
                      trainable=trainable)

@@ -1,5 +1,5 @@
 """Loading published / foreign weights into the model (weights only, never optimiser state)."""
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -9,12 +9,17 @@ from torch import nn
 UPSTREAM_HEAD_ALIASES = ("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """A raw state dict, or a checkpoint holding one under 'model' (DDP 'module.' prefixes removed)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise RuntimeError(f"cannot read weights from {path}: {exc}") from exc
+def read_state_dict(path: str, loaded: Any = None) -> Dict[str, torch.Tensor]:
+    """A raw state dict, or a checkpoint holding one under 'model' (DDP 'module.' prefixes removed).
+
+    ``loaded``: the file's contents when the caller has read it already (so it is read once).
+    """
+    obj = loaded
+    if obj is None:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated or foreign file: say which
+            raise RuntimeError(f"cannot read weights from {path}: {exc}") from exc
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise RuntimeError(f"{path} holds no state dict (expected a dict or a checkpoint with 'model')")
@@ -26,13 +31,15 @@ def drop_upstream_aliases(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, tor
     return kept, sorted(set(state) - set(kept))
 
 
-def load_pretrained(model: nn.Module, path: str, verbose: bool = True) -> Tuple[List[str], List[str]]:
+def load_pretrained(model: nn.Module, path: str, verbose: bool = True, loaded: Any = None
+                    ) -> Tuple[List[str], List[str]]:
     """Load weights from ``path`` into ``model`` non-strictly; returns (missing, unexpected) keys.
 
     Upstream head aliases are dropped (and counted); tensors whose shape does not fit
     (e.g. a classifier for another number of classes) are skipped and reported as missing.
+    ``loaded``: the already-read contents of ``path`` (a checkpoint is then not read again).
     """
-    state, aliases = drop_upstream_aliases(read_state_dict(path))
+    state, aliases = drop_upstream_aliases(read_state_dict(path, loaded))
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for k in mismatched:
