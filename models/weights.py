@@ -1,5 +1,5 @@
 """Loading published / foreign weights into the model (weights only, never optimiser state)."""
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn

@@ -5,7 +5,7 @@ bilinear interpolation, zero padding, ``align_corners=False``. A normalised loca
 (x, y) on a level of size (H, W) lands on pixel coordinates (x * W - 0.5, y * H - 0.5);
 each of the four neighbouring pixels that lies outside the map contributes zero.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -86,31 +86,44 @@ def ms_deform_attn_pytorch(value: torch.Tensor, spatial_shapes: torch.Tensor, le
         of the three inputs, so bf16 values with fp32 locations (what autocast produces)
         are sampled at full fp32 location precision.
     """
-    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    bs, len_in, heads, channels = value.shape
-    _, len_q, _, levels, points, _ = sampling_locations.shape
-    shapes = shapes_as_list(spatial_shapes, spatial_shapes_list)
-    check_level_sizes(len_in, shapes)
-    sizes = [h * w for h, w in shapes]
-
-    compute_dtype = _compute_dtype(value, sampling_locations, attention_weights)
-    n = bs * heads
-    grids, weights = _grids_and_weights(sampling_locations, attention_weights, compute_dtype)
-
+    job = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   spatial_shapes_list)
+    bs, _, heads, channels = value.shape
+    len_q = sampling_locations.shape[1]
     output = None
-    for lvl, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), shapes)):
-        maps = _level_maps(value_l, h, w, compute_dtype)
-        sampled = F.grid_sample(maps, grids[:, :, lvl], mode="bilinear", padding_mode="zeros",
+    for lvl, (value_l, (h, w)) in enumerate(zip(value.split(job.sizes, dim=1), job.shapes)):
+        maps = _level_maps(value_l, h, w, job.dtype)
+        sampled = F.grid_sample(maps, job.grids[:, :, lvl], mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # (n, C, Lq, points)
         # Summing level by level keeps only one level's samples alive outside autograd's saved tensors.
-        contrib = (sampled * weights[..., lvl, :]).sum(-1)  # (n, C, Lq)
+        contrib = (sampled * job.weights[..., lvl, :]).sum(-1)  # (n, C, Lq)
         output = contrib if output is None else output + contrib
 
     if output is None:  # zero levels: nothing to attend to
-        output = value.new_zeros(n, channels, len_q, dtype=compute_dtype)
+        output = value.new_zeros(bs * heads, channels, len_q, dtype=job.dtype)
     # (bs*heads, C, Lq) -> (bs, Lq, heads*C), heads major within the channel dim.
     output = output.reshape(bs, heads * channels, len_q).transpose(1, 2).contiguous()
     return output.to(value.dtype)
+
+
+class _Sampling(NamedTuple):
+    """What forward and backward both derive from their inputs (see ``_prepare``)."""
+    shapes: List[Tuple[int, int]]   # [(H, W), ...] python ints
+    sizes: List[int]                # H * W per level
+    dtype: torch.dtype              # promoted compute dtype
+    grids: torch.Tensor             # (bs*heads, Lq, levels, points, 2) in [-1, 1]
+    weights: torch.Tensor           # (bs*heads, 1, Lq, levels, points)
+
+
+def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+             spatial_shapes_list) -> _Sampling:
+    """Checks the inputs (same errors on every path) and lays them out for grid_sample."""
+    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    shapes = shapes_as_list(spatial_shapes, spatial_shapes_list)
+    check_level_sizes(value.shape[1], shapes)
+    dtype = _compute_dtype(value, sampling_locations, attention_weights)
+    grids, weights = _grids_and_weights(sampling_locations, attention_weights, dtype)
+    return _Sampling(shapes, [h * w for h, w in shapes], dtype, grids, weights)
 
 
 def _compute_dtype(value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor) -> torch.dtype:
@@ -151,15 +164,12 @@ def ms_deform_attn_pytorch_backward(
     grad_locations (bs, Lq, heads, levels, points, 2), grad_weights (bs, Lq, heads, levels, points)),
     each contiguous and in the dtype of its input.
     """
-    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    bs, len_in, heads, channels = value.shape
+    job = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   spatial_shapes_list)
+    bs, _, heads, channels = value.shape
     _, len_q, _, levels, points, _ = sampling_locations.shape
-    shapes = shapes_as_list(spatial_shapes, spatial_shapes_list)
-    check_level_sizes(len_in, shapes)
-    sizes = [h * w for h, w in shapes]
-    compute_dtype = _compute_dtype(value, sampling_locations, attention_weights)
+    shapes, sizes, compute_dtype, grids, weights = job
     n = bs * heads
-    grids, weights = _grids_and_weights(sampling_locations, attention_weights, compute_dtype)
     # (bs, Lq, heads*C) -> (bs*heads, C, Lq, 1), the layout of one level's weighted samples
     grad_out = grad_output.to(compute_dtype).reshape(bs, len_q, heads, channels).permute(0, 2, 3, 1)
     grad_out = grad_out.reshape(n, channels, len_q, 1)

@@ -29,3 +29,13 @@ def simple_targets(num_classes: int = 5) -> List[dict]:
         {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
         {"labels": torch.tensor([num_classes - 1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.5]])},
     ]
+
+
+def one_epoch_smoke_flags(data_dir, output_dir, num_train: int = 8, num_val: int = 4) -> List[str]:
+    """main.py flags for a 2-iteration, 1-epoch run of the tiny model on a small synthetic dataset."""
+    return TINY + ["--with_box_refine", "--dataset_file", "synthetic", "--coco_path", str(data_dir),
+                   "--synthetic_num_train", str(num_train), "--synthetic_num_val", str(num_val),
+                   "--synthetic_image_size", "96", "--min_size", "96", "--max_size", "128",
+                   "--no-random_crop", "--num_workers", "0", "--batch_size", "2", "--epochs", "1",
+                   "--max_iters_per_epoch", "2", "--print_freq", "1", "--no-tensorboard",
+                   "--output_dir", str(output_dir)]

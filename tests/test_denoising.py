@@ -10,7 +10,7 @@ from models import build_model
 from models.criterion import build_weight_dict
 from models.deformable_detr import DeformableDETR
 from models.denoising import (DenoisingConfig, denoising_attn_mask, make_denoising_groups, num_denoising_groups)
-from tests.helpers import TINY, simple_targets, tiny_args, two_padded_images
+from tests.helpers import one_epoch_smoke_flags, simple_targets, tiny_args, two_padded_images
 from util.box_ops import box_cxcywh_to_xyxy
 from util.config import parse_args
 
@@ -364,12 +364,7 @@ def data_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(E2E))
 def test_use_dn_trains_and_evaluates_in_every_variant(name, data_dir, tmp_path):
     out = tmp_path / name
-    args = parse_args(TINY + ["--use_dn", "--with_box_refine", "--dataset_file", "synthetic",
-                              "--coco_path", str(data_dir), "--synthetic_num_train", "4", "--synthetic_num_val", "2",
-                              "--synthetic_image_size", "96", "--min_size", "96", "--max_size", "128",
-                              "--no-random_crop", "--num_workers", "0", "--batch_size", "2", "--epochs", "1",
-                              "--max_iters_per_epoch", "2", "--print_freq", "1", "--no-tensorboard",
-                              "--output_dir", str(out)] + E2E[name])
+    args = parse_args(one_epoch_smoke_flags(data_dir, out, num_train=4, num_val=2) + ["--use_dn"] + E2E[name])
     torch.manual_seed(0)
     stats = main_module.main(args)
     assert 0.0 <= stats["AP50"] <= 1.0

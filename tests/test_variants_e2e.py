@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import main as main_module
-from tests.helpers import TINY
+from tests.helpers import one_epoch_smoke_flags
 from util.config import parse_args
 
 # the presets' 6-layer cascade shrunk to the tiny model's 2 encoder / 2 decoder layers
@@ -35,12 +35,7 @@ def data_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_variant_trains_and_evaluates(name, data_dir, tmp_path):
     out = tmp_path / name
-    args = parse_args(TINY + ["--with_box_refine", "--dataset_file", "synthetic", "--coco_path", str(data_dir),
-                              "--synthetic_num_train", "8", "--synthetic_num_val", "4",
-                              "--synthetic_image_size", "96", "--min_size", "96", "--max_size", "128",
-                              "--no-random_crop", "--num_workers", "0", "--batch_size", "2", "--epochs", "1",
-                              "--max_iters_per_epoch", "2", "--print_freq", "1", "--no-tensorboard",
-                              "--output_dir", str(out)] + RUNS[name])
+    args = parse_args(one_epoch_smoke_flags(data_dir, out) + RUNS[name])
     torch.manual_seed(0)
     stats = main_module.main(args)
     assert 0.0 <= stats["AP50"] <= 1.0
