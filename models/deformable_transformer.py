@@ -7,7 +7,6 @@ cross-attention into encoder reference points. Without it every encoder layer sa
 its own token location, as upstream.
 """
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -19,6 +18,7 @@ from util.box_ops import inverse_sigmoid
 from .denoising import DenoisingPredictions, DenoisingQueries, append_denoising_queries
 from .level_layout import LevelLayout, valid_size
 from .ms_deform_attn import MSDeformAttn
+from .position_encoding import box_sine_embedding
 from .transformer_layers import DeformableDecoderLayer, DeformableEncoderLayer
 
 
@@ -139,11 +139,7 @@ class DeformableTransformer(nn.Module):
 
     def proposal_pos_embed(self, proposals: torch.Tensor) -> torch.Tensor:
         """Unactivated boxes (bs, Q, 4) -> sine embedding (bs, Q, 2 * d_model)."""
-        num_feats = self.d_model // 2
-        dim_t = torch.arange(num_feats, dtype=torch.float32, device=proposals.device)
-        dim_t = 10000 ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-        pos = proposals.sigmoid()[:, :, :, None] * (2 * math.pi) / dim_t
-        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+        return box_sine_embedding(proposals.sigmoid(), 2 * self.d_model)
 
     def encoder_proposals(self, memory: torch.Tensor, layout: LevelLayout):
         """One fixed-size box per token -> (transformed memory (bs, T, C), proposals (bs, T, 4) unactivated).

@@ -21,7 +21,6 @@ the block and the groups from seeing each other. In the decoder, ``DenoisingPred
 is the one place the block leaves the query axis: the matching outputs and the encoder
 reference generator never see denoising queries (they carry ground truth).
 """
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -30,9 +29,11 @@ from torch import Tensor, nn
 
 from util.box_ops import inverse_sigmoid
 
+from .position_encoding import box_sine_embedding
+
 __all__ = ["DenoisingConfig", "DenoisingGroups", "DenoisingQueries", "DenoisingPredictions",
            "num_denoising_groups", "make_denoising_groups", "denoising_attn_mask", "make_denoising_queries",
-           "append_denoising_queries", "box_sine_embedding"]
+           "append_denoising_queries"]
 
 
 @dataclass(frozen=True)
@@ -179,21 +180,6 @@ def make_denoising_queries(targets: List[Dict[str, Tensor]], config: DenoisingCo
     # always through label_enc, even for an empty block, so DDP sees the embedding used every step
     content = label_enc(groups.labels) * groups.valid[..., None].to(label_enc.weight.dtype)
     return DenoisingQueries(groups, content)
-
-
-def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
-    """boxes (bs, D, 4) in [0, 1] -> (bs, D, dim): sine/cosine of each coordinate, dim // 4 features each.
-
-    The positional embedding of denoising queries when the matching queries' positions are learned
-    (not two-stage): no parameters, so the state dict gains nothing.
-    """
-    if dim % 8 != 0:
-        raise ValueError(f"box_sine_embedding: dim {dim} must be a multiple of 8")
-    feats = dim // 4
-    freq = torch.arange(feats, dtype=torch.float32, device=boxes.device)
-    freq = temperature ** (2 * torch.div(freq, 2, rounding_mode="floor") / feats)
-    angles = boxes.float()[..., None] * (2 * math.pi) / freq          # (bs, D, 4, feats)
-    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), -1).flatten(2)
 
 
 @dataclass

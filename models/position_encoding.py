@@ -43,3 +43,19 @@ def _interleave_sin_cos(angles: torch.Tensor) -> torch.Tensor:
 
 def build_position_encoding(args) -> PositionEmbeddingSine:
     return PositionEmbeddingSine(args.hidden_dim // 2, scale=args.position_embedding_scale)
+
+
+def box_sine_embedding(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """boxes (..., Q, 4) in [0, 1] -> (..., Q, dim): sine/cosine of each coordinate, dim // 4 features each.
+
+    The positional embedding of box-shaped queries: two-stage proposals (dim = 2 * d_model, through
+    ``DeformableTransformer.proposal_pos_embed``) and denoising queries with learned matching
+    positions (dim = d_model). Parameter-free.
+    """
+    if dim % 8 != 0:
+        raise ValueError(f"box_sine_embedding: dim {dim} must be a multiple of 8")
+    feats = dim // 4
+    freq = torch.arange(feats, dtype=torch.float32, device=boxes.device)
+    freq = temperature ** (2 * torch.div(freq, 2, rounding_mode="floor") / feats)
+    angles = boxes.float()[..., None] * (2 * math.pi) / freq          # (..., Q, 4, feats)
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), -1).flatten(-3)
