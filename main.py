@@ -26,8 +26,8 @@ from util.checkpoint import (CHECKPOINT_NAME, OutputDirLock, all_differences, at
                              check_resume_configuration, checkpoint_state, fault_point, find_latest_checkpoint,
                              load_checkpoint, numbered_checkpoint_paths, remove_stale_temp_files,
                              resume_training_state, saved_config)
-from util.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
-from util.config import Config, parse_args, resolve_config, save_config, validate_paths
+from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
+from cli.config import Config, config_dict, parse_args, resolve_config, save_config, validate_paths
 from util.dist import DistInfo, say
 from util.errors import InputError
 from util.logger import JsonlLogger, TensorboardLogger, format_seconds
@@ -345,7 +345,8 @@ def train_epochs(tail: EpochTail, model, criterion, optimizer, lr_scheduler, sca
                                       tb_logger=tail.tb_logger)
         lr_scheduler.step()
         if ctx.writes:
-            atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config, train_stats),
+            atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config_dict(config),
+                                         train_stats),
                         os.path.join(ctx.output_dir, CHECKPOINT_NAME))
         fault_point("after_checkpoint")
         stats = finish_epoch(tail, epoch, train_stats, epoch_start)

@@ -1,5 +1,5 @@
 """Model construction from parsed flags: ``build_model(args) -> (model, criterion, postprocessors)``."""
-from util.config import parse_stages
+from .stages import parse_stages
 
 from .backbone import build_backbone
 from .deformable_detr import DeformableDETR
@@ -41,7 +41,7 @@ def build_denoising_config(args):
 
 
 def build_model(args):
-    """Parsed flags (``util.config.parse_args``) -> (model, criterion, postprocessors).
+    """Parsed flags (``cli.config.parse_args``) -> (model, criterion, postprocessors).
 
     ``args.num_classes`` must be set (main.py derives it from the dataset when unset).
     """

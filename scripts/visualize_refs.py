@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from util.config import parse_args  # noqa: E402
+from cli.config import parse_args  # noqa: E402
 
 
 

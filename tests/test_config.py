@@ -8,7 +8,7 @@ import torch
 
 import main as main_module
 from tests.helpers import TINY, tiny_args
-from util.config import config_dict, get_args_parser, parse_args, resolve_config, save_config, validate_args
+from cli.config import config_dict, get_args_parser, parse_args, resolve_config, save_config, validate_args
 from util.optim import build_lr_scheduler, build_optimizer, build_param_groups, lr_drop_epochs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

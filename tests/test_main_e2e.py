@@ -12,7 +12,7 @@ import yaml
 import main as main_module
 from tests.helpers import TINY
 from util.checkpoint import load_checkpoint
-from util.config import config_dict, parse_args
+from cli.config import config_dict, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

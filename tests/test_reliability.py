@@ -20,7 +20,7 @@ from engine import train_step
 from tests.helpers import TINY, tiny_args
 from tests.test_datasets import ann, rectangle_image, write_coco
 from util.checkpoint import OutputDirLock, atomic_save, load_checkpoint
-from util.config import config_dict, validate_paths
+from cli.config import config_dict, validate_paths
 from util.errors import InputError
 from util.logger import JsonlLogger, LossWindow, read_jsonl
 from util.optim import build_optimizer

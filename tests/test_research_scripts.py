@@ -18,7 +18,7 @@ for path in (ROOT, SCRIPTS):
 import bench_model  # noqa: E402
 import summarize  # noqa: E402
 import visualize_refs  # noqa: E402
-from util.config import expand_stages, load_variants, parse_args  # noqa: E402
+from cli.config import expand_stages, load_variants, parse_args  # noqa: E402
 
 VARIANTS = ["baseline", "cascade", "v3.0.1", "v3.0.2", "v3.0.3", "v3.0.4"]
 

@@ -21,7 +21,6 @@ from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from util.config import config_dict
 from util.dist import say
 from util.errors import InputError
 from util.optim import lr_drop_epochs
@@ -272,17 +271,18 @@ def restore_rng_state(state: Optional[Dict[str, Any]]) -> None:
 
 # ----------------------------------------------------------------------------- what a checkpoint holds
 
-def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, config,
+def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, config_values: Dict[str, Any],
                      train_stats: Optional[Dict] = None) -> Dict:
     """Everything ``--resume`` needs to continue exactly where this epoch ended (and to write the
-    epoch's log record if the run was killed before it)."""
+    epoch's log record if the run was killed before it). ``config_values``: the run's configuration
+    as {flag: plain value} (``cli.config.config_dict``), saved as ``args``."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
-        "args": config_dict(config),
+        "args": dict(config_values),
         "rng_state": capture_rng_state(),
         "train_stats": dict(train_stats or {}),
     }

@@ -11,6 +11,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from datasets.coco import resolve_ann_file
+from models.research_settings import (ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS,
+                                      check_research_settings)
+from models.stages import expand_stages, num_guided_encoder_layers, parse_stages
+from util.checkpoint import atomic_write_text
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 VARIANTS_FILE = os.path.join(CONFIG_DIR, "variants.yaml")
 
@@ -129,10 +135,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dn_cls_loss_coef", default=None, type=float, help="unset: --cls_loss_coef")
     g.add_argument("--dn_bbox_loss_coef", default=None, type=float, help="unset: --bbox_loss_coef")
     g.add_argument("--dn_giou_loss_coef", default=None, type=float, help="unset: --giou_loss_coef")
-
-    # allowed values live with the research code; imported here, not at the top, because
-    # importing the models package imports this module (parse_stages)
-    from models.research_settings import ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS
 
     g = p.add_argument_group("cross-attention-guided encoder references (research)")
     g.add_argument("--enc_ref_mode", default="none", choices=("none",) + ENC_REF_MODES,
@@ -378,61 +380,11 @@ def config_dict(config: argparse.Namespace) -> Dict[str, Any]:
 
 def save_config(config: argparse.Namespace, path: str) -> None:
     """``config.yaml``: the resolved configuration, written atomically."""
-    from util.checkpoint import atomic_write_text
-
     header = "# resolved configuration of this run (python main.py --config config.yaml reproduces it)\n"
     atomic_write_text(path, header + yaml.safe_dump(config_dict(config), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- validation
-
-def expand_stages(stages: str, enc_layers: int, dec_layers: int) -> str:
-    """The named schedules as E:D lists: 'stock' -> '6:6', 'cascade' -> '1:1,...' (one stage per layer pair)."""
-    name = stages.strip()
-    if name == "stock":
-        return f"{enc_layers}:{dec_layers}"
-    if name == "cascade":
-        if enc_layers != dec_layers:
-            raise ValueError(f"--stages cascade alternates one encoder and one decoder layer: it needs "
-                             f"--enc_layers ({enc_layers}) == --dec_layers ({dec_layers})")
-        return ",".join(["1:1"] * enc_layers)
-    return stages
-
-
-def parse_stages(stages: str, enc_layers: int, dec_layers: int) -> List[Tuple[int, int]]:
-    """'1:1,1:1' -> [(1, 1), (1, 1)]; checks sums against the layer counts."""
-    stages = expand_stages(stages, enc_layers, dec_layers)
-    pairs = []
-    for part in stages.split(","):
-        part = part.strip()
-        try:
-            e, d = part.split(":")
-            pairs.append((int(e), int(d)))
-        except ValueError:
-            raise ValueError(f"--stages '{stages}': '{part}' is not of the form E:D with integers") from None
-    for e, d in pairs:
-        if e < 0 or d < 0 or e + d == 0:
-            raise ValueError(f"--stages '{stages}': each stage needs E, D >= 0 and at least one layer, got {e}:{d}")
-    if pairs[-1][1] == 0:
-        raise ValueError(f"--stages '{stages}': the last stage runs no decoder layer, so its encoder layers "
-                         "could not affect any prediction")
-    total_e, total_d = sum(e for e, _ in pairs), sum(d for _, d in pairs)
-    if total_e != enc_layers:
-        raise ValueError(f"--stages '{stages}': encoder layers sum to {total_e}, but --enc_layers is {enc_layers}")
-    if total_d != dec_layers:
-        raise ValueError(f"--stages '{stages}': decoder layers sum to {total_d}, but --dec_layers is {dec_layers}")
-    return pairs
-
-
-def num_guided_encoder_layers(pairs: List[Tuple[int, int]]) -> int:
-    """Encoder layers that run after at least one decoder layer (the only ones that can be guided)."""
-    seen_decoder, guided = False, 0
-    for e, d in pairs:
-        if seen_decoder:
-            guided += e
-        seen_decoder = seen_decoder or d > 0
-    return guided
-
 
 def _warn(message: str) -> None:
     """A configuration warning, printed once per job: by the process that will be rank 0."""
@@ -524,8 +476,6 @@ def validate_paths(args: argparse.Namespace) -> None:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--coco_path {root}: folder not found (expected train2017/, val2017/, "
                                     "annotations/ in it)")
-        from datasets.coco import resolve_ann_file
-
         splits = [("val", args.val_ann)] + ([] if args.eval else [("train", args.train_ann)])
         for split, ann in splits:
             folder = os.path.join(root, f"{split}2017")
@@ -580,8 +530,6 @@ def validate_args(args: argparse.Namespace) -> None:
         _warn("--eval without --resume/--pretrained evaluates an untrained model")
     if args.batch_size < 1 or args.epochs < 0:
         fail("--batch_size must be >= 1 and --epochs >= 0")
-
-    from models.research_settings import check_research_settings  # see get_args_parser
 
     guided_mode = args.enc_ref_mode != "none"
     if guided_mode:
