@@ -45,6 +45,16 @@ class RunContext:
     device: torch.device
     output_dir: Optional[str]
     resume: str
+    trusted_checkpoint: str = ""
+
+    def read(self, path: str, flag: str) -> Dict[str, Any]:
+        """A checkpoint file's contents, loaded without running code from it unless it is the file
+        ``--unsafe_trust_checkpoint`` names."""
+        trusted = bool(self.trusted_checkpoint) and os.path.abspath(path) == os.path.abspath(self.trusted_checkpoint)
+        if trusted:
+            say(f"warning: {flag} {path} is loaded with full pickle (--unsafe_trust_checkpoint): it can run code",
+                flush=True)
+        return load_checkpoint(path, trusted=trusted, flag=flag)
 
     @property
     def writes(self) -> bool:
@@ -235,7 +245,7 @@ def run(args, config: Config) -> Dict:
     place = dist_utils.init_distributed_mode(config.device, config.local_rank)
     output_dir = config.output_dir or None
     ctx = RunContext(place=place, device=torch.device(place.device), output_dir=output_dir,
-                     resume=resume_path(args, output_dir))
+                     resume=resume_path(args, output_dir), trusted_checkpoint=args.unsafe_trust_checkpoint)
     lock = OutputDirLock(output_dir) if dist_utils.is_main_process() and output_dir else None
     if lock is not None:
         os.makedirs(output_dir, exist_ok=True)
@@ -256,9 +266,13 @@ def _run_locked(config: Config, ctx: RunContext) -> Dict:
             say(f"removed {len(removed)} temporary files left by an interrupted save in {ctx.output_dir}",
                 flush=True)
     resume_flag = "--eval --resume" if config.eval else "--resume"
-    checkpoint = load_checkpoint(ctx.resume) if ctx.resume else None  # read once; its parts are handed out
+    # every checkpoint is read (and checked) once, here, before the data and the model are built
+    checkpoint = ctx.read(ctx.resume, resume_flag) if ctx.resume else None
     if checkpoint is not None:
         check_resume_configuration(saved_config(checkpoint), config, ctx.resume, resume_flag)
+    pretrained = ctx.read(config.pretrained, "--pretrained") if config.pretrained else None
+    if pretrained is not None:
+        models.read_state_dict(config.pretrained, loaded=pretrained)  # holds a state dict, or a one-line error
     # annotation files are checked here, before the model is built and long before any training
     train_loader, val_loader, train_sampler, seeder, base_ds = build_data(config, ctx)
     if ctx.writes:
@@ -273,7 +287,8 @@ def _run_locked(config: Config, ctx: RunContext) -> Dict:
     trainable, total = count_parameters(model)
     say(f"number of params: {trainable:,} trainable / {total:,} total", flush=True)
     if config.pretrained:
-        load_model_weights(model, config.pretrained, strict=False, flag="--pretrained")
+        load_model_weights(model, config.pretrained, strict=False, flag="--pretrained", loaded=pretrained)
+        del pretrained
     if checkpoint is not None:
         load_model_weights(model, ctx.resume, strict=True, flag=resume_flag, saved=saved_config(checkpoint),
                            config=config, loaded=checkpoint)

@@ -196,6 +196,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="", type=str, help="checkpoint to resume training (or evaluate) from")
     g.add_argument("--auto_resume", action=BOOL, default=False, help="resume from the latest checkpoint in output_dir")
     g.add_argument("--pretrained", default="", type=str, help="weights only (state dict or checkpoint with 'model')")
+    g.add_argument("--unsafe_trust_checkpoint", default="", type=str, metavar="FILE",
+                   help="load FILE (a --resume/--pretrained file) with full pickle, which can run code in it; only "
+                        "for a legacy checkpoint you trust that the safe loader refuses")
     g.add_argument("--start_epoch", default=0, type=int, help="first epoch when not resuming")
     g.add_argument("--eval", action="store_true", help="evaluate (--resume or --pretrained weights) and exit")
     g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
@@ -319,7 +322,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # flags that say where a run's state comes from, not what the run is: not part of the
 # configuration (config.yaml must reproduce the run from scratch with --config)
-START_FLAGS = ("config", "resume", "auto_resume")
+START_FLAGS = ("config", "resume", "auto_resume", "unsafe_trust_checkpoint")
 
 
 class Config(argparse.Namespace):

@@ -5,9 +5,9 @@ from .backbone import build_backbone
 from .deformable_detr import DeformableDETR
 from .deformable_transformer import DeformableTransformer
 from .denoising import DenoisingConfig
-from .weights import load_pretrained
+from .weights import load_pretrained, read_state_dict
 
-__all__ = ["build_model", "build_transformer", "load_pretrained"]
+__all__ = ["build_model", "build_transformer", "load_pretrained", "read_state_dict"]
 
 
 def build_transformer(args) -> DeformableTransformer:

@@ -8,6 +8,7 @@ the same directory), so a reader sees either the previous complete file or the n
 never a torn one. Resuming: ``check_resume_configuration`` refuses a checkpoint of another model
 before anything loads, ``resume_training_state`` restores optimiser, schedule, scaler and RNG state.
 """
+import argparse
 import errno
 import glob
 import os
@@ -214,13 +215,57 @@ class UnreadableCheckpointError(InputError, RuntimeError):
     """A checkpoint file that torch cannot load (a RuntimeError, and bad input: exit 2)."""
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint onto the CPU; ``UnreadableCheckpointError`` names the file if it cannot be read."""
+def _safe_globals() -> List[Any]:
+    """What this project's and upstream Deformable-DETR / H-DETR checkpoints hold beyond tensors and
+    containers: the argparse.Namespace of upstream's ``args``, numpy arrays / scalars (numpy's RNG
+    state in ours). Each entry is a class or function the unpickler may name; nothing else loads.
+    numpy 1.x pickles name the same functions under ``numpy.core``; both spellings are allowed."""
+    core = np._core if hasattr(np, "_core") else np.core
+    allowed: List[Any] = [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct,
+                          core.multiarray.scalar]
+    allowed += [type(np.dtype(kind)) for kind in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64,
+                                                  np.bool_)]
+    if core is not getattr(np, "core", None):
+        allowed += [(core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+                    (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
+    return allowed
+
+
+def _refused_global(exc: Exception) -> Optional[str]:
+    """The global a weights-only load refused ('os.system'), from torch's message; None if not that."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    return match.group(1) if match else None
+
+
+def load_checkpoint(path: str, trusted: bool = False, flag: str = "checkpoint") -> Dict[str, Any]:
+    """Read a checkpoint (or any torch file) onto the CPU without running code from it.
+
+    ``torch.load(weights_only=True)`` with ``_safe_globals`` allowed: a file whose unpickling
+    needs any other global (a class, or a function such as ``os.system`` that unpickling would
+    call) is refused with an ``UnreadableCheckpointError`` naming the file and the global, before
+    anything in it runs. ``trusted`` (``--unsafe_trust_checkpoint FILE``) loads a legacy file the
+    user vouches for with full pickle. A truncated or foreign file is the same one-line error.
+    ``flag``: how the file was given (``--resume``, ``--pretrained``), for the message.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if trusted:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        allowed = _safe_globals()
+        if not hasattr(torch.serialization, "safe_globals"):  # torch 2.4: only the process-wide list
+            torch.serialization.add_safe_globals([g for g in allowed if not isinstance(g, tuple)])
+            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UnreadableCheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
-                                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        refused = _refused_global(exc)
+        if refused is not None:
+            raise UnreadableCheckpointError(
+                f"{flag} {path}: refused to load: unpickling it would import or call '{refused}', which can run "
+                "code; nothing from it was executed. If you trust this file, pass --unsafe_trust_checkpoint "
+                f"{path}") from None
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise UnreadableCheckpointError(f"{flag} {path}: cannot read checkpoint: {type(exc).__name__}: "
+                                        f"{first_line}") from exc
 
 
 def find_latest_checkpoint(output_dir: str) -> Optional[str]:
