@@ -29,7 +29,8 @@ from util.checkpoint import (CHECKPOINT_NAME, OutputDirLock, all_differences, at
 from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
 from cli.config import Config, config_dict, parse_args, resolve_config, save_config, validate_paths
 from util.dist import DistInfo, say
-from util.errors import InputError
+from util.errors import InputError, one_line_message
+from util.interrupt import RunInterrupted, StopSignals
 from util.logger import JsonlLogger, TensorboardLogger, format_seconds
 from util.optim import build_lr_scheduler, build_optimizer
 from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everything
@@ -75,6 +76,7 @@ class EpochTail:
     logger: JsonlLogger
     tb_logger: TensorboardLogger
     trainable: int
+    stop: Optional[StopSignals] = None
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -184,7 +186,7 @@ def run_evaluation(tail: EpochTail, epoch: Optional[int] = None) -> Dict[str, fl
 
     return evaluate(tail.model, tail.postprocessors, tail.val_loader, tail.base_ds, tail.ctx.device,
                     amp=tail.config.amp, print_freq=tail.config.print_freq, epoch=epoch,
-                    output_dir=tail.ctx.output_dir if tail.ctx.writes else None)
+                    output_dir=tail.ctx.output_dir if tail.ctx.writes else None, stop=tail.stop)
 
 
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
@@ -251,13 +253,25 @@ def run(args, config: Config) -> Dict:
         os.makedirs(output_dir, exist_ok=True)
         lock.acquire()  # before anything is written there
     try:
-        return _run_locked(config, ctx)
+        with StopSignals() as stop:
+            return _run_locked(config, ctx, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(config: Config, ctx: RunContext) -> Dict:
+def interrupted_message(exc: RunInterrupted, args, output_dir: Optional[str]) -> str:
+    """One line: which signal stopped what, what was kept, how to continue."""
+    latest = find_latest_checkpoint(output_dir) if output_dir else None
+    if latest is None:
+        kept = "no checkpoint was written yet (nothing to continue from)"
+    else:
+        kept = (f"kept {latest} (the last complete epoch; the interrupted one is redone); continue with the same "
+                f"command plus --auto_resume" + ("" if args.auto_resume else f" (or --resume {latest})"))
+    return f"stopped by {exc}: {kept}"
+
+
+def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = None) -> Dict:
     import models
 
     if ctx.writes:
@@ -294,7 +308,7 @@ def _run_locked(config: Config, ctx: RunContext) -> Dict:
                            config=config, loaded=checkpoint)
     tail = EpochTail(config=config, ctx=ctx, model=model, postprocessors=postprocessors, val_loader=val_loader,
                      base_ds=base_ds, logger=logger, tb_logger=TensorboardLogger(None, enabled=False),
-                     trainable=trainable)
+                     trainable=trainable, stop=stop)
     if config.eval:
         stats = run_evaluation(tail)
         logger.write({"type": "eval", "epoch": checkpoint.get("epoch") if checkpoint is not None else None,
@@ -357,13 +371,15 @@ def train_epochs(tail: EpochTail, model, criterion, optimizer, lr_scheduler, sca
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, ctx.device, epoch, amp=config.amp,
                                       clip_max_norm=config.clip_max_norm, print_freq=config.print_freq,
                                       max_iters=config.max_iters_per_epoch, scaler=scaler, logger=tail.logger,
-                                      tb_logger=tail.tb_logger)
+                                      tb_logger=tail.tb_logger, stop=tail.stop)
         lr_scheduler.step()
         if ctx.writes:
             atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config_dict(config),
                                          train_stats),
                         os.path.join(ctx.output_dir, CHECKPOINT_NAME))
         fault_point("after_checkpoint")
+        if tail.stop is not None:  # a signal during the save: the checkpoint is complete, stop before evaluating
+            tail.stop.check(f"the end of epoch {epoch} (its checkpoint is written)", ctx.device)
         stats = finish_epoch(tail, epoch, train_stats, epoch_start)
     tail.tb_logger.close()
     say(f"training time {format_seconds(time.time() - run_start)}", flush=True)
@@ -382,13 +398,22 @@ def cli(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         run(args, config)
+    except RunInterrupted as exc:
+        if dist_utils.is_main_process():
+            print(interrupted_message(exc, args, config.output_dir or None), file=sys.stderr, flush=True)
+        return exc.exit_status
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     except (InputError, FileNotFoundError) as exc:
-        # bad input found once the run started (data files, checkpoint, output dir): one line too
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        # bad input found once the run started (data files, checkpoint, output dir): one line too;
+        # an error raised in a data-loader worker arrives with the worker's traceback in its text
+        print(f"error: {one_line_message(exc)}", file=sys.stderr, flush=True)
         return 2
+    except OSError as exc:
+        # the file system failed us (disk full, quota, permissions changed mid-run): name the file
+        print(f"error: {one_line_message(exc)}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist_utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

@@ -110,3 +110,75 @@ def test_pretrained_that_is_not_a_state_dict_fails_before_any_work(tmp_path, syn
                              with_stdout=True)
     assert_one_line_error(code, err, "--pretrained", str(path))
     assert "number of params" not in printed  # refused before the model was built
+
+
+# ----------------------------------------------------------------------------- SIGTERM / SIGINT, SLURM requeue
+
+def _wait_for(predicate, process, timeout=240.0):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before the signal: {process.communicate()}")
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("timed out waiting for the run")
+
+
+def _epoch1_started(out):
+    from util.logger import read_jsonl
+
+    log = out / "log.jsonl"
+    return log.exists() and any(r.get("type") == "train" and r.get("epoch") == 1 for r in read_jsonl(str(log)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum,workers", [(15, "0"), (2, "1")])
+def test_a_stop_signal_stops_at_a_safe_point_and_releases_the_lock(tmp_path, synthetic_dir, signum, workers):
+    """SIGTERM (preemption) and Ctrl-C (SIGINT to the whole process group, loader workers included):
+    one line saying what was kept and how to continue, exit 128 + signal, no lock left behind,
+    the last complete checkpoint intact; --auto_resume then finishes the run."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    flags = [str(a) for a in synthetic_flags(synthetic_dir, out, "--epochs", "2", "--print_freq", "1",
+                                             "--num_workers", workers)]
+    flags[flags.index("--synthetic_num_train") + 1] = "16"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "main.py", *flags], cwd=root, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: _epoch1_started(out), process)
+    os.killpg(process.pid, signum)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by {signal.Signals(signum).name} during epoch 1, iteration"), last
+    assert f"kept {out / 'checkpoint.pth'}" in last and "--auto_resume" in last
+    assert not (out / ".lock").exists()
+    assert load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 0
+    resumed = subprocess.run([sys.executable, "main.py", *flags, "--auto_resume"], cwd=root, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 1
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch, capsys):
+    from util.checkpoint import OutputDirLock
+    from util.errors import InputError
+
+    (tmp_path / ".lock").write_text("4242 node017 991\n")  # the preempted first run, on another node
+    monkeypatch.setenv("SLURM_JOB_ID", "991")
+    lock = OutputDirLock(str(tmp_path))
+    lock.acquire()
+    assert "this SLURM job's earlier run (job 991" in capsys.readouterr().out
+    assert (tmp_path / ".lock").read_text().split()[2] == "991"
+    lock.release()
+    (tmp_path / ".lock").write_text("4242 node017 990\n")  # another job's live run: not ours
+    with pytest.raises(InputError, match="in use by process 4242 on host node017 \\(SLURM job 990\\)"):
+        OutputDirLock(str(tmp_path)).acquire()

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import RandomSampler
 
+from util.interrupt import ignore_stop_signals
+
 
 def mix_seed(*parts: int) -> int:
     """A well-spread 32-bit seed from several integers (seed, epoch, rank, worker id...)."""
@@ -45,4 +47,5 @@ class WorkerSeeder:
         self.seed, self.rank, self.epoch = seed, rank, 0
 
     def __call__(self, worker_id: int) -> None:
+        ignore_stop_signals()  # the main process stops the run at a safe point; workers must not die first
         seed_everything(mix_seed(self.seed, self.epoch, self.rank, worker_id))
