@@ -25,7 +25,7 @@ import util.dist as dist_utils
 from util.checkpoint import (CHECKPOINT_NAME, OutputDirLock, all_differences, atomic_copy, atomic_save,
                              check_resume_configuration, checkpoint_state, fault_point, find_latest_checkpoint,
                              load_checkpoint, numbered_checkpoint_paths, remove_stale_temp_files,
-                             resume_training_state, saved_config)
+                             resume_training_state, saved_config, schedule_from_checkpoint)
 from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
 from cli.config import Config, config_dict, parse_args, resolve_config, save_config, validate_paths
 from util.dist import DistInfo, say
@@ -284,6 +284,8 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     checkpoint = ctx.read(ctx.resume, resume_flag) if ctx.resume else None
     if checkpoint is not None:
         check_resume_configuration(saved_config(checkpoint), config, ctx.resume, resume_flag)
+        if not config.eval:
+            config = config.replace(**schedule_from_checkpoint(saved_config(checkpoint), config, ctx.resume))
     pretrained = ctx.read(config.pretrained, "--pretrained") if config.pretrained else None
     if pretrained is not None:
         models.read_state_dict(config.pretrained, loaded=pretrained)  # holds a state dict, or a one-line error
@@ -332,10 +334,13 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         say(f"resumed from {ctx.resume}: starting at epoch {start_epoch}", flush=True)
     del checkpoint  # every part is loaded: do not hold a second copy of the weights through training
     if ctx.writes:
-        dropped = logger.drop_epochs_from(start_epoch)
-        if dropped:
-            say(f"log.jsonl: removed {dropped} records of epochs >= {start_epoch} (an interrupted run's; they are "
-                "trained again)", flush=True)
+        cleanup = logger.drop_epochs_from(start_epoch)
+        if cleanup.records:
+            say(f"log.jsonl: removed {cleanup.records} records of epochs >= {start_epoch} (an interrupted run's; "
+                "they are trained again)", flush=True)
+        if cleanup.unreadable:
+            say(f"log.jsonl: removed {cleanup.unreadable} unreadable lines (cut short by a kill, or not UTF-8 "
+                "JSON)", flush=True)
     tail.tb_logger = TensorboardLogger(os.path.join(ctx.output_dir, "tensorboard") if ctx.writes else None,
                                        config.tensorboard)
     stats: Dict = {}

@@ -14,6 +14,7 @@ import yaml
 from datasets.coco import resolve_ann_file
 from models.research_settings import (ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS,
                                       check_research_settings)
+from models.backbone import tokens_of_square_image
 from models.stages import expand_stages, num_guided_encoder_layers, parse_stages
 from util.checkpoint import atomic_write_text
 
@@ -218,6 +219,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- config files
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (the plain
+    loader silently keeps the last value, so a config could set a flag and quietly undo it)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
     """Read a YAML config, merging the files listed under ``_base_`` (paths relative to it) first."""
     path = os.path.abspath(path)
@@ -228,7 +244,7 @@ def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ValueError(_yaml_error_line(path, exc)) from None
     if not isinstance(data, dict):
@@ -343,6 +359,10 @@ class Config(argparse.Namespace):
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"the configuration is read-only (deleting '{name}')")
+
+    def replace(self, **values: Any) -> "Config":
+        """A copy with ``values`` changed (the configuration itself never changes)."""
+        return Config({**vars(self), **values})
 
 
 def configuration_flags() -> List[str]:
@@ -566,8 +586,28 @@ def validate_args(args: argparse.Namespace) -> None:
              "it needs --ref_queries all and a one-to-many form (--num_queries_one2many > 0 or --use_ms_detr)")
     if args.ref_queries == "o2o" and args.num_queries_one2many == 0 and not args.use_ms_detr:
         _warn("--ref_queries o2o without a one-to-many form: all queries are one-to-one already")
+    if args.two_stage:
+        _check_two_stage_fits(args, fail)
+    late_drops = [e for e in (args.lr_drop_epochs or ()) if e >= args.epochs]
+    if late_drops:
+        _warn(f"--lr_drop_epochs {' '.join(map(str, late_drops))}: not before --epochs {args.epochs}, so the "
+              "learning rate never drops there")
     _validate_denoising(args, fail)
     check_amp_device(args.amp, args.device)
+
+
+def _check_two_stage_fits(args: argparse.Namespace, fail) -> None:
+    """Two-stage proposals pick every query from the encoder's tokens: the smallest image the run
+    feeds the model (its shorter side: the smallest of --min_size and --eval_size, at most
+    --max_size) must have at least as many tokens as there are queries."""
+    side = min(min(args.min_size), args.eval_size or max(args.min_size), args.max_size)
+    tokens = tokens_of_square_image(side, args.num_feature_levels, args.dilation)
+    queries = args.num_queries_one2one + args.num_queries_one2many
+    if queries > tokens:
+        fail(f"--two_stage selects {queries} queries (--num_queries_one2one {args.num_queries_one2one} + "
+             f"--num_queries_one2many {args.num_queries_one2many}) from the encoder's tokens, but a {side}x{side} "
+             f"image (the smallest size of --min_size/--eval_size/--max_size) has only {tokens}; use fewer "
+             "queries or larger images")
 
 
 def check_amp_device(amp: str, device: str) -> None:

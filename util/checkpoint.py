@@ -80,30 +80,69 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+class FileWriteError(OSError):
+    """Writing a file failed in the file system (disk full, quota, file too large); the message
+    names the file and the OS error, and says the previous file is intact."""
+
+
+class _WriteRecorder:
+    """A file object that remembers the first OSError of its writes: torch.save reports a failed
+    write as an 'enforce fail ... unexpected pos' RuntimeError, which hides the cause."""
+
+    def __init__(self, file: IO):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True, fault: Optional[str] = None) -> None:
     """Create or replace the file ``path`` such that it is never seen partially written.
 
     ``write(f)`` fills a temporary file in the same directory (a rename across file systems
     would not be atomic); the file is flushed and fsynced, renamed over ``path``, and the
     directory is fsynced so the rename itself survives a power loss. On any failure the
-    temporary file is removed and the previous ``path`` (if any) is untouched. ``fault``: the
-    name of the ``fault_point`` reached between writing and renaming (tests of crash recovery).
+    temporary file is removed and the previous ``path`` (if any) is untouched; a failure of the
+    file system is a ``FileWriteError`` naming ``path`` and the OS error. The file gets the
+    permissions a plain ``open`` would give (the temporary file is created owner-only). ``fault``:
+    the name of the ``fault_point`` reached between writing and renaming (tests of crash recovery).
     """
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    recorder = None
     try:
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
+            recorder = _WriteRecorder(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
         if fault is not None:
             fault_point(fault)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         # BaseException: also clean up on KeyboardInterrupt; the original error propagates
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = recorder.error if recorder is not None and recorder.error is not None else exc
+        if isinstance(cause, OSError) and not isinstance(exc, FileWriteError):
+            reason = f"{cause.strerror} (errno {cause.errno})" if cause.strerror else str(cause)
+            raise FileWriteError(f"cannot write {path}: {reason}; the previous {os.path.basename(path)}, if any, "
+                                 "is unchanged") from exc
         raise
     _fsync_dir(directory)
 
@@ -418,9 +457,30 @@ def resume_training_state(checkpoint: Dict, path: str, optimizer, lr_scheduler, 
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     restore_rng_state(checkpoint.get("rng_state"))
-    for name in ("lr", "lr_drop", "lr_drop_epochs", "batch_size"):
-        then, now = _flag_value(saved, config, name)
-        if name in saved and then != now:
-            say(f"warning: --{name} is {now} now but was {then} in {path}; "
-                "the optimiser and schedule continue from the checkpoint's state", flush=True)
     return int(checkpoint["epoch"]) + 1, checkpoint.get("train_stats") or {}
+
+
+# flags whose values a resumed run takes from the checkpoint: the optimiser's parameter groups
+# (learning rates, weight decay) and the lr schedule's state are loaded from it, so those win
+SCHEDULE_FLAGS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop", "lr_drop_epochs")
+
+
+def schedule_from_checkpoint(saved: Dict[str, Any], config, path: str) -> Dict[str, Any]:
+    """{flag: the checkpoint's value} for each ``SCHEDULE_FLAGS`` flag given another value now, each
+    with a warning; the caller records these in the run's configuration, so that config.yaml says
+    what the resumed run actually trains with. A changed --batch_size is used, with a warning."""
+    kept = {}
+    for name in SCHEDULE_FLAGS + ("batch_size",):
+        if name not in saved or not hasattr(config, name):
+            continue
+        then, now = _as_list(saved[name]), _as_list(getattr(config, name))
+        if then == now:
+            continue
+        if name == "batch_size":
+            say(f"warning: --batch_size is {now} now but was {then} in {path}; the learning rates continue from "
+                "the checkpoint unchanged", flush=True)
+            continue
+        say(f"warning: --{name} {now} is not used: the optimiser and lr schedule continue from {path}, which has "
+            f"{then} (config.yaml records {then})", flush=True)
+        kept[name] = then
+    return kept
