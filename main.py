@@ -266,8 +266,8 @@ def interrupted_message(exc: RunInterrupted, args, output_dir: Optional[str]) ->
     if latest is None:
         kept = "no checkpoint was written yet (nothing to continue from)"
     else:
-        kept = (f"kept {latest} (the last complete epoch; the interrupted one is redone); continue with the same "
-                f"command plus --auto_resume" + ("" if args.auto_resume else f" (or --resume {latest})"))
+        kept = (f"kept {latest} (the last checkpoint written; what came after it is redone); continue with the "
+                f"same command plus --auto_resume" + ("" if args.auto_resume else f" (or --resume {latest})"))
     return f"stopped by {exc}: {kept}"
 
 
