@@ -98,13 +98,11 @@ def describe_failure(exc: BaseException, what: str) -> str:
 @contextmanager
 def located_failures(what: str):
     """Fail the test with the project file and line of any error raised inside the block."""
-    failure = None
     try:
         yield
     except Exception as exc:  # every error here is a finding; say where it happened
-        failure = describe_failure(exc, what)
-    if failure is not None:  # outside the except block: the report replaces torch's traceback
-        pytest.fail(failure, pytrace=False)
+        # "from None": the report replaces torch's traceback, which would end inside FakeTensorMode
+        raise pytest.fail.Exception(describe_failure(exc, what), pytrace=False) from None
 
 
 def assert_all_on(obj, device: str = DEVICE, what: str = "output") -> None:
