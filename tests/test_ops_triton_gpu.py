@@ -127,6 +127,20 @@ def test_offsets_beyond_2_pow_31_elements(device):
     check_offsets_beyond_2_pow_31_elements(device, ms_deform_attn_triton)
 
 
+def test_opcheck_triton_op_registration(device):
+    """Schema, fake (the launcher on fake tensors), autograd and AOT dispatch of the triton_op registration."""
+    from ops import triton_op
+
+    assert triton_op.USES_TRITON_OP == hasattr(torch.library, "triton_op")
+    value, shapes, starts, loc, attn, _ = make_case("channels6", device)
+    torch.library.opcheck(torch.ops.msda.ms_deform_attn_triton.default,
+                          (value.requires_grad_(True), shapes, starts, loc.requires_grad_(True),
+                           attn.requires_grad_(True)))
+    grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device)
+    torch.library.opcheck(torch.ops.msda.ms_deform_attn_triton_backward.default,
+                          (value.detach(), shapes, starts, loc.detach(), attn.detach(), grad_out, True))
+
+
 def test_compile_and_export_see_one_op(device, monkeypatch):
     """MSDeformAttn with MSDA_IMPL=triton: torch.compile (inductor) matches eager; export shows one node."""
     from models.level_layout import LevelLayout
