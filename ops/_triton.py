@@ -43,7 +43,7 @@ _LATE_INTERPRETER = ("its kernels were defined before TRITON_INTERPRET=1 was set
 def triton_error(device) -> Optional[str]:
     """Why the Triton operator cannot run on tensors of ``device``, or None when it can."""
     device = torch.device(device)
-    if importlib.util.find_spec("triton") is None:
+    if _module is None and importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
     if device.type == "cpu":
         if _module is not None and not _module.INTERPRETED:

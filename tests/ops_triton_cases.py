@@ -261,7 +261,9 @@ def test_forced_triton_runs_the_kernels_on_cpu(clean_dispatch, caplog):
 
 def test_forcing_triton_where_it_cannot_run_is_one_line(clean_dispatch):
     ops.set_impl("triton")
-    with pytest.MonkeyPatch.context() as hide_triton:
+    with pytest.MonkeyPatch.context() as hide_triton:  # as in a process that has not loaded the op yet
+        hide_triton.setattr(triton_loader, "_module", None)
+        hide_triton.setattr(triton_loader, "_tried", False)
         hide_triton.setattr(triton_loader.importlib.util, "find_spec", lambda name: None)
         with pytest.raises(RuntimeError, match="forced to 'triton' but it cannot run on cpu: Triton is not "
                                                "installed$"):
