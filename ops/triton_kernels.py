@@ -15,8 +15,11 @@ Layout (all tensors contiguous, offsets computed in int64):
 
 Grid: (cdiv(Lq, BLOCK_Q), heads, bs). Each program owns a [BLOCK_Q, BLOCK_C] tile: BLOCK_Q
 queries of one head and the whole channel range (BLOCK_C = next power of two >= C, the tail
-masked). Levels and points are compile-time loops. Level sizes are read from ``shapes`` on the
-device rather than baked in as constants, so a new image size neither syncs nor recompiles.
+masked). The numbers of levels and points are compile-time constants, but their loops are not
+unrolled: unrolling all 16 samples x 4 corners made one sm_90 compilation ~40x slower (35k
+instead of 3k lines of PTX for the forward), which autotuning multiplies by its configurations.
+Level sizes are read from ``shapes`` on the device rather than baked in as constants, so a new
+image size neither syncs nor recompiles.
 
 Sampling convention (the PyTorch path's, grid_sample with align_corners=False, zero padding):
 pixel x = loc_x * W - 0.5; the four neighbours outside the map, or past the end of ``value``,
@@ -38,11 +41,13 @@ def _configs():
     """Launch configurations to autotune over; the interpreter ignores warps and stages, so one."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_Q": 4}, num_warps=1, num_stages=1)]
+    # num_stages is 1: the loads are gathers whose addresses come from the same iteration, which
+    # Triton's software pipeliner leaves alone (num_stages=2 compiled to the same PTX).
     return [triton.Config({"BLOCK_Q": q}, num_warps=w, num_stages=1)
             for q, w in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8))]
 
 
-# The tuned choice depends on the tile width and the unrolled loop sizes; the dtypes of the
+# The tuned choice depends on the tile width and the loop sizes; the dtypes of the
 # tensor arguments are added to the key by Triton. Lq is left out on purpose: the encoder's
 # Lq changes with every image size and would re-tune all the time.
 TUNING_KEY = ["BLOCK_C", "LEVELS", "POINTS", "ACC_FP64"]
@@ -111,11 +116,11 @@ def msda_forward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, ou
     row = (b * len_q + q) * heads + h  # (b, q, h) flattened: index into weights / LEVELS*POINTS
 
     acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=ACC)
-    for lvl in tl.static_range(LEVELS):
+    for lvl in tl.range(0, LEVELS):
         H = tl.load(shapes_ptr + 2 * lvl)
         W = tl.load(shapes_ptr + 2 * lvl + 1)
         start = tl.load(starts_ptr + lvl)
-        for p in tl.static_range(POINTS):
+        for p in tl.range(0, POINTS):
             sample = row * (LEVELS * POINTS) + lvl * POINTS + p
             x0, y0, fx, fy = _bilinear_setup(loc_ptr, sample, q_mask, H, W, ACC)
             weight = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)
@@ -159,11 +164,11 @@ def msda_backward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, g
     tile_mask = q_mask[:, None] & c_mask[None, :]
     g = tl.load(grad_out_ptr + row[:, None] * channels + channel[None, :], mask=tile_mask, other=0.0).to(ACC)
 
-    for lvl in tl.static_range(LEVELS):
+    for lvl in tl.range(0, LEVELS):
         H = tl.load(shapes_ptr + 2 * lvl)
         W = tl.load(shapes_ptr + 2 * lvl + 1)
         start = tl.load(starts_ptr + lvl)
-        for p in tl.static_range(POINTS):
+        for p in tl.range(0, POINTS):
             sample = row * (LEVELS * POINTS) + lvl * POINTS + p
             x0, y0, fx, fy = _bilinear_setup(loc_ptr, sample, q_mask, H, W, ACC)
             weight = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)

@@ -336,25 +336,58 @@ def test_importing_ops_needs_no_triton():
                     or m.endswith("triton_kernels")], name
 
 
-def test_triton_op_registration_in_a_fresh_process_without_interpreter():
-    """The GPU registration: without TRITON_INTERPRET, ``import ops`` defines no kernel, and the op
-    registered through torch.library.triton_op runs its fake implementation on fake CUDA tensors,
-    where the wrapped kernel launches do nothing."""
+def compile_for_gpu(kernel, value_dtype: str, arch: int = 90) -> str:
+    """PTX of an ops.triton_kernels kernel compiled for sm_<arch> without a GPU (Triton's bundled ptxas).
+
+    ``value_dtype`` is a Triton type name (fp32, bf16, fp16, fp64); the encoder's 4 levels x 4
+    points and 32 channels, one of the autotuned launch configurations.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    coord = "fp64" if value_dtype == "fp64" else "fp32"
+    pointee = {"value_ptr": value_dtype, "out_ptr": value_dtype, "grad_out_ptr": value_dtype, "shapes_ptr": "i64",
+               "starts_ptr": "i64"}
+    constants = {"LEVELS": 4, "POINTS": 4, "BLOCK_C": 32, "ACC_FP64": coord == "fp64", "NEED_VALUE": True,
+                 "BLOCK_Q": 32}
+    signature = {name: "constexpr" if name in constants else "*" + pointee.get(name, coord)
+                 if name.endswith("_ptr") else "i32" for name in kernel.fn.arg_names}
+    source = ASTSource(fn=kernel.fn, signature=signature,
+                       constexprs={k: v for k, v in constants.items() if k in signature})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+def test_compiled_triton_in_a_fresh_process_without_interpreter(tmp_path):
+    """What the interpreter does not run: the GPU registration and Triton's compiler.
+
+    Without TRITON_INTERPRET, ``import ops`` defines no kernel; the op registered through
+    torch.library.triton_op runs its fake implementation on fake CUDA tensors (the wrapped
+    kernel launches do nothing); and both kernels compile to sm_90 PTX with no GPU present
+    (an empty Triton cache, so they are really compiled).
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MSDA_IMPL")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
     code = ("import sys, torch, ops\n"
             "assert 'ops.triton_kernels' not in sys.modules\n"
             "from torch._subclasses.fake_tensor import FakeTensorMode\n"
             "import ops.triton_op as op\n"
-            "from tests.ops_triton_cases import fake_cuda_inputs\n"
+            "import ops.triton_kernels as kernels\n"
+            "from tests.ops_triton_cases import compile_for_gpu, fake_cuda_inputs\n"
             "assert op.USES_TRITON_OP == hasattr(torch.library, 'triton_op') and not op.INTERPRETED\n"
             "mode = FakeTensorMode()\n"
             "args = fake_cuda_inputs(mode, torch.float16)\n"
             "with mode:\n"
             "    out = torch.ops.msda.ms_deform_attn_triton(*args)\n"
             "    grads = torch.ops.msda.ms_deform_attn_triton_backward(*args, out, True)\n"
-            "print(tuple(out.shape), out.dtype, out.device.type, [tuple(g.shape) for g in grads])\n")
+            "print(tuple(out.shape), out.dtype, out.device.type, [tuple(g.shape) for g in grads])\n"
+            "ptx = [compile_for_gpu(kernels.msda_forward_kernel, 'bf16'), "
+            "compile_for_gpu(kernels.msda_backward_kernel, 'fp32')]\n"
+            "print([('.target sm_90' in p, 'atom.global' in p or 'red.global' in p) for p in ptx])\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "(2, 7, 12) torch.float16 cuda [(2, 13, 2, 6), (2, 7, 2, 2, 3, 2), (2, 7, 2, 2, 3)]"
+    assert proc.stdout.strip().splitlines() == [
+        "(2, 7, 12) torch.float16 cuda [(2, 13, 2, 6), (2, 7, 2, 2, 3, 2), (2, 7, 2, 2, 3)]",
+        "[(True, False), (True, True)]"]  # only the backward has atomics
