@@ -196,9 +196,9 @@ def msda_backward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, g
             grad_y = weight * H.to(ACC) * tl.sum(g * d_y, axis=1)
             tl.store(grad_loc_ptr + 2 * sample, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * sample + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
-            if NEED_VALUE:
+            if NEED_VALUE:  # relaxed: only the final sums matter, no ordering between the adds
                 gw = weight[:, None] * g
-                tl.atomic_add(grad_value_ptr + off00, gw * (gx * gy)[:, None], mask=in00)
-                tl.atomic_add(grad_value_ptr + off10, gw * (fx * gy)[:, None], mask=in10)
-                tl.atomic_add(grad_value_ptr + off01, gw * (gx * fy)[:, None], mask=in01)
-                tl.atomic_add(grad_value_ptr + off11, gw * (fx * fy)[:, None], mask=in11)
+                tl.atomic_add(grad_value_ptr + off00, gw * (gx * gy)[:, None], mask=in00, sem="relaxed")
+                tl.atomic_add(grad_value_ptr + off10, gw * (fx * gy)[:, None], mask=in10, sem="relaxed")
+                tl.atomic_add(grad_value_ptr + off01, gw * (gx * fy)[:, None], mask=in01, sem="relaxed")
+                tl.atomic_add(grad_value_ptr + off11, gw * (fx * fy)[:, None], mask=in11, sem="relaxed")
