@@ -273,6 +273,7 @@ def interrupted_message(exc: RunInterrupted, args, output_dir: Optional[str]) ->
 
 def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = None) -> Dict:
     import models
+    import ops
 
     if ctx.writes:
         removed = remove_stale_temp_files(ctx.output_dir)
@@ -302,6 +303,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     criterion.to(ctx.device)
     trainable, total = count_parameters(model)
     say(f"number of params: {trainable:,} trainable / {total:,} total", flush=True)
+    say(f"deformable attention: '{ops.active_impl(ctx.device)}' implementation (MSDA_IMPL to force one)", flush=True)
     if config.pretrained:
         load_model_weights(model, config.pretrained, strict=False, flag="--pretrained", loaded=pretrained)
         del pretrained
