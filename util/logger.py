@@ -184,7 +184,8 @@ def read_jsonl(path: str) -> List[Dict]:
 
 
 # record types that belong to one training epoch; a rerun of that epoch writes them again
-EPOCH_RECORD_TYPES = ("train", "epoch")
+# ('diag': the reference diagnostics of the epoch's evaluation)
+EPOCH_RECORD_TYPES = ("train", "epoch", "diag")
 
 
 class JsonlLogger:
