@@ -127,45 +127,77 @@ def panels(metrics: Dict[str, float]) -> Dict[str, Dict[Tuple[str, ...], float]]
     return grouped
 
 
-def _describe_family(describe: Dict[str, str], name: str) -> str:
-    family = name.split("/")[0]
-    text = describe.get(family, "")
-    return text if len(text) <= 60 else text[:57] + "..."
+# what the scope prefixes of the keys mean, as axis labels
+SCOPE_NAMES = {"enc": "encoder layer", "dec": "references made after decoder layer", "lvl": "feature level",
+               "slot": "reference slot"}
 
 
-def draw_panel(ax, name: str, per_checkpoint: List[Dict[Tuple[str, ...], float]], labels: List[str],
-               colours) -> None:
-    """One diagnostic: against its first scope (layer / stage / level) when it has one, else per checkpoint.
+def _scope_label(scope: str) -> str:
+    prefix = re.sub(r"\d+$", "", scope)
+    return SCOPE_NAMES.get(prefix, prefix or "scope")
 
-    One checkpoint: a line per second scope (feature level) and the layer mean in black. Several:
-    the layer mean of each checkpoint, one colour each."""
-    firsts = sorted({scopes[0] for values in per_checkpoint for scopes in values if scopes}, key=_natural)
-    if not firsts:  # an overall number only (e.g. an across-evaluation instability)
-        values = [values.get((), float("nan")) for values in per_checkpoint]
-        ax.bar(range(len(values)), values, color=[colours(i) for i in range(len(values))])
-        ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=20)
-        ax.set_xlabel("checkpoint", fontsize=8)
-        return
-    x = list(range(len(firsts)))
-    if len(per_checkpoint) == 1:
-        values = per_checkpoint[0]
-        seconds = sorted({scopes[1] for scopes in values if len(scopes) == 2}, key=_natural)
-        for index, second in enumerate(seconds):
-            ax.plot(x, [values.get((first, second), float("nan")) for first in firsts], marker="o", markersize=3,
-                    lw=1, color=colours(index), label=second)
-        ax.plot(x, [values.get((first,), float("nan")) for first in firsts], marker="s", markersize=4, lw=2,
-                color="black", label="mean")
+
+def panel_series(values_per_checkpoint: List[Dict[Tuple[str, ...], float]], labels: List[str]
+                 ) -> Tuple[List[str], List[Tuple[str, List[float]]]]:
+    """(x scopes, [(series label, values at x)]) of one diagnostic.
+
+    One checkpoint: x = the first scope (layer / update); a series per second scope (level, slot)
+    and their pooled 'mean' (the key with the first scope only). Several: a series per checkpoint
+    of those pooled means. A diagnostic with only second-level splits (slotN without a layer mean
+    in several checkpoints) uses the single-scope keys as x; one with no scope at all has x = [''].
+    """
+    nan = float("nan")
+    scoped = [scopes for values in values_per_checkpoint for scopes in values]
+    layered = sorted({scopes[0] for scopes in scoped if len(scopes) == 2}, key=_natural)
+    single = sorted({scopes[0] for scopes in scoped if len(scopes) == 1}, key=_natural)
+    if len(values_per_checkpoint) == 1:
+        values = values_per_checkpoint[0]
+        if layered:
+            seconds = sorted({scopes[1] for scopes in values if len(scopes) == 2}, key=_natural)
+            series = [(second, [values.get((first, second), nan) for first in layered]) for second in seconds]
+            means = [values.get((first,), nan) for first in layered]
+            return layered, series + ([("mean", means)] if any(v == v for v in means) else [])
+        x = single or [""]
+        return x, [(labels[0], [values.get((first,) if first else (), nan) for first in x])]
+    x = [first for first in layered if all((first,) in values for values in values_per_checkpoint)] or single
+    x = x or [""]
+    return x, [(label, [values.get((first,) if first else (), nan) for first in x])
+               for label, values in zip(labels, values_per_checkpoint)]
+
+
+def draw_panel(ax, x: List[str], series: List[Tuple[str, List[float]]], colours) -> None:
+    """Lines over x (layers) when there are several x values, else grouped bars with their values written."""
+    if len(x) > 1:
+        for index, (label, values) in enumerate(series):
+            black = label == "mean"
+            ax.plot(range(len(x)), values, marker="s" if black else "o", markersize=4 if black else 3,
+                    lw=2 if black else 1.2, color="black" if black else colours(index), label=label)
+        ax.set_xticks(range(len(x)), x, fontsize=7)
     else:
-        for index, values in enumerate(per_checkpoint):
-            ax.plot(x, [values.get((first,), float("nan")) for first in firsts], marker="o", markersize=3, lw=1.5,
-                    color=colours(index), label=labels[index])
-    ax.set_xticks(x, firsts, fontsize=7)
-    ax.set_xlabel(re.sub(r"\d+$", "", firsts[0]) or "scope", fontsize=8)
+        width = 0.8 / max(len(series), 1)
+        for index, (label, values) in enumerate(series):
+            value = values[0]
+            position = index * width - 0.4 + width / 2
+            ax.bar(position, 0.0 if value != value else value, width * 0.9, label=label,
+                   color="black" if label == "mean" else colours(index))
+            ax.annotate("n/a" if value != value else f"{value:.3g}", (position, 0.0 if value != value else value),
+                        ha="center", va="bottom", fontsize=6)
+        ax.set_xticks([0], [x[0] or "all probe images"], fontsize=7)
+        ax.set_xlim(-0.6, 0.6)
+    ax.set_xlabel(_scope_label(x[0]) if x[0] else "", fontsize=8)
+    ax.yaxis.get_major_formatter().set_useOffset(False)
+    low, high = ax.get_ylim()
+    least = 0.1 * max(abs(low), abs(high), 1e-6)  # differences far below the value's size stay flat
+    if high - low < least:
+        middle = (high + low) / 2
+        ax.set_ylim(middle - least / 2, middle + least / 2)
     ax.legend(fontsize=6, ncol=2)
 
 
 def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: str, title: str) -> None:
-    """diagnostics.png: one panel per diagnostic (see ``draw_panel``), titled with its family's meaning."""
+    """diagnostics.png: one panel per diagnostic (see ``panel_series``), titled with what it measures."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -176,16 +208,18 @@ def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: st
               for e in evaluations]
     columns = min(4, max(len(names), 1))
     rows = max(1, -(-len(names) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(4.0 * columns, 3.0 * rows + 0.6), squeeze=False)
-    cmap = plt.get_cmap("viridis" if len(evaluations) > 1 else "tab10")
-    steps = max(len(evaluations) - 1, 1)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows + 0.6), squeeze=False)
+    several = len(evaluations) > 1
+    cmap = plt.get_cmap("viridis" if several else "tab10")
 
     def colours(index: int):
-        return cmap(index / steps * 0.85) if len(evaluations) > 1 else cmap(index % 10)
+        return cmap(index / max(len(evaluations) - 1, 1) * 0.85) if several else cmap(index % 10)
 
     for ax, name in zip(axes.flat, names):
-        draw_panel(ax, name, [grouped.get(name, {}) for grouped in per_checkpoint], labels, colours)
-        ax.set_title(f"{name}\n{_describe_family(describe, name)}", fontsize=8)
+        x, series = panel_series([grouped.get(name, {}) for grouped in per_checkpoint], labels)
+        draw_panel(ax, x, series, colours)
+        meaning = "\n".join(textwrap.wrap(describe.get(name, ""), 62)[:3])
+        ax.set_title(f"{name}\n{meaning}", fontsize=7, loc="left")
         ax.set_ylabel(name.split("/")[1], fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
@@ -193,9 +227,9 @@ def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: st
         ax.axis("off")
     if not names:
         axes.flat[0].text(0.5, 0.5, "no diagnostic could be computed", ha="center", va="center")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
