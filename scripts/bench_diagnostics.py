@@ -87,7 +87,8 @@ def bench_variant(variant: str, own, main_flags: Sequence[str]) -> List[Dict]:
     """Interleaved off/on measurements of one variant; prints each; returns the per-N summaries."""
     from models.diagnostics import ReferenceDiagnostics
 
-    config, model, dataset, loader, base_ds, postprocessors = build(own.config, variant, main_flags, own.resume)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries JSON lines only
+        config, model, dataset, loader, base_ds, postprocessors = build(own.config, variant, main_flags, own.resume)
     diagnostics = ReferenceDiagnostics(model)
     time_diagnostics(config, model, diagnostics, dataset, min(own.images))  # warm-up (first-call costs)
     samples: Dict[int, Dict[str, List[float]]] = {n: {"off": [], "on": [], "diag": []} for n in own.images}
