@@ -3,13 +3,14 @@
 usage: python scripts/bench_diagnostics.py [--config configs/demo.yaml] [--variants stock v3.0.4]
            [--images 4 8 16 32] [--repeats 3] [--resume CKPT] [any main.py flag]
 
-For each variant (``stock``: the config as it is; else ``--variant NAME`` on top of it) and each
-probe size N, every repeat times one evaluation without diagnostics ("off") and, right after it,
-one evaluation followed by the diagnostics of the first N validation images ("on"), so the two
-see the same machine load. Prints one JSON object per line: each measurement, then per variant
-and N the medians over repeats and ``ratio`` = on / off (what the diagnostics add to an
-evaluation; DESIGN.md budget: <= 1.10). Medians, because a shared machine's load changes from
-one run to the next. pycocotools' tables go to stderr. Random init unless ``--resume``.
+For each variant (``stock``: the config as it is; else ``--variant NAME`` on top of it), every
+repeat times one evaluation ("off") and right after it the diagnostics of the first N validation
+images for each N, so each diagnostics pass sees the machine load of the evaluation it is
+compared with; "on" = that evaluation + the pass, which is what main.py does once per evaluation.
+Prints one JSON object per line: each measurement, then per variant and N the medians over
+repeats and ``ratio`` = on / off (DESIGN.md budget: <= 1.10). Medians, because a shared
+machine's load changes from one run to the next. pycocotools' tables go to stderr. Random init
+unless ``--resume``.
 """
 import argparse
 import contextlib
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", default=["stock", "v3.0.4"],
                         help="'stock' (the config as is) or variant presets added on top of it")
     parser.add_argument("--images", type=int, nargs="+", default=[4, 8, 16, 32], help="probe sizes N")
-    parser.add_argument("--repeats", type=int, default=3, help="off/on pairs per variant and N")
+    parser.add_argument("--repeats", type=int, default=3, help="evaluations (each followed by every N) per variant")
     parser.add_argument("--resume", default="", help="weights to evaluate (default: random init)")
 
 
@@ -93,14 +94,13 @@ def bench_variant(variant: str, own, main_flags: Sequence[str]) -> List[Dict]:
     time_diagnostics(config, model, diagnostics, dataset, min(own.images))  # warm-up (first-call costs)
     samples: Dict[int, Dict[str, List[float]]] = {n: {"off": [], "on": [], "diag": []} for n in own.images}
     for repeat in range(own.repeats):
+        off = time_evaluation(config, model, loader, base_ds, postprocessors)
         for images in own.images:
-            off = time_evaluation(config, model, loader, base_ds, postprocessors)
-            evaluation = time_evaluation(config, model, loader, base_ds, postprocessors)
             diag = time_diagnostics(config, model, diagnostics, dataset, images)
-            for key, value in (("off", off), ("on", evaluation + diag), ("diag", diag)):
+            for key, value in (("off", off), ("on", off + diag), ("diag", diag)):
                 samples[images][key].append(value)
             print(json.dumps({"variant": variant, "N": images, "repeat": repeat, "eval_off_s": off,
-                              "eval_on_s": evaluation + diag, "diag_s": diag}), flush=True)
+                              "eval_on_s": off + diag, "diag_s": diag}), flush=True)
     summaries = []
     for images, values in samples.items():
         off, on, diag = (statistics.median(values[key]) for key in ("off", "on", "diag"))
@@ -108,7 +108,7 @@ def bench_variant(variant: str, own, main_flags: Sequence[str]) -> List[Dict]:
                           "repeats": own.repeats, "eval_off_s": off, "eval_on_s": on, "diag_s": diag,
                           "ratio": on / off, "diag_s_per_image": diag / min(images, len(dataset)),
                           "device": config.device, "threads": torch.get_num_threads(),
-                          "note": "medians of interleaved off/on evaluations"})
+                          "note": "medians over repeats; each pass timed right after its evaluation"})
     return summaries
 
 
