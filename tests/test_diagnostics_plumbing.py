@@ -251,3 +251,22 @@ def test_bench_diagnostics_reports_interleaved_medians(data_dir, capsys):
     for summary in summaries:
         assert summary["ratio"] == pytest.approx(summary["eval_on_s"] / summary["eval_off_s"])
         assert summary["diag_s"] > 0 and summary["val_images"] == NUM_VAL
+
+
+@pytest.mark.slow
+def test_two_processes_diagnose_on_rank_zero_only(tmp_path):
+    """torchrun, 2 CPU processes, 2 epochs: rank 0 measures after each evaluation while rank 1 goes on;
+    the run finishes (no rank waits forever) with one diag record per evaluation."""
+    import subprocess
+
+    from tests.test_distributed import _free_port, _tiny_run_flags
+
+    env = dict(os.environ, MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    flags = _tiny_run_flags(tmp_path) + ["--epochs", "2", "--diag_images", "2", "--variant", "v3.0.4",
+                                         "--stages", "1:1,1:1"]
+    proc = subprocess.run(["bash", os.path.join(SCRIPTS, "dist_train.sh"), "2", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = _read_log(tmp_path / "out" / "log.jsonl")
+    assert [(r["epoch"], r["N"]) for r in records if r["type"] == "diag"] == [(0, 2), (1, 2)]
+    assert proc.stdout.count("reference diagnostics on 2 probe images") == 2
