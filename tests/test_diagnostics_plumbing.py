@@ -129,6 +129,20 @@ def test_negative_diag_images_is_a_one_line_error(capsys, tmp_path):
     assert err == "error: invalid configuration: --diag_images -1 must be >= 0"
 
 
+def test_resumed_log_keeps_one_diag_record_per_finished_epoch(tmp_path):
+    """A kill between an epoch's diag record and its epoch record: the tail is redone, so that diag
+    record goes; so do those of epochs trained again. Finished epochs keep theirs."""
+    from util.logger import JsonlLogger, read_jsonl
+
+    lines = [{"type": "diag", "epoch": 0, "N": 2}, {"type": "epoch", "epoch": 0},
+             {"type": "diag", "epoch": 1, "N": 2},                          # epoch 1's tail was cut here
+             {"type": "diag", "epoch": 2, "N": 2}, {"type": "epoch", "epoch": 2}]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert JsonlLogger(str(path)).drop_epochs_from(2) == 3
+    assert read_jsonl(str(path)) == lines[:2]
+
+
 # ----------------------------------------------------------------------------- whole runs
 
 def _read_log(path):

@@ -217,23 +217,29 @@ class JsonlLogger:
         """Remove the train/epoch records of epochs >= ``first_epoch`` (about to be trained again),
         repeated epoch records, and a line cut short by a kill. Returns the number of lines removed.
 
-        Called at start-up, so an epoch interrupted and redone is in the log once. Other records
-        (errors, evaluations, data summaries) are history and stay.
+        Called at start-up, so an epoch interrupted and redone is in the log once. A ``diag``
+        record of an epoch without its epoch record belongs to a tail cut short, which is redone,
+        so it goes too. Other records (errors, evaluations, data summaries) are history and stay.
         """
         if not self.path or not os.path.isfile(self.path):
             return 0
         with open(self.path) as f:
             lines = f.readlines()
-        kept, seen_epochs = [], set()
+        records = []
         for line in lines:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(record, dict):
-                continue
+            if isinstance(record, dict):
+                records.append((line, record))
+        finished = {r["epoch"] for _, r in records if r.get("type") == "epoch" and isinstance(r.get("epoch"), int)}
+        kept, seen_epochs = [], set()
+        for line, record in records:
             if record.get("type") in EPOCH_RECORD_TYPES and isinstance(record.get("epoch"), int):
                 if record["epoch"] >= first_epoch:
+                    continue
+                if record["type"] == "diag" and record["epoch"] not in finished:
                     continue
                 if record["type"] == "epoch":
                     if record["epoch"] in seen_epochs:
