@@ -238,7 +238,7 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
 
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
     """The tail of an epoch whose ``checkpoint.pth`` is written: numbered copy, evaluation (when
-    due), the ``epoch`` log record (last: its presence marks the epoch complete). Returns the
+    due, followed by the reference diagnostics when asked for), the ``epoch`` log record (last: its presence marks the epoch complete). Returns the
     evaluation stats ({} when none was due). Also what a resumed run redoes when a kill cut it short.
     """
     if tail.ctx.writes:
@@ -253,7 +253,7 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         record.update({f"test_{k}": v for k, v in stats.items()})
         tail.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
         log_diagnostics(tail, epoch)
-    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation
+    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation (+ diagnostics)
     fault_point("before_log")
     tail.logger.write(record)
     tail.tb_logger.scalars("epoch", {k: v for k, v in train_stats.items()}, epoch + 1)
