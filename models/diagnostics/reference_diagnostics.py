@@ -213,13 +213,14 @@ class ReferenceDiagnostics:
             locations = record.sampling_locations[b][valid]      # (T', H, L, P, 2)
             weights = record.attention_weights[b][valid].float()  # (T', H, L, P)
             references = self._sample_references(record.reference_points[b], layout)[valid]
-            self._concentration(record.index, locations, weights, references, image, layout)
+            per_point = record.reference_points.dim() == 5  # (bs, T, L, P, 2): one reference per point slot
+            self._concentration(record.index, locations, weights, references, per_point, image, layout)
             if image.has_boxes:
                 # image-region coordinates: the operator's locations are fractions of the padded level
                 region = locations.float() / layout.valid_ratios[b].float()[None, None, :, None, :]
                 self._foreground(record.index, region, weights, image)
             if record.picks is not None:
-                self._guided_tokens(record.index, record.picks, b, image)
+                self._guided_tokens(record.index, record.picks, b, image, len(layout.shapes))
 
     @staticmethod
     def _sample_references(references: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
@@ -231,9 +232,10 @@ class ReferenceDiagnostics:
             return references[:, None]
         return references
 
-    def _concentration(self, layer: int, locations, weights, references, image: _ProbeImage,
+    def _concentration(self, layer: int, locations, weights, references, per_point: bool, image: _ProbeImage,
                        layout: LevelLayout) -> None:
-        """D5 of one encoder layer on one image (tokens already restricted to the image)."""
+        """D5 of one encoder layer on one image (tokens already restricted to the image): locations
+        (T', H, L, P, 2), weights (T', H, L, P), references broadcastable to the locations."""
         num_levels = len(layout.shapes)
         entropy, n_eff = metrics.weight_entropy(weights)  # (T', H)
         for name, values in (("D5/entropy", entropy), ("D5/n_eff", n_eff)):
@@ -246,7 +248,7 @@ class ReferenceDiagnostics:
         for lvl in range(num_levels):
             self._tally.add(scoped_keys("D5/distance", f"enc{layer}", f"lvl{lvl}"), per_level[lvl].sum(),
                             per_level.shape[1])
-        if references.dim() == 5 and references.shape[-2] > 1:  # per-point references (T', 1, L, P, 2)
+        if per_point:
             shares = metrics.slot_share(weights)  # (T', P)
             for slot in range(shares.shape[1]):
                 self._tally.add_values([f"D5/slot_share/enc{layer}/slot{slot}", f"D5/slot_share/slot{slot}"],
@@ -290,10 +292,9 @@ class ReferenceDiagnostics:
                                                                  self.match_threshold)
         return chosen, valid, image.candidate_matches[key]
 
-    def _guided_tokens(self, layer: int, picks: GuidancePicks, b: int, image: _ProbeImage) -> None:
+    def _guided_tokens(self, layer: int, picks: GuidancePicks, b: int, image: _ProbeImage, num_levels: int) -> None:
         """D1, D6 and the across-evaluation token instability of one guided encoder layer on one image."""
         chosen, valid, (candidate_gt, _) = self._slots(picks, b, image)
-        num_levels = int(image.levels.max()) + 1 if image.levels.numel() else 0
         guided = valid.any(1)
         sums, counts = _per_group(guided, image.levels, num_levels)
         for lvl in range(num_levels):
