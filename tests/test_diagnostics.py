@@ -386,8 +386,48 @@ def test_guided_token_metrics_match_float64_loops():
         assert metrics[f"D2/same_obj/{dec}"] == pytest.approx(mean["same"], abs=1e-5)
     jaccard = [len(set(a) & set(per_update[1][key])) / len(set(a) | set(per_update[1][key]))
                for key, a in per_update[0].items() if set(a) | set(per_update[1][key])]
-    assert metrics[f"D3/jaccard/dec{capture.picks[1].decoder_layers - 1}"] == pytest.approx(np.mean(jaccard),
-                                                                                           abs=1e-5)
+    later = f"dec{capture.picks[1].decoder_layers - 1}"
+    assert metrics[f"D3/jaccard/{later}"] == pytest.approx(np.mean(jaccard), abs=1e-5)
+    # Chamfer between the two updates' centre sets, in input pixels over the image diagonal
+    sizes = [(128.0, 96.0), (80.0, 112.0)]  # (W, H) of two_padded_images
+    chamfer = []
+    for (b, t), first in per_update[0].items():
+        second = per_update[1][(b, t)]
+        if first and second:
+            def centre(picks, c):
+                cx, cy = picks.candidates.boxes[b, c, :2].double().tolist()
+                return cx * sizes[b][0], cy * sizes[b][1]
+            set_a = [centre(capture.picks[0], c) for c in first]
+            set_b = [centre(capture.picks[1], c) for c in second]
+            a_to_b = np.mean([min(math.dist(p, q) for q in set_b) for p in set_a])
+            b_to_a = np.mean([min(math.dist(p, q) for q in set_a) for p in set_b])
+            chamfer.append((a_to_b + b_to_a) / 2 / math.hypot(*sizes[b]))
+    assert metrics[f"D3/chamfer/{later}"] == pytest.approx(np.mean(chamfer), abs=1e-6)
+    # v3.0.4 slot shares: slot 0 is the token itself
+    self_shares = []
+    for e in (1, 2):
+        layer = capture.layers[e]
+        shares = []
+        for b in range(2):
+            for t, _, _, _ in token_geometry(layer["layout"], b):
+                shares.append(layer["weights"][b, t].sum(1).mean(0).numpy())  # (P,)
+        shares = np.stack(shares)
+        for slot in range(shares.shape[1]):
+            assert metrics[f"D5/slot_share/enc{e}/slot{slot}"] == pytest.approx(shares[:, slot].mean(), abs=1e-6)
+        self_shares.append(shares[:, 0])
+    assert metrics["D5/self_share"] == pytest.approx(np.concatenate(self_shares).mean(), abs=1e-6)
+    assert "D5/slot_share/enc0/slot0" not in metrics  # the first layer's references are the stock ones
+
+
+def test_two_stage_has_no_matching_instability():
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args(*CONFIGS["v3.0.4"], "--two_stage", "--mixed_selection"))
+    targets = targets_from_candidates(model)
+    diag = ReferenceDiagnostics(model)
+    one_pass(diag, targets)
+    second = one_pass(diag, targets)
+    assert "D3/token_instability" in second and second["D3/token_instability"] == 0.0
+    assert "D3/matching_instability" not in second  # proposals, not learned queries: no query identity
 
 
 def test_token_instability_after_swapping_two_ground_truth_boxes_matches_loops():
