@@ -311,6 +311,8 @@ class ReferenceDiagnostics:
         if image.image_id is None:
             return
         memory_key = f"tokens/enc{layer}"
+        # kept in host memory: it lives across the training epochs between two evaluations
+        signature, guided = signature.cpu(), guided.cpu()
         self._current.setdefault(image.image_id, {})[memory_key] = (signature, guided)
         previous = self._previous.get(image.image_id, {}).get(memory_key)
         if previous is None or previous[0].shape != signature.shape:
