@@ -94,7 +94,7 @@ def test_smallest_containing_box():
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.1, 0.4, 0.4], [0.6, 0.6, 0.9, 0.9]])
     points = torch.tensor([[0.2, 0.2], [0.5, 0.5], [0.7, 0.8]])
     assert smallest_containing_box(points, boxes).tolist() == [1, 0, 2]
-    assert smallest_containing_box(points, boxes[1:2]).tolist() == [1 - 1, -1, -1]
+    assert smallest_containing_box(points, boxes[1:2]).tolist() == [0, -1, -1]
     assert smallest_containing_box(points, torch.zeros(0, 4)).tolist() == [-1, -1, -1]
 
 
