@@ -12,6 +12,10 @@ per_point (v3.0.2-v3.0.4): per token, the P queries with the largest (combined)
     token (in the mixed form its two predictions share one map column and give one candidate).
     Empty slots fall back to the token's own location; ``ref_keep_self`` reserves point 0 for it.
 
+The reference diagnostics (``models/diagnostics``) may set ``EncoderReferenceGenerator.picks_listener``
+while they record a pass; it then receives each update's ``GuidancePicks`` (which candidate filled
+which slot). Unset, it costs one attribute check per update.
+
 Candidates (``make_candidates``) are the same in training and inference when the model keeps
 its one-to-many queries / stream running at inference for them (``reads_one2many``).
 

@@ -153,11 +153,12 @@ def symmetric_chamfer(points_a: torch.Tensor, valid_a: torch.Tensor, points_b: t
 
 
 def multiset_signature(slot_gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """D3 across evaluations: slot_gt (T, S) matched GT ids (-1: none), valid (T, S) -> (T, S) int64.
+    """D3 across evaluations: slot_gt (T, S) matched GT ids (-1: none), valid (T, S) -> (T, S) int32.
 
     Each row is the sorted multiset of the token's matched GT ids, padded with a sentinel larger than
-    any id, so two tokens hold the same multiset exactly when their rows are equal.
+    any id, so two tokens hold the same multiset exactly when their rows are equal. int32 halves
+    the memory the diagnostics keep between evaluations (an image has far fewer than 2^31 boxes).
     """
-    sentinel = torch.iinfo(torch.int64).max
-    ids = torch.where(valid & (slot_gt >= 0), slot_gt, sentinel)
+    sentinel = torch.iinfo(torch.int32).max
+    ids = torch.where(valid & (slot_gt >= 0), slot_gt.to(torch.int32), sentinel)
     return ids.sort(1).values

@@ -213,13 +213,14 @@ class ReferenceDiagnostics:
             locations = record.sampling_locations[b][valid]      # (T', H, L, P, 2)
             weights = record.attention_weights[b][valid].float()  # (T', H, L, P)
             references = self._sample_references(record.reference_points[b], layout)[valid]
-            self._concentration(record.index, locations, weights, references, image, layout)
+            per_point = record.reference_points.dim() == 5  # (bs, T, L, P, 2): one reference per point slot
+            self._concentration(record.index, locations, weights, references, per_point, image, layout)
             if image.has_boxes:
                 # image-region coordinates: the operator's locations are fractions of the padded level
                 region = locations.float() / layout.valid_ratios[b].float()[None, None, :, None, :]
                 self._foreground(record.index, region, weights, image)
             if record.picks is not None:
-                self._guided_tokens(record.index, record.picks, b, image)
+                self._guided_tokens(record.index, record.picks, b, image, len(layout.shapes))
 
     @staticmethod
     def _sample_references(references: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
@@ -231,51 +232,49 @@ class ReferenceDiagnostics:
             return references[:, None]
         return references
 
-    def _concentration(self, layer: int, locations, weights, references, image: _ProbeImage,
+    def _add_per_level(self, name: str, layer: int, totals: torch.Tensor, counts: torch.Tensor) -> None:
+        """Per-level sums (L,) and item counts (L,) of one layer -> keys name[/encN[/lvlL]] (one host read)."""
+        for lvl, (total, count) in enumerate(zip(totals.tolist(), counts.tolist())):
+            self._tally.add(scoped_keys(name, f"enc{layer}", f"lvl{lvl}"), total, count)
+
+    def _concentration(self, layer: int, locations, weights, references, per_point: bool, image: _ProbeImage,
                        layout: LevelLayout) -> None:
-        """D5 of one encoder layer on one image (tokens already restricted to the image)."""
+        """D5 of one encoder layer on one image (tokens already restricted to the image): locations
+        (T', H, L, P, 2), weights (T', H, L, P), references broadcastable to the locations."""
         num_levels = len(layout.shapes)
-        entropy, n_eff = metrics.weight_entropy(weights)  # (T', H)
-        for name, values in (("D5/entropy", entropy), ("D5/n_eff", n_eff)):
-            sums, counts = _per_group(values, image.levels, num_levels)
-            for lvl in range(num_levels):
-                self._tally.add(scoped_keys(name, f"enc{layer}", f"lvl{lvl}"), sums[lvl], counts[lvl])
+        entropy, n_eff = metrics.weight_entropy(weights)  # (T', H), grouped by the token's level
+        self._add_per_level("D5/entropy", layer, *_per_group(entropy, image.levels, num_levels))
+        self._add_per_level("D5/n_eff", layer, *_per_group(n_eff, image.levels, num_levels))
         level_sizes = layout.spatial_shapes.flip(-1)  # (L, 2) as (W, H)
-        distance = metrics.sampling_distance(locations, references, level_sizes)  # (T', H, L, P)
+        distance = metrics.sampling_distance(locations, references, level_sizes)  # (T', H, L, P), sampled level
         per_level = distance.transpose(0, 2).reshape(num_levels, -1)
-        for lvl in range(num_levels):
-            self._tally.add(scoped_keys("D5/distance", f"enc{layer}", f"lvl{lvl}"), per_level[lvl].sum(),
-                            per_level.shape[1])
-        if references.dim() == 5 and references.shape[-2] > 1:  # per-point references (T', 1, L, P, 2)
-            shares = metrics.slot_share(weights)  # (T', P)
-            for slot in range(shares.shape[1]):
-                self._tally.add_values([f"D5/slot_share/enc{layer}/slot{slot}", f"D5/slot_share/slot{slot}"],
-                                       shares[:, slot])
+        self._add_per_level("D5/distance", layer, per_level.sum(1), torch.full((num_levels,), per_level.shape[1]))
+        if per_point:
+            shares = metrics.slot_share(weights).sum(0).tolist()  # (P,) summed over tokens
+            count = weights.shape[0]
+            for slot, share in enumerate(shares):
+                self._tally.add([f"D5/slot_share/enc{layer}/slot{slot}", f"D5/slot_share/slot{slot}"], share, count)
             if self.generator is not None and self.generator.ref_keep_self:
-                self._tally.add_values(scoped_keys("D5/self_share", f"enc{layer}"), shares[:, 0])
+                self._tally.add(scoped_keys("D5/self_share", f"enc{layer}"), shares[0], count)
 
     def _foreground(self, layer: int, locations, weights, image: _ProbeImage) -> None:
         """D4 of one encoder layer on one image with GT boxes; locations in image-region coordinates."""
         sums = metrics.foreground_sampling(locations, weights, image.token_box, image.boxes_xyxy)
-        for lvl in range(sums.fg_in.shape[0]):
-            scope = (f"enc{layer}", f"lvl{lvl}")
-            self._tally.add(scoped_keys("D4/fsr_in", *scope), sums.fg_in[lvl], sums.all_in[lvl])
-            self._tally.add(scoped_keys("D4/fsr_out", *scope), sums.fg_out[lvl], sums.all_out[lvl])
-            self._tally.add(scoped_keys("D4/own_obj", *scope), sums.own_in[lvl], sums.all_in[lvl])
-            self._add_chance_normalised([f"D4/fsr_in_norm/enc{layer}/lvl{lvl}"], sums.fg_in[lvl],
-                                        sums.all_in[lvl], image.cover)
-            self._add_chance_normalised([f"D4/fsr_out_norm/enc{layer}/lvl{lvl}"], sums.fg_out[lvl],
-                                        sums.all_out[lvl], image.cover)
-        self._add_chance_normalised(scoped_keys("D4/fsr_in_norm", f"enc{layer}"), sums.fg_in.sum(),
-                                    sums.all_in.sum(), image.cover)
-        self._add_chance_normalised(scoped_keys("D4/fsr_out_norm", f"enc{layer}"), sums.fg_out.sum(),
-                                    sums.all_out.sum(), image.cover)
+        self._add_per_level("D4/fsr_in", layer, sums.fg_in, sums.all_in)
+        self._add_per_level("D4/fsr_out", layer, sums.fg_out, sums.all_out)
+        self._add_per_level("D4/own_obj", layer, sums.own_in, sums.all_in)
+        cover = float(image.cover)
+        fg_in, all_in, fg_out, all_out = (values.tolist() for values in sums[:4])
+        for lvl in range(len(fg_in)):
+            self._add_chance_normalised([f"D4/fsr_in_norm/enc{layer}/lvl{lvl}"], fg_in[lvl], all_in[lvl], cover)
+            self._add_chance_normalised([f"D4/fsr_out_norm/enc{layer}/lvl{lvl}"], fg_out[lvl], all_out[lvl], cover)
+        self._add_chance_normalised(scoped_keys("D4/fsr_in_norm", f"enc{layer}"), sum(fg_in), sum(all_in), cover)
+        self._add_chance_normalised(scoped_keys("D4/fsr_out_norm", f"enc{layer}"), sum(fg_out), sum(all_out), cover)
 
-    def _add_chance_normalised(self, keys, foreground, total, cover) -> None:
-        """One image's FSR (foreground / total weight) over its GT-covered fraction, counted when defined."""
-        defined = (total > 0) & (cover > 0)
-        ratio = foreground / total.clamp(min=1e-12) / cover.clamp(min=1e-12)
-        self._tally.add(keys, torch.where(defined, ratio, 0.0), defined.float())
+    def _add_chance_normalised(self, keys, foreground: float, total: float, cover: float) -> None:
+        """One image's FSR (foreground / total weight) over its GT-covered fraction; one item when defined."""
+        if total > 0 and cover > 0:
+            self._tally.add(keys, foreground / total / cover, 1)
 
     # ------------------------------------------------------------------ guided tokens: D1, D3 across, D6
 
@@ -290,14 +289,11 @@ class ReferenceDiagnostics:
                                                                  self.match_threshold)
         return chosen, valid, image.candidate_matches[key]
 
-    def _guided_tokens(self, layer: int, picks: GuidancePicks, b: int, image: _ProbeImage) -> None:
+    def _guided_tokens(self, layer: int, picks: GuidancePicks, b: int, image: _ProbeImage, num_levels: int) -> None:
         """D1, D6 and the across-evaluation token instability of one guided encoder layer on one image."""
         chosen, valid, (candidate_gt, _) = self._slots(picks, b, image)
-        num_levels = int(image.levels.max()) + 1 if image.levels.numel() else 0
         guided = valid.any(1)
-        sums, counts = _per_group(guided, image.levels, num_levels)
-        for lvl in range(num_levels):
-            self._tally.add(scoped_keys("D6/coverage", f"enc{layer}", f"lvl{lvl}"), sums[lvl], counts[lvl])
+        self._add_per_level("D6/coverage", layer, *_per_group(guided, image.levels, num_levels))
         self._tally.add_values(scoped_keys("D6/slot_coverage", f"enc{layer}"), valid.reshape(-1))
         boxes = picks.candidates.boxes[b].detach()[chosen]  # (T', S, 4)
         for name, threshold in (("D1/dup_iou07", 0.7), ("D1/dup_iou05", 0.5)):
@@ -315,6 +311,8 @@ class ReferenceDiagnostics:
         if image.image_id is None:
             return
         memory_key = f"tokens/enc{layer}"
+        # kept in host memory: it lives across the training epochs between two evaluations
+        signature, guided = signature.cpu(), guided.cpu()
         self._current.setdefault(image.image_id, {})[memory_key] = (signature, guided)
         previous = self._previous.get(image.image_id, {}).get(memory_key)
         if previous is None or previous[0].shape != signature.shape:
