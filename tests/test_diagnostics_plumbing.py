@@ -263,7 +263,9 @@ def test_bench_diagnostics_reports_interleaved_medians(data_dir, capsys):
     assert [(s["variant"], s["N"]) for s in summaries] == [("stock", 2), ("stock", NUM_VAL), ("v3.0.4", 2),
                                                            ("v3.0.4", NUM_VAL)]
     for summary in summaries:
+        # one repeat: the median ratio is that repeat's (evaluation + pass) / evaluation
         assert summary["ratio"] == pytest.approx(summary["eval_on_s"] / summary["eval_off_s"])
+        assert summary["eval_on_s"] == pytest.approx(summary["eval_off_s"] + summary["diag_s"])
         assert summary["diag_s"] > 0 and summary["val_images"] == NUM_VAL
 
 
