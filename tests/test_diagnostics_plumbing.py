@@ -179,7 +179,6 @@ def _families(record):
     return {key.split("/")[0] for key in record if key[:1] == "D" and key[1:2].isdigit()}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_diagnostics_change_nothing_in_training(variant, data_dir, run_root):
     """With and without diagnostics (more probe images than the split: all 4 used): bit-identical
@@ -201,7 +200,6 @@ def test_diagnostics_change_nothing_in_training(variant, data_dir, run_root):
     assert printed.count("the reference diagnostics use all 4") == 1
 
 
-@pytest.mark.slow
 def test_diag_records_guided_and_stock(data_dir, run_root):
     """One diag record per evaluation: D1-D6 for v3.0.4; D4-D5 for the baseline, whose second
     evaluation adds D3's matching instability (DN-DETR's, defined for any learned-query detector)."""
@@ -222,7 +220,6 @@ def test_diag_records_guided_and_stock(data_dir, run_root):
     assert _families(records[1]) - {"D3"} == {"D4", "D5"}
 
 
-@pytest.mark.slow
 def test_eval_runs_the_diagnostics_when_asked(data_dir, run_root, tmp_path):
     trained, _ = _run(data_dir, run_root, "v3.0.4", 0)
     flags = one_epoch_smoke_flags(data_dir, tmp_path / "eval", num_val=NUM_VAL) + COMMON + VARIANTS["v3.0.4"]
@@ -232,7 +229,6 @@ def test_eval_runs_the_diagnostics_when_asked(data_dir, run_root, tmp_path):
     assert "D6/coverage" in records[0]
 
 
-@pytest.mark.slow
 def test_diagnose_script_on_consecutive_checkpoints(data_dir, run_root, tmp_path):
     """Config from the checkpoint; two checkpoints in order give what the run itself logged after
     those epochs (same weights, same probe images), across-evaluation D3 included."""
