@@ -123,6 +123,37 @@ def test_only_the_main_process_builds_a_probe(monkeypatch, data_dir):
     assert main_module.build_probe(config, model, dataset) is None
 
 
+class _Scalars:
+    """Records what TensorboardLogger.scalars would write."""
+
+    def __init__(self):
+        self.calls = []
+
+    def scalars(self, prefix, values, step):
+        self.calls.append((prefix, dict(values), step))
+
+
+def test_one_evaluation_writes_one_diag_record_and_its_scalars(data_dir, tmp_path):
+    """log_diagnostics: the record (type, epoch, N, every metric) and the same metrics as TensorBoard
+    scalars under diag/ at the evaluation's step (epoch + 1)."""
+    import models
+    from util.logger import JsonlLogger
+
+    config = main_module.prepare(parse_args(one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL)
+                                            + VARIANTS["v3.0.4"] + ["--diag_images", "3"]))
+    model, _, _ = models.build_model(config)
+    dataset = _val_dataset(data_dir)
+    tail = main_module.EpochTail(config=config, ctx=None, model=model, postprocessors={}, val_loader=None,
+                                 base_ds=None, logger=JsonlLogger(str(tmp_path / "log.jsonl")), tb_logger=_Scalars(),
+                                 trainable=0, probe=main_module.build_probe(config, model, dataset))
+    tail.ctx = main_module.RunContext(place=None, device=torch.device("cpu"), output_dir=str(tmp_path), resume="")
+    metrics = main_module.log_diagnostics(tail, epoch=4)
+    (record,) = _read_log(tmp_path / "log.jsonl")
+    assert record["type"] == "diag" and record["epoch"] == 4 and record["N"] == 3 and record["diag_time"] > 0
+    assert {k: v for k, v in record.items() if k[:1] == "D"} == metrics and "D6/coverage" in metrics
+    assert tail.tb_logger.calls == [("diag", metrics, 5)]
+
+
 def test_negative_diag_images_is_a_one_line_error(capsys, tmp_path):
     assert main_module.cli(one_epoch_smoke_flags(tmp_path / "data", tmp_path / "out") + ["--diag_images", "-1"]) == 2
     err = capsys.readouterr().err.strip()
