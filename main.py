@@ -238,8 +238,9 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
 
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
     """The tail of an epoch whose ``checkpoint.pth`` is written: numbered copy, evaluation (when
-    due, followed by the reference diagnostics when asked for), the ``epoch`` log record (last: its presence marks the epoch complete). Returns the
-    evaluation stats ({} when none was due). Also what a resumed run redoes when a kill cut it short.
+    due, followed by the reference diagnostics when asked for), the ``epoch`` log record (last:
+    its presence marks the epoch complete). Returns the evaluation stats ({} when none was due).
+    Also what a resumed run redoes when a kill cut it short.
     """
     if tail.ctx.writes:
         latest = os.path.join(tail.ctx.output_dir, CHECKPOINT_NAME)

@@ -113,11 +113,12 @@ def test_only_the_main_process_builds_a_probe(monkeypatch, data_dir):
     """Distributed runs measure on rank 0 alone (nothing collective inside, see main.build_probe)."""
     import models
 
-    config = main_module.prepare(parse_args(one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL) + ["--diag_images", "2"]))
+    flags = one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL)
+    config = main_module.prepare(parse_args(flags + ["--diag_images", "2"]))
     model, _, _ = models.build_model(config)
     dataset = _val_dataset(data_dir)
     assert main_module.build_probe(config, model, dataset).indices == [0, 1]
-    off = main_module.prepare(parse_args(one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL) + ["--diag_images", "0"]))
+    off = main_module.prepare(parse_args(flags + ["--diag_images", "0"]))
     assert main_module.build_probe(off, model, dataset) is None
     monkeypatch.setattr(main_module.dist_utils, "is_main_process", lambda: False)
     assert main_module.build_probe(config, model, dataset) is None
