@@ -324,3 +324,35 @@ def _total_over_ranks(count: int, device: torch.device) -> int:
     if not is_dist_avail_and_initialized():
         return count
     return int(all_reduce_sum(torch.tensor(count, device=device)).item())
+
+
+# ----------------------------------------------------------------------------- reference diagnostics
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module):
+    """Restore every submodule's train/eval flag afterwards (the diagnostics switch to eval)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def reference_diagnostics(model: nn.Module, diagnostics, batches: Iterable, device: torch.device
+                          ) -> Dict[str, float]:
+    """One pass of ``diagnostics`` (a ``models.diagnostics.ReferenceDiagnostics`` of ``model``) over
+    the probe ``batches`` ((NestedTensor (B, 3, H, W), targets) on the CPU); returns its flat metrics.
+
+    Training cannot notice it: every random generator is restored afterwards (the evaluation
+    transform draws from Python's ``random``), and so is every module's train/eval flag. No
+    collective runs inside, which is what lets one process do this alone.
+    """
+    from util.seeding import rng_untouched
+
+    with rng_untouched(), modes_kept(model):
+        diagnostics.start()
+        for samples, targets in batches:
+            samples, targets = move_to_device(samples, targets, device)
+            diagnostics.update(samples, targets)
+        return diagnostics.finish()

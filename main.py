@@ -7,6 +7,10 @@ Only the main process (rank 0) writes files: ``checkpoint.pth`` (every epoch, at
 ``detections_val.json``, TensorBoard events under ``tensorboard/`` and, while it runs, the lock
 file ``.lock`` (pid and host of the run that owns the directory).
 
+With ``--diag_images N`` (> 0) every evaluation is followed by the reference diagnostics
+(DESIGN.md section 9) on the first N validation images, on the main process only: one ``diag``
+record in ``log.jsonl`` and TensorBoard scalars under ``diag/``.
+
 An epoch is one recoverable unit: training, then ``checkpoint.pth`` (which also holds the epoch's
 training statistics), then the epoch's tail -- numbered copy, evaluation, the ``epoch`` record in
 ``log.jsonl``. The record is written last, so its absence tells a resumed run (``--auto_resume``,
@@ -64,6 +68,16 @@ class RunContext:
 
 
 @dataclass
+class DiagnosticsProbe:
+    """The reference diagnostics of this run: the recorder (kept for the whole run, since the
+    across-evaluation D3 metrics compare with the previous evaluation) and the probe images."""
+
+    diagnostics: Any  # models.diagnostics.ReferenceDiagnostics of the eager model
+    dataset: Any      # the validation dataset
+    indices: List[int]
+
+
+@dataclass
 class EpochTail:
     """What finishing an epoch (numbered copy, evaluation, log record) needs."""
 
@@ -77,6 +91,7 @@ class EpochTail:
     tb_logger: TensorboardLogger
     trainable: int
     stop: Optional[StopSignals] = None
+    probe: Optional[DiagnosticsProbe] = None
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -189,10 +204,55 @@ def run_evaluation(tail: EpochTail, epoch: Optional[int] = None) -> Dict[str, fl
                     output_dir=tail.ctx.output_dir if tail.ctx.writes else None, stop=tail.stop)
 
 
+def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional[DiagnosticsProbe]:
+    """The reference diagnostics of ``model`` (eager, unwrapped) on the first ``--diag_images``
+    validation images by id; None when that is 0 or this is not the main process.
+
+    Only the main process measures. The diagnostics run the unwrapped module, so nothing in
+    them is a collective: while rank 0 measures, the other ranks go on and wait for it at the
+    next epoch's first gradient all-reduce, as for any slower rank. A collective in here would
+    be called by one rank only and hang the job.
+    """
+    if config.diag_images == 0 or not dist_utils.is_main_process():
+        return None
+    from datasets.probe import probe_indices
+    from models.diagnostics import ReferenceDiagnostics
+
+    indices, message = probe_indices(dataset_val, config.diag_images)
+    if message:
+        say(message, flush=True)
+    return DiagnosticsProbe(diagnostics=ReferenceDiagnostics(model), dataset=dataset_val, indices=indices)
+
+
+def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
+    """Measure the reference diagnostics once (when this process has a probe) and write the
+    ``diag`` record and TensorBoard scalars. Returns the metrics ({} when none were measured)."""
+    from datasets.probe import probe_batches
+    from engine import reference_diagnostics
+
+    if tail.probe is None:
+        return {}
+    start = time.time()
+    # a generator: the images are read and transformed inside reference_diagnostics, whose
+    # restored random state covers the evaluation transform's draw
+    batches = probe_batches(tail.probe.dataset, tail.probe.indices, tail.config.batch_size)
+    metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device)
+    seconds = time.time() - start
+    tail.logger.write({"type": "diag", "epoch": epoch, "N": len(tail.probe.indices), **metrics,
+                       "diag_time": seconds})
+    if epoch is not None:
+        tail.tb_logger.scalars("diag", metrics, epoch + 1)
+    shown = ", ".join(f"{key} {metrics[key]:.3f}" for key in sorted(metrics) if key.count("/") == 1)
+    say(f"reference diagnostics on {len(tail.probe.indices)} probe images in {format_seconds(seconds)}"
+        + (f": {shown}" if shown else ""), flush=True)
+    return metrics
+
+
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
     """The tail of an epoch whose ``checkpoint.pth`` is written: numbered copy, evaluation (when
-    due), the ``epoch`` log record (last: its presence marks the epoch complete). Returns the
-    evaluation stats ({} when none was due). Also what a resumed run redoes when a kill cut it short.
+    due, followed by the reference diagnostics when asked for), the ``epoch`` log record (last:
+    its presence marks the epoch complete). Returns the evaluation stats ({} when none was due).
+    Also what a resumed run redoes when a kill cut it short.
     """
     if tail.ctx.writes:
         latest = os.path.join(tail.ctx.output_dir, CHECKPOINT_NAME)
@@ -205,7 +265,8 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         stats = run_evaluation(tail, epoch)
         record.update({f"test_{k}": v for k, v in stats.items()})
         tail.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
-    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation
+        log_diagnostics(tail, epoch)
+    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation (+ diagnostics)
     fault_point("before_log")
     tail.logger.write(record)
     tail.tb_logger.scalars("epoch", {k: v for k, v in train_stats.items()}, epoch + 1)
@@ -312,12 +373,13 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
                            config=config, loaded=checkpoint)
     tail = EpochTail(config=config, ctx=ctx, model=model, postprocessors=postprocessors, val_loader=val_loader,
                      base_ds=base_ds, logger=logger, tb_logger=TensorboardLogger(None, enabled=False),
-                     trainable=trainable, stop=stop)
+                     trainable=trainable, stop=stop, probe=build_probe(config, model, val_loader.dataset))
     if config.eval:
         stats = run_evaluation(tail)
-        logger.write({"type": "eval", "epoch": checkpoint.get("epoch") if checkpoint is not None else None,
-                      "checkpoint": ctx.resume or config.pretrained or None,
+        evaluated_epoch = checkpoint.get("epoch") if checkpoint is not None else None
+        logger.write({"type": "eval", "epoch": evaluated_epoch, "checkpoint": ctx.resume or config.pretrained or None,
                       **{f"test_{k}": v for k, v in stats.items()}})
+        log_diagnostics(tail, evaluated_epoch)
         return stats
 
     training_model = model

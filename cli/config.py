@@ -22,6 +22,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 VARIANTS_FILE = os.path.join(CONFIG_DIR, "variants.yaml")
 
 BOOL = argparse.BooleanOptionalAction
+# probe images of the reference diagnostics when unset; see README "Reference diagnostics" for its cost
+DIAG_IMAGES_DEFAULT = 0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -188,6 +190,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_seed", default=0, type=int, help="synthetic dataset: generator seed")
     g.add_argument("--num_workers", default=2, type=int,
                    help="data-loading worker processes per training process")
+
+    g = p.add_argument_group("reference diagnostics (DESIGN.md section 9)")
+    g.add_argument("--diag_images", default=DIAG_IMAGES_DEFAULT, type=int,
+                   help="probe set of the reference diagnostics (D1-D6): the first N validation images by "
+                        "image id, measured once per evaluation on the main process (log.jsonl 'diag' "
+                        "records, TensorBoard); 0 turns them off")
 
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="", type=str,
@@ -431,6 +439,7 @@ _NUMERIC_DOMAINS = (
     ("o2m_bbox_loss_coef", 0.0, None), ("o2m_giou_loss_coef", 0.0, None), ("num_classes", 1, None),
     ("eval_every", 1, None), ("print_freq", 1, None), ("max_iters_per_epoch", 1, None),
     ("synthetic_num_train", 1, None), ("synthetic_num_val", 1, None), ("synthetic_image_size", 16, None),
+    ("diag_images", 0, None),
 )
 # strictly positive, not just >= 0: a zero learning rate trains nothing
 _POSITIVE = {"lr", "position_embedding_scale"}

@@ -43,7 +43,7 @@ ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "num_feature_leve
 # flags that never affect what a checkpoint holds (left out when listing differences after a failed load)
 _RUN_FLAGS = {"epochs", "output_dir", "eval", "eval_every", "print_freq", "max_iters_per_epoch", "tensorboard",
               "num_workers", "device", "start_epoch", "coco_path", "local_rank", "find_unused_parameters",
-              "skip_bad_images", "pretrained", "variant", "seed", "train_ann", "val_ann"}
+              "skip_bad_images", "pretrained", "variant", "seed", "train_ann", "val_ann", "diag_images"}
 
 
 def fault_point(name: str) -> None:

@@ -193,7 +193,8 @@ class LogCleanup(NamedTuple):
 
 
 # record types that belong to one training epoch; a rerun of that epoch writes them again
-EPOCH_RECORD_TYPES = ("train", "epoch")
+# ('diag': the reference diagnostics of the epoch's evaluation)
+EPOCH_RECORD_TYPES = ("train", "epoch", "diag")
 
 
 class JsonlLogger:
@@ -225,21 +226,26 @@ class JsonlLogger:
         """Remove the train/epoch records of epochs >= ``first_epoch`` (about to be trained again),
         repeated epoch records, and unreadable lines (a line cut short by a kill, invalid UTF-8).
 
-        Called at start-up, so an epoch interrupted and redone is in the log once. Other records
-        (errors, evaluations, data summaries) are history and stay.
+        Called at start-up, so an epoch interrupted and redone is in the log once. A ``diag``
+        record of an epoch without its epoch record belongs to a tail cut short, which is redone,
+        so it goes too. Other records (errors, evaluations, data summaries) are history and stay.
         """
         if not self.path or not os.path.isfile(self.path):
             return LogCleanup(0, 0)
         with open(self.path, "rb") as f:
             lines = f.readlines()
-        kept, seen_epochs, unreadable = [], set(), 0
-        for line in lines:
-            record = _parse_line(line)
+        parsed = [(line, _parse_line(line)) for line in lines]
+        unreadable = sum(record is None for _, record in parsed)
+        finished = {r["epoch"] for _, r in parsed
+                    if r is not None and r.get("type") == "epoch" and isinstance(r.get("epoch"), int)}
+        kept, seen_epochs = [], set()
+        for line, record in parsed:
             if record is None:
-                unreadable += 1
                 continue
             if record.get("type") in EPOCH_RECORD_TYPES and isinstance(record.get("epoch"), int):
                 if record["epoch"] >= first_epoch:
+                    continue
+                if record["type"] == "diag" and record["epoch"] not in finished:
                     continue
                 if record["type"] == "epoch":
                     if record["epoch"] in seen_epochs:
