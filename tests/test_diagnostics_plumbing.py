@@ -171,7 +171,7 @@ def test_resumed_log_keeps_one_diag_record_per_finished_epoch(tmp_path):
              {"type": "diag", "epoch": 2, "N": 2}, {"type": "epoch", "epoch": 2}]
     path = tmp_path / "log.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert JsonlLogger(str(path)).drop_epochs_from(2) == 3
+    assert JsonlLogger(str(path)).drop_epochs_from(2) == (3, 0)
     assert read_jsonl(str(path)) == lines[:2]
 
 
