@@ -20,7 +20,8 @@ for a ``seedN`` directory) and form (single- or two-stage), seeds told apart by 
 The plot draws, per variant, the mean AP over seeds against epoch with a min-max band (dashed
 where some seed has not reached that epoch).
 
-Runs that logged reference diagnostics (``diag`` records, ``--diag_images N``) add a fourth
+Runs that logged reference diagnostics (``diag`` records, ``--diag_images N``, or computed afterwards
+into ``RUN/diagnostics/`` by ``scripts/diagnose.py``) add a fourth
 table, "Reference diagnostics over seeds": one row per overall diagnostic (the short keys,
 ``D4/fsr_in``), one column per variant, the last diagnosed epoch's value as mean +- sample std
 over seeds, under the final AP; and a second plot (``--diag_plot``) of AP and each overall
@@ -222,6 +223,19 @@ def run_label(run_dir: str, config: Dict[str, Any]) -> str:
     return form_label(run_identity(run_dir, config)[0], bool(config.get("two_stage")))
 
 
+def diagnose_output(run_dir: str) -> List[Tuple[float, Dict[str, float]]]:
+    """(epoch, overall diagnostics) of each checkpoint in ``RUN/diagnostics/diagnostics.json``, which
+    ``scripts/diagnose.py --resume RUN/ckpt... --out RUN/diagnostics`` writes for a run that did not
+    log them while training; [] when there is none."""
+    path = os.path.join(run_dir, "diagnostics", "diagnostics.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        evaluations = json.load(f).get("evaluations", [])
+    return [(float(e["epoch"]), overall_diagnostics(e["metrics"])) for e in evaluations
+            if _as_number(e.get("epoch")) is not None and isinstance(e.get("metrics"), dict)]
+
+
 def overall_diagnostics(record: Dict[str, Any]) -> Dict[str, float]:
     """The overall reference diagnostics ('D4/fsr_in', ...) of a ``diag`` record, finite numbers only."""
     found = {}
@@ -285,6 +299,8 @@ def load_run(run_dir: str) -> Run:
             run.epoch_training = max(run.epoch_training, int(epoch))
     run.curve = [{"epoch": epoch, **metrics} for epoch, metrics in sorted(evaluations.items())]
     run.iter_times = list(windows.values())
+    for epoch, values in diagnose_output(run_dir):  # fills epochs the log has no diag record of
+        diagnosed.setdefault(epoch, values)
     run.diag_curve = [{"epoch": epoch, **values} for epoch, values in sorted(diagnosed.items())]
     if run.epoch_training >= run.epochs_logged:
         run.notes.append(f"training epoch {run.epoch_training + 1}")

@@ -512,3 +512,17 @@ def test_ablation_without_seeds_runs_once_as_before(tmp_path):
 def test_shell_scripts_are_valid_bash():
     for script in glob.glob(os.path.join(SCRIPTS, "*.sh")):
         subprocess.run(["bash", "-n", script], check=True)
+
+
+def test_summarize_reads_diagnostics_computed_after_the_run(tmp_path):
+    """diagnose.py's output in RUN/diagnostics/ fills the epochs the log has no diag record of; a
+    logged record of the same epoch wins."""
+    run_dir = tmp_path / "v3.0.4" / "seed0"
+    _write_run(str(run_dir), {"variant": "v3.0.4", "seed": 0, "epochs": 2},
+               [_epoch(0, 0.1), _epoch(1, 0.2), {"type": "diag", "epoch": 1, "N": 4, "D4/fsr_in": 0.9}])
+    os.makedirs(run_dir / "diagnostics")
+    evaluations = [{"checkpoint": "ckpt_epoch0.pth", "epoch": 0, "metrics": {"D4/fsr_in": 0.5, "D4/fsr_in/enc0/lvl0": 0.4}},
+                   {"checkpoint": "ckpt_epoch1.pth", "epoch": 1, "metrics": {"D4/fsr_in": 0.7}}]
+    (run_dir / "diagnostics" / "diagnostics.json").write_text(json.dumps({"N": 4, "evaluations": evaluations}))
+    run = summarize.load_run(str(run_dir))
+    assert run.diag_curve == [{"epoch": 0.0, "D4/fsr_in": 0.5}, {"epoch": 1.0, "D4/fsr_in": 0.9}]
