@@ -65,6 +65,7 @@ class EpochTail:
     logger: JsonlLogger
     tb_logger: TensorboardLogger
     trainable: int
+    class_names: Dict[int, str]
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -116,6 +117,13 @@ def build_data(config: Config, ctx: RunContext):
                             collate_fn=datasets.collate_fn, num_workers=config.num_workers, worker_init_fn=seeder,
                             pin_memory=pin_memory)
     return train_loader, val_loader, train_sampler, seeder, datasets.get_coco_api(dataset_val)
+
+
+def class_names_of(loader: DataLoader) -> Dict[int, str]:
+    """{category id: name} of the loader's annotation file (stored with every checkpoint)."""
+    import datasets
+
+    return datasets.class_names(loader.dataset)
 
 
 def count_parameters(model: torch.nn.Module) -> Tuple[int, int]:
@@ -177,6 +185,21 @@ def run_evaluation(tail: EpochTail, epoch: Optional[int] = None) -> Dict[str, fl
                     output_dir=tail.ctx.output_dir if tail.ctx.writes else None)
 
 
+def log_pictures(tail: EpochTail, epoch: int) -> None:
+    """``--vis_images`` fixed validation images with ground truth and predictions (and the guided
+    references) to TensorBoard, on the main process; the eager model runs them one by one."""
+    from engine import picture_indices, validation_pictures
+
+    if not (tail.ctx.writes and tail.config.vis_images > 0 and tail.tb_logger.active):
+        return
+    indices = picture_indices(len(tail.val_loader.dataset), tail.config.vis_images)
+    pictures = validation_pictures(tail.model, tail.postprocessors, tail.val_loader.dataset, indices,
+                                   tail.ctx.device, amp=tail.config.amp, class_names=tail.class_names,
+                                   references=tail.config.enc_ref_mode != "none")
+    for index, picture in pictures:
+        tail.tb_logger.image(f"val_images/{index}", picture, epoch + 1)
+
+
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
     """The tail of an epoch whose ``checkpoint.pth`` is written: numbered copy, evaluation (when
     due), the ``epoch`` log record (last: its presence marks the epoch complete). Returns the
@@ -193,6 +216,7 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         stats = run_evaluation(tail, epoch)
         record.update({f"test_{k}": v for k, v in stats.items()})
         tail.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
+        log_pictures(tail, epoch)
     record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation
     fault_point("before_log")
     tail.logger.write(record)
@@ -279,7 +303,7 @@ def _run_locked(config: Config, ctx: RunContext) -> Dict:
                            config=config, loaded=checkpoint)
     tail = EpochTail(config=config, ctx=ctx, model=model, postprocessors=postprocessors, val_loader=val_loader,
                      base_ds=base_ds, logger=logger, tb_logger=TensorboardLogger(None, enabled=False),
-                     trainable=trainable)
+                     trainable=trainable, class_names=class_names_of(train_loader or val_loader))
     if config.eval:
         stats = run_evaluation(tail)
         logger.write({"type": "eval", "epoch": checkpoint.get("epoch") if checkpoint is not None else None,
@@ -345,7 +369,8 @@ def train_epochs(tail: EpochTail, model, criterion, optimizer, lr_scheduler, sca
                                       tb_logger=tail.tb_logger)
         lr_scheduler.step()
         if ctx.writes:
-            atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config, train_stats),
+            atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config, train_stats,
+                                         class_names=tail.class_names),
                         os.path.join(ctx.output_dir, CHECKPOINT_NAME))
         fault_point("after_checkpoint")
         stats = finish_epoch(tail, epoch, train_stats, epoch_start)
