@@ -10,6 +10,7 @@ the PyTorch path; when the compiled op is missing for CUDA tensors it logs one w
 process and falls back. ``cuda`` never falls back: unavailable op or non-CUDA inputs raise.
 ``pytorch`` always uses the PyTorch path.
 """
+import contextlib
 import logging
 import os
 from typing import Optional, Sequence
@@ -25,6 +26,7 @@ logger = logging.getLogger("ops")
 IMPLS = ("auto", "cuda", "pytorch")
 _forced: Optional[str] = None
 _warned_fallback = False
+_all_through_registered_op = False
 
 
 def _validate(name: str, source: str) -> str:
@@ -60,8 +62,24 @@ def _impl_for_device_type(device_type: str) -> str:
     torch.compile runs this eagerly while tracing and bakes the answer into the graph (the
     extension loader's lock and file system probing cannot be traced), so the choice is made
     when a model is compiled; change it with set_impl / MSDA_IMPL before compiling.
+    'registered' inside ``through_registered_op``.
     """
+    if _all_through_registered_op:
+        return "registered"
     return active_impl(torch.device(device_type))
+
+
+@contextlib.contextmanager
+def through_registered_op():
+    """Within the block, inputs on every device go through ``torch.ops.msda.ms_deform_attn`` (whose
+    kernel off CUDA is the PyTorch path), so that ``torch.export`` on the CPU records the attention
+    as one operator node, as it does on CUDA. Outputs are those of the PyTorch path."""
+    global _all_through_registered_op
+    before, _all_through_registered_op = _all_through_registered_op, True
+    try:
+        yield
+    finally:
+        _all_through_registered_op = before
 
 
 def active_impl(device: Optional[torch.device] = None) -> str:
@@ -119,7 +137,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     Returns:
         (bs, Lq, heads * C) in value's dtype.
     """
-    if _impl_for_device_type(value.device.type) == "cuda":
+    if _impl_for_device_type(value.device.type) in ("cuda", "registered"):
         check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         if spatial_shapes_list is not None:
             check_level_sizes(value.shape[1], shapes_as_list(spatial_shapes, spatial_shapes_list))
