@@ -3,7 +3,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import main

@@ -177,7 +177,3 @@ def draw_references(image: Image.Image, tokens: List[Tuple[float, float, List[Tu
                      width=max(2, width))
     return out
 
-
-def as_chw_uint8(image: Image.Image) -> np.ndarray:
-    """RGB PIL image -> (3, H, W) uint8 array (what TensorBoard's add_image takes by default)."""
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy()
