@@ -58,6 +58,15 @@ def _is_image_name(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _did_you_mean(path: str) -> str:
+    """' (did you mean X?)' when the parent folder has one entry whose name starts with the missing name."""
+    parent, name = os.path.split(os.path.normpath(path))
+    if not name or not os.path.isdir(parent or "."):
+        return ""
+    close = [n for n in os.listdir(parent or ".") if n.startswith(name)]
+    return f" (did you mean {os.path.join(parent, close[0])}?)" if len(close) == 1 else ""
+
+
 def collect_images(specs: Sequence[str]) -> List[str]:
     """Files, folders (their image files, sorted) and globs -> image paths in the given order, each once.
 
@@ -77,7 +86,7 @@ def collect_images(specs: Sequence[str]) -> List[str]:
             if not found:
                 raise InputError(f"--images {spec}: the pattern matches no files")
         else:
-            raise InputError(f"--images {spec}: no such file or folder")
+            raise InputError(f"--images {spec}: no such file or folder{_did_you_mean(spec)}")
         paths.extend(found)
     seen = set()
     return [p for p in paths if not (os.path.abspath(p) in seen or seen.add(os.path.abspath(p)))]

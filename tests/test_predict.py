@@ -129,7 +129,8 @@ def test_bad_input_is_a_one_line_error(run_dir, tmp_path, capsys, case):
     images = os.path.join(run_dir["root"], "data", "val2017")
     checkpoint = str(run_dir["run"])
     if case == "missing":
-        images = str(tmp_path / "nope")
+        (tmp_path / "val2017").mkdir()
+        images = str(tmp_path / "val")
     elif case == "empty_folder":
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "notes.txt").write_text("x")
@@ -150,3 +151,5 @@ def test_bad_input_is_a_one_line_error(run_dir, tmp_path, capsys, case):
     assert len(err) == 1 and err[0].startswith("error: ")
     if case == "mismatch":
         assert "--hidden_dim 32 (checkpoint: 64)" in err[0]
+    if case == "missing":
+        assert err[0].endswith(f"no such file or folder (did you mean {tmp_path / 'val2017'}?)")
