@@ -22,5 +22,6 @@ def test_infer_benchmark_prints_json_lines(capsys):
         assert r["latency_ms_min"] <= r["latency_ms"] <= r["latency_ms_p90"]
         assert abs(r["images_per_s"] - r["batch_size"] * 1000 / r["latency_ms"]) < 0.01 * r["images_per_s"] + 1e-3
     ratios = {(r["ratio"], r.get("dtype", r.get("label")), r["batch_size"]) for r in records if "ratio" in r}
+    assert all(r["images_per_s_best"] > 0 for r in records if "ratio" in r)
     assert ("v3.0.4/cascade", "fp32", 2) in ratios and ("bf16/fp32", "cascade", 1) in ratios
     assert len(ratios) == 4 + 4  # each later variant x dtype x batch, and bf16/fp32 per variant x batch
