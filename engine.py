@@ -15,6 +15,7 @@ from torch import nn
 
 from util.checkpoint import atomic_write_text, fault_point
 from util.dist import is_main_process
+from util.interrupt import RunInterrupted, StopSignals
 from util.logger import JsonlLogger, LossWindow, ProgressBar, TensorboardLogger
 
 
@@ -124,6 +125,17 @@ def _nonfinite_error(epoch: int, window: LossWindow, first_iter: int, last_iter:
     return NonFiniteLossError(message)
 
 
+def _stop_point(stop: Optional[StopSignals], where: str, device: torch.device, bar: ProgressBar) -> None:
+    """A safe point: raise ``RunInterrupted`` (progress bar closed first) if a stop signal came."""
+    if stop is None:
+        return
+    try:
+        stop.check(where, device)
+    except RunInterrupted:
+        bar.close()
+        raise
+
+
 # ----------------------------------------------------------------------------- training
 
 def train_step(model, criterion, samples, targets, optimizer, device, amp: str, clip: float, params,
@@ -170,14 +182,15 @@ def train_step(model, criterion, samples, targets, optimizer, device, amp: str, 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, *, amp: str, clip_max_norm: float, print_freq: int,
                     max_iters: Optional[int] = None, scaler: Optional[torch.amp.GradScaler] = None,
-                    logger: Optional[JsonlLogger] = None, tb_logger: Optional[TensorboardLogger] = None
-                    ) -> Dict[str, float]:
+                    logger: Optional[JsonlLogger] = None, tb_logger: Optional[TensorboardLogger] = None,
+                    stop: Optional[StopSignals] = None) -> Dict[str, float]:
     """Train for one epoch (or ``max_iters`` iterations, when given); returns epoch means.
 
     ``amp``: 'off' | 'bf16' | 'fp16' (``--amp``); ``clip_max_norm``: 0 disables clipping. Per
     window of ``print_freq`` iterations: one host sync, a progress line, a JSON record
     (``type: train``) and TensorBoard scalars. Raises ``NonFiniteLossError`` when a loss is
-    NaN/inf (detected at the end of the window it happened in).
+    NaN/inf (detected at the end of the window it happened in). ``stop``: SIGTERM/SIGINT are
+    honoured at the end of a window (``util.interrupt.RunInterrupted``).
     """
     model.train()
     criterion.train()
@@ -239,6 +252,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                 fields["cls_err"] = f"{stats['class_error']:.1f}"
             bar.update(it + 1, fields, rate=n / max(elapsed, 1e-9))
             window_start, window_first, data_time = time.time(), it + 1, 0.0
+            _stop_point(stop, f"epoch {epoch}, iteration {it + 1}/{total_iters} of training", device, bar)
         fetch_start = time.time()
     bar.close()
     means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
@@ -254,7 +268,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 @torch.no_grad()
 def evaluate(model: nn.Module, postprocessors: Dict, data_loader: Iterable, base_ds, device: torch.device, *,
              amp: str, print_freq: int, epoch: Optional[int] = None, output_dir: Optional[str] = None,
-             detections_name: str = "detections_val.json") -> Dict[str, float]:
+             detections_name: str = "detections_val.json", stop: Optional[StopSignals] = None) -> Dict[str, float]:
     """COCO box evaluation of ``model`` on ``data_loader``; returns {AP, AP50, ..., ARl}.
 
     Prints pycocotools' 12-number table (main process) and writes the detections as a COCO results
@@ -286,6 +300,7 @@ def evaluate(model: nn.Module, postprocessors: Dict, data_loader: Iterable, base
         bar.tick(it + 1)
         if (it + 1) % print_freq == 0 or it + 1 == total:
             bar.update(it + 1, {}, rate=(it + 1) / max(time.time() - start, 1e-9))
+            _stop_point(stop, f"{desc.lower()}, batch {it + 1}/{total}", device, bar)
     bar.close()
     evaluator.synchronize_between_processes()
     evaluator.accumulate()
@@ -380,3 +395,33 @@ def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices
             panels.append(_reference_panel(base, capture, tokens))
         pictures.append((index, draw.side_by_side(panels)))
     return pictures
+# ----------------------------------------------------------------------------- reference diagnostics
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module):
+    """Restore every submodule's train/eval flag afterwards (the diagnostics switch to eval)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def reference_diagnostics(model: nn.Module, diagnostics, batches: Iterable, device: torch.device
+                          ) -> Dict[str, float]:
+    """One pass of ``diagnostics`` (a ``models.diagnostics.ReferenceDiagnostics`` of ``model``) over
+    the probe ``batches`` ((NestedTensor (B, 3, H, W), targets) on the CPU); returns its flat metrics.
+
+    Training cannot notice it: every random generator is restored afterwards (the evaluation
+    transform draws from Python's ``random``), and so is every module's train/eval flag. No
+    collective runs inside, which is what lets one process do this alone.
+    """
+    from util.seeding import rng_untouched
+
+    with rng_untouched(), modes_kept(model):
+        diagnostics.start()
+        for samples, targets in batches:
+            samples, targets = move_to_device(samples, targets, device)
+            diagnostics.update(samples, targets)
+        return diagnostics.finish()

@@ -7,6 +7,10 @@ Only the main process (rank 0) writes files: ``checkpoint.pth`` (every epoch, at
 ``detections_val.json``, TensorBoard events under ``tensorboard/`` and, while it runs, the lock
 file ``.lock`` (pid and host of the run that owns the directory).
 
+With ``--diag_images N`` (> 0) every evaluation is followed by the reference diagnostics
+(DESIGN.md section 9) on the first N validation images, on the main process only: one ``diag``
+record in ``log.jsonl`` and TensorBoard scalars under ``diag/``.
+
 An epoch is one recoverable unit: training, then ``checkpoint.pth`` (which also holds the epoch's
 training statistics), then the epoch's tail -- numbered copy, evaluation, the ``epoch`` record in
 ``log.jsonl``. The record is written last, so its absence tells a resumed run (``--auto_resume``,
@@ -15,7 +19,7 @@ or ``--resume`` of the output directory's own checkpoint) to finish that tail be
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -25,11 +29,12 @@ import util.dist as dist_utils
 from util.checkpoint import (CHECKPOINT_NAME, OutputDirLock, all_differences, atomic_copy, atomic_save,
                              check_resume_configuration, checkpoint_state, fault_point, find_latest_checkpoint,
                              load_checkpoint, numbered_checkpoint_paths, remove_stale_temp_files,
-                             resume_training_state, saved_config)
-from util.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
-from util.config import Config, parse_args, resolve_config, save_config, validate_paths
+                             resume_training_state, saved_config, schedule_from_checkpoint)
+from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
+from cli.config import Config, config_dict, parse_args, resolve_config, save_config, validate_paths
 from util.dist import DistInfo, say
-from util.errors import InputError
+from util.errors import InputError, one_line_message
+from util.interrupt import RunInterrupted, StopSignals
 from util.logger import JsonlLogger, TensorboardLogger, format_seconds
 from util.optim import build_lr_scheduler, build_optimizer
 from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everything
@@ -45,11 +50,31 @@ class RunContext:
     device: torch.device
     output_dir: Optional[str]
     resume: str
+    trusted_checkpoint: str = ""
+
+    def read(self, path: str, flag: str) -> Dict[str, Any]:
+        """A checkpoint file's contents, loaded without running code from it unless it is the file
+        ``--unsafe_trust_checkpoint`` names."""
+        trusted = bool(self.trusted_checkpoint) and os.path.abspath(path) == os.path.abspath(self.trusted_checkpoint)
+        if trusted:
+            say(f"warning: {flag} {path} is loaded with full pickle (--unsafe_trust_checkpoint): it can run code",
+                flush=True)
+        return load_checkpoint(path, trusted=trusted, flag=flag)
 
     @property
     def writes(self) -> bool:
         """Only the main process writes files, and only with an output directory."""
         return self.place.rank == 0 and self.output_dir is not None
+
+
+@dataclass
+class DiagnosticsProbe:
+    """The reference diagnostics of this run: the recorder (kept for the whole run, since the
+    across-evaluation D3 metrics compare with the previous evaluation) and the probe images."""
+
+    diagnostics: Any  # models.diagnostics.ReferenceDiagnostics of the eager model
+    dataset: Any      # the validation dataset
+    indices: List[int]
 
 
 @dataclass
@@ -65,7 +90,9 @@ class EpochTail:
     logger: JsonlLogger
     tb_logger: TensorboardLogger
     trainable: int
-    class_names: Dict[int, str]
+    class_names: Dict[int, str] = field(default_factory=dict)
+    stop: Optional[StopSignals] = None
+    probe: Optional[DiagnosticsProbe] = None
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -182,7 +209,51 @@ def run_evaluation(tail: EpochTail, epoch: Optional[int] = None) -> Dict[str, fl
 
     return evaluate(tail.model, tail.postprocessors, tail.val_loader, tail.base_ds, tail.ctx.device,
                     amp=tail.config.amp, print_freq=tail.config.print_freq, epoch=epoch,
-                    output_dir=tail.ctx.output_dir if tail.ctx.writes else None)
+                    output_dir=tail.ctx.output_dir if tail.ctx.writes else None, stop=tail.stop)
+
+
+def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional[DiagnosticsProbe]:
+    """The reference diagnostics of ``model`` (eager, unwrapped) on the first ``--diag_images``
+    validation images by id; None when that is 0 or this is not the main process.
+
+    Only the main process measures. The diagnostics run the unwrapped module, so nothing in
+    them is a collective: while rank 0 measures, the other ranks go on and wait for it at the
+    next epoch's first gradient all-reduce, as for any slower rank. A collective in here would
+    be called by one rank only and hang the job.
+    """
+    if config.diag_images == 0 or not dist_utils.is_main_process():
+        return None
+    from datasets.probe import probe_indices
+    from models.diagnostics import ReferenceDiagnostics
+
+    indices, message = probe_indices(dataset_val, config.diag_images)
+    if message:
+        say(message, flush=True)
+    return DiagnosticsProbe(diagnostics=ReferenceDiagnostics(model), dataset=dataset_val, indices=indices)
+
+
+def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
+    """Measure the reference diagnostics once (when this process has a probe) and write the
+    ``diag`` record and TensorBoard scalars. Returns the metrics ({} when none were measured)."""
+    from datasets.probe import probe_batches
+    from engine import reference_diagnostics
+
+    if tail.probe is None:
+        return {}
+    start = time.time()
+    # a generator: the images are read and transformed inside reference_diagnostics, whose
+    # restored random state covers the evaluation transform's draw
+    batches = probe_batches(tail.probe.dataset, tail.probe.indices, tail.config.batch_size)
+    metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device)
+    seconds = time.time() - start
+    tail.logger.write({"type": "diag", "epoch": epoch, "N": len(tail.probe.indices), **metrics,
+                       "diag_time": seconds})
+    if epoch is not None:
+        tail.tb_logger.scalars("diag", metrics, epoch + 1)
+    shown = ", ".join(f"{key} {metrics[key]:.3f}" for key in sorted(metrics) if key.count("/") == 1)
+    say(f"reference diagnostics on {len(tail.probe.indices)} probe images in {format_seconds(seconds)}"
+        + (f": {shown}" if shown else ""), flush=True)
+    return metrics
 
 
 def log_pictures(tail: EpochTail, epoch: int) -> None:
@@ -202,8 +273,9 @@ def log_pictures(tail: EpochTail, epoch: int) -> None:
 
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
     """The tail of an epoch whose ``checkpoint.pth`` is written: numbered copy, evaluation (when
-    due), the ``epoch`` log record (last: its presence marks the epoch complete). Returns the
-    evaluation stats ({} when none was due). Also what a resumed run redoes when a kill cut it short.
+    due, followed by the reference diagnostics when asked for), the ``epoch`` log record (last:
+    its presence marks the epoch complete). Returns the evaluation stats ({} when none was due).
+    Also what a resumed run redoes when a kill cut it short.
     """
     if tail.ctx.writes:
         latest = os.path.join(tail.ctx.output_dir, CHECKPOINT_NAME)
@@ -216,8 +288,9 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         stats = run_evaluation(tail, epoch)
         record.update({f"test_{k}": v for k, v in stats.items()})
         tail.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
+        log_diagnostics(tail, epoch)
         log_pictures(tail, epoch)
-    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation
+    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation (+ diagnostics, pictures)
     fault_point("before_log")
     tail.logger.write(record)
     tail.tb_logger.scalars("epoch", {k: v for k, v in train_stats.items()}, epoch + 1)
@@ -259,20 +332,33 @@ def run(args, config: Config) -> Dict:
     place = dist_utils.init_distributed_mode(config.device, config.local_rank)
     output_dir = config.output_dir or None
     ctx = RunContext(place=place, device=torch.device(place.device), output_dir=output_dir,
-                     resume=resume_path(args, output_dir))
+                     resume=resume_path(args, output_dir), trusted_checkpoint=args.unsafe_trust_checkpoint)
     lock = OutputDirLock(output_dir) if dist_utils.is_main_process() and output_dir else None
     if lock is not None:
         os.makedirs(output_dir, exist_ok=True)
         lock.acquire()  # before anything is written there
     try:
-        return _run_locked(config, ctx)
+        with StopSignals() as stop:
+            return _run_locked(config, ctx, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(config: Config, ctx: RunContext) -> Dict:
+def interrupted_message(exc: RunInterrupted, args, output_dir: Optional[str]) -> str:
+    """One line: which signal stopped what, what was kept, how to continue."""
+    latest = find_latest_checkpoint(output_dir) if output_dir else None
+    if latest is None:
+        kept = "no checkpoint was written yet (nothing to continue from)"
+    else:
+        kept = (f"kept {latest} (the last checkpoint written; what came after it is redone); continue with the "
+                f"same command plus --auto_resume" + ("" if args.auto_resume else f" (or --resume {latest})"))
+    return f"stopped by {exc}: {kept}"
+
+
+def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = None) -> Dict:
     import models
+    import ops
 
     if ctx.writes:
         removed = remove_stale_temp_files(ctx.output_dir)
@@ -280,9 +366,15 @@ def _run_locked(config: Config, ctx: RunContext) -> Dict:
             say(f"removed {len(removed)} temporary files left by an interrupted save in {ctx.output_dir}",
                 flush=True)
     resume_flag = "--eval --resume" if config.eval else "--resume"
-    checkpoint = load_checkpoint(ctx.resume) if ctx.resume else None  # read once; its parts are handed out
+    # every checkpoint is read (and checked) once, here, before the data and the model are built
+    checkpoint = ctx.read(ctx.resume, resume_flag) if ctx.resume else None
     if checkpoint is not None:
         check_resume_configuration(saved_config(checkpoint), config, ctx.resume, resume_flag)
+        if not config.eval:
+            config = config.replace(**schedule_from_checkpoint(saved_config(checkpoint), config, ctx.resume))
+    pretrained = ctx.read(config.pretrained, "--pretrained") if config.pretrained else None
+    if pretrained is not None:
+        models.read_state_dict(config.pretrained, loaded=pretrained)  # holds a state dict, or a one-line error
     # annotation files are checked here, before the model is built and long before any training
     train_loader, val_loader, train_sampler, seeder, base_ds = build_data(config, ctx)
     if ctx.writes:
@@ -296,19 +388,23 @@ def _run_locked(config: Config, ctx: RunContext) -> Dict:
     criterion.to(ctx.device)
     trainable, total = count_parameters(model)
     say(f"number of params: {trainable:,} trainable / {total:,} total", flush=True)
+    say(f"deformable attention: '{ops.active_impl(ctx.device)}' implementation (MSDA_IMPL to force one)", flush=True)
     if config.pretrained:
-        load_model_weights(model, config.pretrained, strict=False, flag="--pretrained")
+        load_model_weights(model, config.pretrained, strict=False, flag="--pretrained", loaded=pretrained)
+        del pretrained
     if checkpoint is not None:
         load_model_weights(model, ctx.resume, strict=True, flag=resume_flag, saved=saved_config(checkpoint),
                            config=config, loaded=checkpoint)
     tail = EpochTail(config=config, ctx=ctx, model=model, postprocessors=postprocessors, val_loader=val_loader,
                      base_ds=base_ds, logger=logger, tb_logger=TensorboardLogger(None, enabled=False),
-                     trainable=trainable, class_names=class_names_of(train_loader or val_loader))
+                     trainable=trainable, class_names=class_names_of(train_loader or val_loader), stop=stop,
+                     probe=build_probe(config, model, val_loader.dataset))
     if config.eval:
         stats = run_evaluation(tail)
-        logger.write({"type": "eval", "epoch": checkpoint.get("epoch") if checkpoint is not None else None,
-                      "checkpoint": ctx.resume or config.pretrained or None,
+        evaluated_epoch = checkpoint.get("epoch") if checkpoint is not None else None
+        logger.write({"type": "eval", "epoch": evaluated_epoch, "checkpoint": ctx.resume or config.pretrained or None,
                       **{f"test_{k}": v for k, v in stats.items()}})
+        log_diagnostics(tail, evaluated_epoch)
         return stats
 
     training_model = model
@@ -327,10 +423,13 @@ def _run_locked(config: Config, ctx: RunContext) -> Dict:
         say(f"resumed from {ctx.resume}: starting at epoch {start_epoch}", flush=True)
     del checkpoint  # every part is loaded: do not hold a second copy of the weights through training
     if ctx.writes:
-        dropped = logger.drop_epochs_from(start_epoch)
-        if dropped:
-            say(f"log.jsonl: removed {dropped} records of epochs >= {start_epoch} (an interrupted run's; they are "
-                "trained again)", flush=True)
+        cleanup = logger.drop_epochs_from(start_epoch)
+        if cleanup.records:
+            say(f"log.jsonl: removed {cleanup.records} records of epochs >= {start_epoch} (an interrupted run's; "
+                "they are trained again)", flush=True)
+        if cleanup.unreadable:
+            say(f"log.jsonl: removed {cleanup.unreadable} unreadable lines (cut short by a kill, or not UTF-8 "
+                "JSON)", flush=True)
     tail.tb_logger = TensorboardLogger(os.path.join(ctx.output_dir, "tensorboard") if ctx.writes else None,
                                        config.tensorboard)
     stats: Dict = {}
@@ -366,13 +465,15 @@ def train_epochs(tail: EpochTail, model, criterion, optimizer, lr_scheduler, sca
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, ctx.device, epoch, amp=config.amp,
                                       clip_max_norm=config.clip_max_norm, print_freq=config.print_freq,
                                       max_iters=config.max_iters_per_epoch, scaler=scaler, logger=tail.logger,
-                                      tb_logger=tail.tb_logger)
+                                      tb_logger=tail.tb_logger, stop=tail.stop)
         lr_scheduler.step()
         if ctx.writes:
-            atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config, train_stats,
-                                         class_names=tail.class_names),
+            atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config_dict(config),
+                                         train_stats, class_names=tail.class_names),
                         os.path.join(ctx.output_dir, CHECKPOINT_NAME))
         fault_point("after_checkpoint")
+        if tail.stop is not None:  # a signal during the save: the checkpoint is complete, stop before evaluating
+            tail.stop.check(f"the end of epoch {epoch} (its checkpoint is written)", ctx.device)
         stats = finish_epoch(tail, epoch, train_stats, epoch_start)
     tail.tb_logger.close()
     say(f"training time {format_seconds(time.time() - run_start)}", flush=True)
@@ -391,13 +492,22 @@ def cli(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         run(args, config)
+    except RunInterrupted as exc:
+        if dist_utils.is_main_process():
+            print(interrupted_message(exc, args, config.output_dir or None), file=sys.stderr, flush=True)
+        return exc.exit_status
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     except (InputError, FileNotFoundError) as exc:
-        # bad input found once the run started (data files, checkpoint, output dir): one line too
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        # bad input found once the run started (data files, checkpoint, output dir): one line too;
+        # an error raised in a data-loader worker arrives with the worker's traceback in its text
+        print(f"error: {one_line_message(exc)}", file=sys.stderr, flush=True)
         return 2
+    except OSError as exc:
+        # the file system failed us (disk full, quota, permissions changed mid-run): name the file
+        print(f"error: {one_line_message(exc)}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist_utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

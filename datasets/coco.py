@@ -17,6 +17,7 @@ import os
 import warnings
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import PIL.Image
 import torch
 from pycocotools.coco import COCO
@@ -26,7 +27,7 @@ from util.errors import InputError
 from . import transforms as T
 
 
-class BadImageError(RuntimeError):
+class BadImageError(InputError, RuntimeError):
     """An image file that is missing, cannot be decoded, or whose size is not the one its
     annotation file states. The message names the path and image id."""
 
@@ -135,6 +136,11 @@ def check_annotation_json(data: Dict, ann_file: str, num_classes: Optional[int] 
             raise AnnotationError(f"annotation file {ann_file}: image id {image_id} is listed twice")
         if "file_name" not in image:
             raise AnnotationError(f"annotation file {ann_file}: image id {image_id} has no 'file_name'")
+        for key in ("width", "height"):
+            value = image.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise AnnotationError(f"annotation file {ann_file}: image id {image_id} has {key} {value!r}; "
+                                      "it must be a positive integer (pixels)")
         image_ids.add(image_id)
     category_ids = set()
     for index, category in enumerate(data["categories"]):
@@ -199,6 +205,24 @@ def coco_target(image_id: int, annotations: List[Dict], width: int, height: int)
 
 # ----------------------------------------------------------------------------- images
 
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An 8-bit RGB copy of ``image`` with its contrast kept.
+
+    Pillow's ``convert("RGB")`` clips 16-bit grey values (modes ``I;16*``, and ``I`` as 16-bit PNGs
+    open in older Pillow versions) at 255, which turns a normal 16-bit image all white; those are
+    rescaled from 0..65535 to 0..255 first. A mode ``I`` image whose values already fit in 8 bits is
+    kept as it is. Floating-point images have no defined range: ``ValueError``.
+    """
+    if image.mode == "F":
+        raise ValueError("floating-point (mode F) images have no defined pixel range")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        scale = 257.0 if image.mode != "I" or values.max(initial=0) > 255 else 1.0
+        grey = np.clip(np.round(values / scale), 0, 255).astype(np.uint8)
+        image = PIL.Image.fromarray(grey, mode="L")
+    return image.convert("RGB")
+
+
 def read_image(path: str, image_id: int) -> PIL.Image.Image:
     """The RGB image at ``path``; ``BadImageError`` naming path and id when missing or undecodable."""
     if not os.path.isfile(path):
@@ -206,7 +230,7 @@ def read_image(path: str, image_id: int) -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as image:
             image.load()  # decode now, so a truncated file fails here and not deep inside a transform
-            return image.convert("RGB")
+            return to_rgb(image)
     except Exception as exc:  # any decoder failure means the same thing: this file is unusable
         raise BadImageError(f"cannot read image file {path} (image id {image_id}): "
                             f"{type(exc).__name__}: {exc}") from exc

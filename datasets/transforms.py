@@ -103,13 +103,18 @@ def scaled_size(image_wh: Tuple[int, int], size: int, max_size: Optional[int]) -
     if max_size is not None:
         short, long = float(min(w, h)), float(max(w, h))
         if long / short * size > max_size:
-            # round down so the rounded longer side never exceeds max_size
-            size = int(max_size * short / long)
+            # round down so the rounded longer side never exceeds max_size; at least one pixel, so an
+            # image thinner than long / max_size (a 1 x 5000 strip) still has a side
+            size = max(1, int(max_size * short / long))
     if min(w, h) == size:
-        return h, w
-    if w < h:
-        return int(round(size * h / w)), size
-    return size, int(round(size * w / h))
+        new_h, new_w = h, w
+    elif w < h:
+        new_h, new_w = int(round(size * h / w)), size
+    else:
+        new_h, new_w = size, int(round(size * w / h))
+    if max_size is not None:  # only such a strip reaches this: its aspect ratio gives way, not max_size
+        new_h, new_w = min(new_h, max_size), min(new_w, max_size)
+    return new_h, new_w
 
 
 def resize(image, target: Optional[dict], size, max_size: Optional[int] = None):

@@ -1,13 +1,13 @@
 """Model construction from parsed flags: ``build_model(args) -> (model, criterion, postprocessors)``."""
-from util.config import parse_stages
+from .stages import parse_stages
 
 from .backbone import build_backbone
 from .deformable_detr import DeformableDETR
 from .deformable_transformer import DeformableTransformer
 from .denoising import DenoisingConfig
-from .weights import load_pretrained
+from .weights import load_pretrained, read_state_dict
 
-__all__ = ["build_model", "build_transformer", "load_pretrained"]
+__all__ = ["build_model", "build_transformer", "load_pretrained", "read_state_dict"]
 
 
 def build_transformer(args) -> DeformableTransformer:
@@ -41,7 +41,7 @@ def build_denoising_config(args):
 
 
 def build_model(args):
-    """Parsed flags (``util.config.parse_args``) -> (model, criterion, postprocessors).
+    """Parsed flags (``cli.config.parse_args``) -> (model, criterion, postprocessors).
 
     ``args.num_classes`` must be set (main.py derives it from the dataset when unset).
     """

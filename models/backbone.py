@@ -1,5 +1,6 @@
 """ResNet backbone (frozen BatchNorm, or trainable BatchNorm from random init) returning multi-scale
 features and their padding masks."""
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -88,6 +89,29 @@ def build_resnet(name: str, dilation: bool, weights: str, norm: str = "frozen_bn
     return net
 
 
+def backbone_strides(kept_levels: int, dilation: bool) -> List[int]:
+    """Strides of the trunk's returned maps: the first ``kept_levels`` of 8/16/32, or (0) the stride-32
+    map alone; a dilated last stage (layer4) halves its stride."""
+    strides = [8, 16, 32][:kept_levels] if kept_levels else [32]
+    if dilation and kept_levels in (0, 3):
+        strides[-1] //= 2
+    return strides
+
+
+def feature_level_strides(num_feature_levels: int, dilation: bool) -> List[int]:
+    """Strides of the detector's feature levels: the trunk's maps, then one stride-2 conv per extra level."""
+    strides = backbone_strides(min(num_feature_levels, 3) if num_feature_levels > 1 else 0, dilation)
+    while len(strides) < num_feature_levels:
+        strides.append(strides[-1] * 2)
+    return strides
+
+
+def tokens_of_square_image(side: int, num_feature_levels: int, dilation: bool) -> int:
+    """Encoder tokens of a side x side image: every stride-s level is ceil(side / s) wide (each
+    stride-2 conv of the trunk and of the extra levels rounds up)."""
+    return sum(math.ceil(side / s) ** 2 for s in feature_level_strides(num_feature_levels, dilation))
+
+
 class Backbone(nn.Module):
     """ResNet trunk returning stride 8/16/32 maps (or stride 32 only) with downsampled masks.
 
@@ -109,14 +133,12 @@ class Backbone(nn.Module):
         if return_interm_layers:
             kept = 3 if num_levels is None else max(1, min(int(num_levels), 3))
             return_layers = {f"layer{2 + i}": str(i) for i in range(kept)}
-            self.strides = [8, 16, 32][:kept]
             self.num_channels = [last // 4, last // 2, last][:kept]
         else:
+            kept = 0
             return_layers = {"layer4": "0"}
-            self.strides = [32]
             self.num_channels = [last]
-        if dilation and "layer4" in return_layers:
-            self.strides[-1] //= 2
+        self.strides = backbone_strides(kept, dilation)
         # IntermediateLayerGetter keeps the trunk only up to the last returned stage
         self.body = IntermediateLayerGetter(net, return_layers=return_layers)
 

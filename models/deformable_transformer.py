@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from util.box_ops import inverse_sigmoid
+from util.box_ops import box_dtype, inverse_sigmoid
 
 from .denoising import DenoisingPredictions, DenoisingQueries, append_denoising_queries
 from .level_layout import LevelLayout, valid_size
@@ -45,13 +45,14 @@ class DecoderState:
 
 
 def fp32_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """A box-path head run in float32 even under autocast: (..., C) -> (..., out) float32.
+    """A box-path head run in float32 or wider, also under autocast: (..., C) -> (..., out) in
+    ``box_dtype(features.dtype)`` (float32; float64 for a float64 model).
 
     Boxes are refined additively over every decoder layer in logit space; in bf16 each step
     would round the box to ~2^-9 of the image, so the box path (DESIGN §6, Precision) stays fp32.
     """
     with torch.autocast(device_type=features.device.type, enabled=False):
-        return head(features.float())
+        return head(features.to(box_dtype(features.dtype)))
 
 
 def refine_boxes(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -62,17 +63,18 @@ def refine_boxes(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def encoder_reference_points(layout: LevelLayout) -> torch.Tensor:
-    """Each token's own centre, expressed on every level: (bs, T, L, 2), normalised (x, y).
+    """Each token's own centre, expressed on every level: (bs, T, L, 2), normalised (x, y), in the
+    valid ratios' dtype (float32, or float64 for a float64 model).
 
     A token's position is normalised by its level's valid size, then multiplied by each level's
     valid ratio, so it lands on the same image point on every level.
     """
     refs = []
     valid_ratios = layout.valid_ratios
-    device = valid_ratios.device
+    device, dtype = valid_ratios.device, valid_ratios.dtype
     for lvl, (h, w) in enumerate(layout.shapes):
-        ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device), indexing="ij")
+        ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device),
+                                torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device), indexing="ij")
         ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
         xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((xs, ys), -1))
@@ -133,7 +135,7 @@ class DeformableTransformer(nn.Module):
         src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                               for lvl, pos in enumerate(pos_embeds)], 1)
-        return FlatInputs(src_flat, pos_flat, LevelLayout.from_masks(masks))
+        return FlatInputs(src_flat, pos_flat, LevelLayout.from_masks(masks, box_dtype(src_flat.dtype)))
 
     # ------------------------------------------------------------------ queries
 
@@ -144,17 +146,19 @@ class DeformableTransformer(nn.Module):
     def encoder_proposals(self, memory: torch.Tensor, layout: LevelLayout):
         """One fixed-size box per token -> (transformed memory (bs, T, C), proposals (bs, T, 4) unactivated).
 
-        Proposals too close to the border or on padding get +inf so they never win top-k.
+        Proposals too close to the border or on padding get +inf so they never win top-k. They are
+        in ``box_dtype(memory.dtype)``: float32, or float64 for a float64 model.
         """
         bs = memory.shape[0]
+        dtype = box_dtype(memory.dtype)
         proposals = []
         for lvl, (h, w) in enumerate(layout.shapes):
-            ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                                    torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=dtype, device=memory.device),
+                                    torch.linspace(0, w - 1, w, dtype=dtype, device=memory.device),
                                     indexing="ij")
             grid = torch.stack([xs, ys], -1)
             # grid cells normalised by the level's image part, not by its padded size
-            scale = valid_size(layout.level_padding(lvl)).view(bs, 1, 1, 2)
+            scale = valid_size(layout.level_padding(lvl)).to(dtype).view(bs, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(bs, -1, -1, -1) + 0.5) / scale
             wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
             proposals.append(torch.cat((grid, wh), -1).view(bs, -1, 4))

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from util.box_ops import inverse_sigmoid
+from util.box_ops import box_dtype, inverse_sigmoid
 
 from .position_encoding import box_sine_embedding
 
@@ -82,9 +82,11 @@ def num_denoising_groups(dn_number: int, max_boxes: int) -> int:
 
 
 def _padded_targets(targets: List[Dict[str, Tensor]], max_boxes: int, device) -> Tuple[Tensor, Tensor]:
-    """Targets -> labels (bs, max_boxes) int64 (0 on padding), boxes (bs, max_boxes, 4) (0.5 on padding)."""
+    """Targets -> labels (bs, max_boxes) int64 (0 on padding), boxes (bs, max_boxes, 4) (0.5 on padding)
+    in the targets' box dtype, at least float32."""
     labels = torch.zeros(len(targets), max_boxes, dtype=torch.long, device=device)
-    boxes = torch.full((len(targets), max_boxes, 4), 0.5, device=device)
+    dtype = box_dtype(targets[0]["boxes"].dtype)
+    boxes = torch.full((len(targets), max_boxes, 4), 0.5, dtype=dtype, device=device)
     for b, t in enumerate(targets):
         n = len(t["labels"])
         labels[b, :n] = t["labels"]
@@ -217,8 +219,10 @@ def append_denoising_queries(transformer, state, queries: DenoisingQueries):
     Content: the label embeddings. Position: the noised boxes through the transformer's proposal
     embedding (two-stage; as the matching queries' positions) or ``box_sine_embedding``. Reference:
     the noised box, or its centre when the matching queries start from points (not two-stage).
+    The block's boxes join the matching queries' box path in its dtype (float32, or float64 for a
+    float64 model).
     """
-    boxes = queries.groups.boxes
+    boxes = queries.groups.boxes.to(state.reference.dtype)
     channels = state.tgt.shape[-1]
     if transformer.two_stage:
         embedded = transformer.proposal_pos_embed(inverse_sigmoid(boxes))

@@ -12,6 +12,10 @@ per_point (v3.0.2-v3.0.4): per token, the P queries with the largest (combined)
     token (in the mixed form its two predictions share one map column and give one candidate).
     Empty slots fall back to the token's own location; ``ref_keep_self`` reserves point 0 for it.
 
+The reference diagnostics (``models/diagnostics``) may set ``EncoderReferenceGenerator.picks_listener``
+while they record a pass; it then receives each update's ``GuidancePicks`` (which candidate filled
+which slot). Unset, it costs one attribute check per update.
+
 Candidates (``make_candidates``) are the same in training and inference when the model keeps
 its one-to-many queries / stream running at inference for them (``reads_one2many``).
 
@@ -21,7 +25,7 @@ key that orders it by (weight, class score), and P rounds of a per-token scatter
 winners. Nothing of size T x Q is built and no Python loop runs over tokens or queries.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,7 +34,7 @@ from .cross_attn_map import CrossAttnMapAccumulator, attention_footprint
 from .level_layout import LevelLayout
 from .research_settings import REF_QUERY_SETS, check_choice, check_research_settings
 
-__all__ = ["CandidateSet", "make_candidates", "EncoderReferenceGenerator", "GuidanceState",
+__all__ = ["CandidateSet", "make_candidates", "EncoderReferenceGenerator", "GuidanceState", "GuidancePicks",
            "build_enc_reference_generator"]
 
 
@@ -95,6 +99,27 @@ def make_candidates(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, num_que
     take_one2many = scores_one2many > scores
     boxes = torch.where(take_one2many[..., None], one2many_boxes, pred_boxes)
     return CandidateSet(boxes, torch.maximum(scores, scores_one2many))
+
+
+@dataclass
+class GuidancePicks:
+    """Which candidate filled each map-derived reference slot in one guidance update.
+
+    Only the reference diagnostics read it (``EncoderReferenceGenerator.picks_listener``).
+    decoder_layers: decoder layers observed when the references were made (>= 1).
+    candidates: the CandidateSet the slots index.
+    chosen: (bs, T, S) int64 candidate index per slot; meaningless where not ``valid``.
+    valid: (bs, T, S) bool, False where the slot fell back to the token's own location.
+    first_point: per_point, the reference point that slot 0 fills (1 with ref_keep_self, else 0);
+        per_level, S = L and slot i is level i's reference (first_point 0).
+    references: the reference tensor this update returned (what the encoder layers receive).
+    """
+    decoder_layers: int
+    candidates: CandidateSet
+    chosen: torch.Tensor
+    valid: torch.Tensor
+    first_point: int
+    references: torch.Tensor
 
 
 def _descending_order(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -217,14 +242,19 @@ class GuidanceState:
         if self._cache is not None and self._cache[0] is stock_references:
             return self._cache[1]
         if self.generator.enc_ref_mode == "per_level":
-            refs = self._per_level(stock_references)
+            refs, chosen, valid = self._per_level(stock_references)
         else:
-            refs = self._per_point(stock_references)
+            refs, chosen, valid = self._per_point(stock_references)
         self._cache = (stock_references, refs)
+        listener = self.generator.picks_listener
+        if listener is not None:
+            first_point = int(self.generator.ref_keep_self and self.generator.enc_ref_mode == "per_point")
+            listener(GuidancePicks(self.observed, self.candidates, chosen, valid, first_point, refs))
         return refs
 
-    def _per_level(self, stock: torch.Tensor) -> torch.Tensor:
-        """v3.0.1: stock (bs, T, L, 2) -> (bs, T, L, 2), level i from the i-th best candidate by score."""
+    def _per_level(self, stock: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """v3.0.1: stock (bs, T, L, 2) -> references (bs, T, L, 2), level i from the i-th best candidate
+        by score; with the candidate index per level (bs, T, L) and its validity (all True), expanded views."""
         levels = stock.shape[2]
         cands = self.candidates
         if cands.count < levels:
@@ -233,22 +263,25 @@ class GuidanceState:
         top = order[:, :levels, None].expand(-1, -1, 2)
         centres = _centres(cands, self.generator.ref_grad).gather(1, top).to(stock.dtype)  # (bs, L, 2)
         refs = centres * self.valid_ratios.to(stock.dtype)
-        return refs[:, None].expand(-1, stock.shape[1], -1, -1)
+        num_tokens = stock.shape[1]
+        chosen = order[:, None, :levels].expand(-1, num_tokens, -1)
+        valid = torch.ones((), dtype=torch.bool, device=stock.device).expand(chosen.shape)
+        return refs[:, None].expand(-1, num_tokens, -1, -1), chosen, valid
 
-    def _per_point(self, stock: torch.Tensor) -> torch.Tensor:
-        """v3.0.2-4: stock (bs, T, L, 2) -> (bs, T, L, P, 2) from the per-token top candidates."""
+    def _per_point(self, stock: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """v3.0.2-4: stock (bs, T, L, 2) -> references (bs, T, L, P, 2) from the per-token top candidates,
+        with the candidate index (bs, T, P') and validity (bs, T, P') of the P' map-derived points."""
         gen, cands = self.generator, self.candidates
         bs, num_tokens = stock.shape[:2]
         from_map = gen.n_points - 1 if gen.ref_keep_self else gen.n_points
         own = stock[:, :, :, None, :]  # (bs, T, L, 1, 2)
+        chosen, valid = self._rank(num_tokens, from_map)  # (bs, T, P') each
+        centres = _centres(cands, gen.ref_grad).to(stock.dtype)
+        picked = centres.gather(1, chosen.view(bs, -1, 1).expand(-1, -1, 2)).view(bs, num_tokens, 1, from_map, 2)
+        projected = picked * self.valid_ratios.to(stock.dtype)[:, None, :, None, :]
         parts = [own] if gen.ref_keep_self else []
-        if from_map > 0:
-            chosen, valid = self._rank(num_tokens, from_map)  # (bs, T, P') each
-            centres = _centres(cands, gen.ref_grad).to(stock.dtype)
-            picked = centres.gather(1, chosen.view(bs, -1, 1).expand(-1, -1, 2)).view(bs, num_tokens, 1, from_map, 2)
-            projected = picked * self.valid_ratios.to(stock.dtype)[:, None, :, None, :]
-            parts.append(torch.where(valid[:, :, None, :, None], projected, own))
-        return torch.cat(parts, 3)
+        parts.append(torch.where(valid[:, :, None, :, None], projected, own))
+        return torch.cat(parts, 3), chosen, valid
 
     def _rank(self, num_tokens: int, points: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per token the ``points`` best candidates -> candidate index (bs, T, points), valid (bs, T, points)."""
@@ -284,6 +317,9 @@ class EncoderReferenceGenerator(nn.Module):
         self.enc_ref_mode, self.n_levels, self.n_points = enc_ref_mode, n_levels, n_points
         self.ref_rank, self.ref_keep_self, self.ref_grad = ref_rank, ref_keep_self, ref_grad
         self.attn_map_accum, self.ref_queries = attn_map_accum, ref_queries
+        # set only while the reference diagnostics record a forward pass: called with the
+        # GuidancePicks of every guidance update (never set in training)
+        self.picks_listener: Optional[Callable[[GuidancePicks], None]] = None
 
     @property
     def needs_map(self) -> bool:

@@ -26,10 +26,10 @@ def valid_size(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([columns, rows], -1)
 
 
-def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
-    """mask (bs, H, W) True on padding -> (bs, 2) valid (width, height) fractions."""
+def valid_ratio(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """mask (bs, H, W) True on padding -> (bs, 2) valid (width, height) fractions in ``dtype``."""
     _, height, width = mask.shape
-    size = valid_size(mask)
+    size = valid_size(mask).to(dtype)  # pixel counts: exact in float32
     # divided by python ints, column by column, exactly as the level sizes are written
     return torch.stack([size[:, 0] / width, size[:, 1] / height], -1)
 
@@ -67,10 +67,11 @@ class LevelLayout(NamedTuple):
         return cls(spatial_shapes, shapes, level_start_index, padding_mask, valid_ratios)
 
     @classmethod
-    def from_masks(cls, masks: Sequence[torch.Tensor]) -> "LevelLayout":
-        """Per-level padding masks (bs, H_l, W_l) -> layout with the flattened mask and valid ratios."""
+    def from_masks(cls, masks: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> "LevelLayout":
+        """Per-level padding masks (bs, H_l, W_l) -> layout with the flattened mask and valid ratios
+        in ``dtype`` (the box path's: float32, or float64 for a float64 model)."""
         padding_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
-        valid_ratios = torch.stack([valid_ratio(mask) for mask in masks], 1)
+        valid_ratios = torch.stack([valid_ratio(mask, dtype) for mask in masks], 1)
         return cls.from_shapes([tuple(mask.shape[-2:]) for mask in masks], padding_mask.device, padding_mask,
                                valid_ratios)
 

@@ -1,6 +1,7 @@
 """Multi-scale deformable attention module (parameters and sampling-location arithmetic).
 
-The sampling itself is `ops.ms_deform_attn` (compiled CUDA op on GPUs, PyTorch elsewhere).
+The sampling itself is `ops.ms_deform_attn` (on GPUs the compiled CUDA op, else the Triton op;
+PyTorch elsewhere).
 """
 import math
 from typing import NamedTuple

@@ -4,6 +4,7 @@ import math
 import torch
 from torch import nn
 
+from util.box_ops import box_dtype
 from util.nested_tensor import NestedTensor
 
 
@@ -50,12 +51,14 @@ def box_sine_embedding(boxes: torch.Tensor, dim: int, temperature: float = 10000
 
     The positional embedding of box-shaped queries: two-stage proposals (dim = 2 * d_model, through
     ``DeformableTransformer.proposal_pos_embed``) and denoising queries with learned matching
-    positions (dim = d_model). Parameter-free.
+    positions (dim = d_model). Parameter-free. Computed in ``box_dtype(boxes.dtype)``: float32 for
+    half boxes, float64 for float64 ones.
     """
     if dim % 8 != 0:
         raise ValueError(f"box_sine_embedding: dim {dim} must be a multiple of 8")
     feats = dim // 4
-    freq = torch.arange(feats, dtype=torch.float32, device=boxes.device)
+    dtype = box_dtype(boxes.dtype)
+    freq = torch.arange(feats, dtype=dtype, device=boxes.device)
     freq = temperature ** (2 * torch.div(freq, 2, rounding_mode="floor") / feats)
-    angles = boxes.float()[..., None] * (2 * math.pi) / freq          # (..., Q, 4, feats)
+    angles = boxes.to(dtype)[..., None] * (2 * math.pi) / freq          # (..., Q, 4, feats)
     return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), -1).flatten(-3)

@@ -1,7 +1,7 @@
 """Allowed values and combination rules of the encoder-guidance research settings (DESIGN §6).
 
 Each setting has one name from flag to constructor (``--enc_ref_mode`` -> ``enc_ref_mode``, ...).
-The parser (``util/config.py``) takes its ``choices`` from here and ``validate_args`` and
+The parser (``cli/config.py``) takes its ``choices`` from here and ``validate_args`` and
 ``EncoderReferenceGenerator`` both call ``check_research_settings``, so every value list and
 every rule is written once. No torch import: the parser loads this module.
 """

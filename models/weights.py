@@ -4,25 +4,26 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
+from util.checkpoint import load_checkpoint
+from util.errors import InputError
+
 # Upstream attaches the detector's heads to its decoder, which saves every head a second time
 # under these prefixes. Our decoder does not own the heads, so these aliases are dropped.
 UPSTREAM_HEAD_ALIASES = ("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
 
 
-def read_state_dict(path: str, loaded: Any = None) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: str, loaded: Any = None, flag: str = "--pretrained") -> Dict[str, torch.Tensor]:
     """A raw state dict, or a checkpoint holding one under 'model' (DDP 'module.' prefixes removed).
 
+    The file is read with ``util.checkpoint.load_checkpoint`` (weights only: it cannot run code);
     ``loaded``: the file's contents when the caller has read it already (so it is read once).
+    Raises ``InputError`` (one line, naming the file) when it holds no state dict of tensors.
     """
-    obj = loaded
-    if obj is None:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a truncated or foreign file: say which
-            raise RuntimeError(f"cannot read weights from {path}: {exc}") from exc
+    obj = loaded if loaded is not None else load_checkpoint(path, flag=flag)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise RuntimeError(f"{path} holds no state dict (expected a dict or a checkpoint with 'model')")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise InputError(f"{flag} {path} holds no state dict (expected a dict of tensors, or a checkpoint "
+                         f"with one under 'model'; found {type(obj).__name__})")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 

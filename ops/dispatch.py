@@ -1,31 +1,38 @@
-"""Choosing between the compiled CUDA operator and the PyTorch path.
+"""Choosing between the compiled CUDA operator, the Triton operator and the PyTorch path.
 
 Selection, highest priority first:
-  1. ``ops.set_impl('auto' | 'cuda' | 'pytorch')`` (``set_impl(None)`` hands control back to 2);
-  2. the environment variable ``MSDA_IMPL=auto|cuda|pytorch`` (read at call time);
+  1. ``ops.set_impl('auto' | 'cuda' | 'triton' | 'pytorch')`` (``set_impl(None)`` hands control back to 2);
+  2. the environment variable ``MSDA_IMPL=auto|cuda|triton|pytorch`` (read at call time);
   3. ``auto``.
 
-``auto`` runs CUDA tensors through the compiled op when it loads and everything else through
-the PyTorch path; when the compiled op is missing for CUDA tensors it logs one warning per
-process and falls back. ``cuda`` never falls back: unavailable op or non-CUDA inputs raise.
-``pytorch`` always uses the PyTorch path.
+``auto`` runs CUDA tensors through the compiled op when it loads (prebuilt or built just in
+time, ``ops/_ext.py``), else through the Triton operator when Triton can run (no build step,
+``ops/triton_op.py``), else through the PyTorch path; each fallback logs one warning per
+process naming the reason. Non-CUDA tensors take the PyTorch path. ``cuda`` and ``triton``
+never fall back: an implementation that cannot run raises a one-line RuntimeError naming why
+(``triton`` runs CPU tensors only through Triton's interpreter, ``TRITON_INTERPRET=1``: how CI
+executes the kernels). ``pytorch`` always uses the PyTorch path. The implementation a device
+type runs is logged once per process (logger ``ops``, level INFO).
 """
 import contextlib
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Set
 
 import torch
 
 from ._ext import load_error, load_extension
+from ._triton import ms_deform_attn_triton, triton_error
 from .ms_deform_attn_cuda import ms_deform_attn_registered
 from .ms_deform_attn_pytorch import check_level_sizes, check_shapes, ms_deform_attn_pytorch, shapes_as_list
 
 logger = logging.getLogger("ops")
 
-IMPLS = ("auto", "cuda", "pytorch")
+IMPLS = ("auto", "cuda", "triton", "pytorch")
 _forced: Optional[str] = None
 _warned_fallback = False
+_warned_triton_fallback = False
+_announced: Set[str] = set()  # device types whose implementation was logged
 _all_through_registered_op = False
 
 
@@ -37,13 +44,13 @@ def _validate(name: str, source: str) -> str:
 
 
 def set_impl(name: Optional[str]) -> None:
-    """Force 'auto', 'cuda' or 'pytorch' for this process; None returns to ``MSDA_IMPL``/auto."""
+    """Force 'auto', 'cuda', 'triton' or 'pytorch' for this process; None returns to ``MSDA_IMPL``/auto."""
     global _forced
     _forced = None if name is None else _validate(name, "ops.set_impl")
 
 
 def get_impl() -> str:
-    """The requested mode: 'auto', 'cuda' or 'pytorch' (setter, else env var, else auto)."""
+    """The requested mode: 'auto', 'cuda', 'triton' or 'pytorch' (setter, else env var, else auto)."""
     if _forced is not None:
         return _forced
     env = os.environ.get("MSDA_IMPL")
@@ -66,7 +73,11 @@ def _impl_for_device_type(device_type: str) -> str:
     """
     if _all_through_registered_op:
         return "registered"
-    return active_impl(torch.device(device_type))
+    impl = active_impl(torch.device(device_type))
+    if device_type not in _announced:
+        _announced.add(device_type)
+        logger.info("ops.ms_deform_attn: %s tensors use the '%s' implementation", device_type, impl)
+    return impl
 
 
 @contextlib.contextmanager
@@ -83,7 +94,7 @@ def through_registered_op():
 
 
 def active_impl(device: Optional[torch.device] = None) -> str:
-    """Which implementation a call with inputs on ``device`` would run: 'cuda' or 'pytorch'.
+    """Which implementation a call with inputs on ``device`` would run: 'cuda', 'triton' or 'pytorch'.
 
     ``device`` defaults to the current CUDA device when one exists, else CPU.
     Raises like the call itself would when 'cuda' is forced but unusable.
@@ -101,26 +112,45 @@ def active_impl(device: Optional[torch.device] = None) -> str:
             raise RuntimeError("MSDA implementation forced to 'cuda' but the compiled op is unavailable: "
                                f"{load_error()}")
         return "cuda"
-    if device.type == "cuda" and load_extension() is not None:
+    if mode == "triton":
+        reason = triton_error(device)
+        if reason is not None:
+            raise RuntimeError(f"MSDA implementation forced to 'triton' but it cannot run on {device}: {reason}")
+        return "triton"
+    if device.type != "cuda":
+        return "pytorch"
+    if load_extension() is not None:
         return "cuda"
-    if device.type == "cuda":
-        _warn_fallback_once()
+    triton_reason = triton_error(device)
+    if triton_reason is None:
+        _warn_triton_fallback_once()
+        return "triton"
+    _warn_fallback_once(triton_reason)
     return "pytorch"
 
 
-def _warn_fallback_once() -> None:
+def _warn_triton_fallback_once() -> None:
+    global _warned_triton_fallback
+    if not _warned_triton_fallback:
+        _warned_triton_fallback = True
+        logger.warning("ops.ms_deform_attn: compiled CUDA op unavailable, using the Triton operator "
+                       "(build the compiled op with `python ops/setup.py build_ext --inplace`; "
+                       "MSDA_IMPL=triton silences this). Reason: %s", load_error())
+
+
+def _warn_fallback_once(triton_reason: str) -> None:
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True
-        logger.warning("ops.ms_deform_attn: compiled CUDA op unavailable, using the slower PyTorch path "
-                       "(build it with `python ops/setup.py build_ext --inplace`; MSDA_IMPL=pytorch "
-                       "silences this). Reason: %s", load_error())
+        logger.warning("ops.ms_deform_attn: compiled CUDA op and Triton operator unavailable, using the slower "
+                       "PyTorch path (build the compiled op with `python ops/setup.py build_ext --inplace`; "
+                       "MSDA_IMPL=pytorch silences this). Reason: %s; Triton: %s", load_error(), triton_reason)
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                    sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                    spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
-    """Multi-scale deformable attention, compiled on CUDA when possible.
+    """Multi-scale deformable attention: compiled op, else Triton on CUDA tensors; PyTorch path otherwise.
 
     Args:
         value: (bs, Lin, heads, C).
@@ -129,15 +159,20 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
         sampling_locations: (bs, Lq, heads, levels, points, 2), normalised (x, y), may leave [0, 1].
         attention_weights: (bs, Lq, heads, levels, points).
         spatial_shapes_list: optional python [(H, W), ...]: lets the PyTorch path split levels
-            and both paths check that the levels tile ``value`` (Σ H·W = Lin, else ValueError)
+            and every path check that the levels tile ``value`` (Σ H·W = Lin, else ValueError)
             without a device sync. Without it the PyTorch path reads ``spatial_shapes`` (a sync
-            on GPUs) and the compiled op skips the check: its kernels treat tokens past the end
-            of ``value`` as zero padding, so a bad layout cannot read or write out of bounds.
+            on GPUs) and the compiled and Triton ops skip the check: their kernels treat tokens
+            past the end of ``value`` as zero padding, so a bad layout cannot read or write out
+            of bounds.
 
     Returns:
         (bs, Lq, heads * C) in value's dtype.
     """
-    if _impl_for_device_type(value.device.type) in ("cuda", "registered"):
+    impl = _impl_for_device_type(value.device.type)
+    if impl == "triton":
+        return ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations,
+                                     attention_weights, spatial_shapes_list)
+    if impl in ("cuda", "registered"):
         check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         if spatial_shapes_list is not None:
             check_level_sizes(value.shape[1], shapes_as_list(spatial_shapes, spatial_shapes_list))

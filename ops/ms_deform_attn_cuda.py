@@ -46,7 +46,7 @@ from torch import Tensor
 from ._ext import load_error, load_extension
 from .ms_deform_attn_pytorch import check_shapes, ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
 
-__all__ = ["ms_deform_attn_registered", "ms_deform_attn_cuda", "OP_NAME", "BACKWARD_OP_NAME"]
+__all__ = ["ms_deform_attn_registered", "ms_deform_attn_cuda", "registered_op_inputs", "OP_NAME", "BACKWARD_OP_NAME"]
 
 OP_NAME = "msda::ms_deform_attn"
 BACKWARD_OP_NAME = "msda::ms_deform_attn_backward"
@@ -148,6 +148,20 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # Callers
 
 
+def registered_op_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                         sampling_locations: Tensor, attention_weights: Tensor) -> Tuple[Tensor, ...]:
+    """The five inputs in the registered ops' contract (shared with the Triton op, ``ops/triton_op.py``).
+
+    All contiguous on value's device; the level tensors int64; locations (bs, Lq, heads, levels, points, 2)
+    and weights (bs, Lq, heads, levels, points) float32, or float64 when value is float64.
+    """
+    coord = _coord_dtype(value)
+    return (value.contiguous(),
+            spatial_shapes.to(device=value.device, dtype=torch.int64).contiguous(),
+            level_start_index.to(device=value.device, dtype=torch.int64).contiguous(),
+            sampling_locations.to(coord).contiguous(), attention_weights.to(coord).contiguous())
+
+
 def ms_deform_attn_registered(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                               sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """``torch.ops.msda.ms_deform_attn`` on any device, after establishing its input contract.
@@ -157,11 +171,8 @@ def ms_deform_attn_registered(value: Tensor, spatial_shapes: Tensor, level_start
     attention_weights (bs, Lq, heads, levels, points), any float dtype. Returns (bs, Lq, heads*C)
     in value's dtype. Compiled kernels on CUDA, the PyTorch path elsewhere.
     """
-    coord = _coord_dtype(value)
-    return _forward_op(value.contiguous(),
-                       spatial_shapes.to(device=value.device, dtype=torch.int64).contiguous(),
-                       level_start_index.to(device=value.device, dtype=torch.int64).contiguous(),
-                       sampling_locations.to(coord).contiguous(), attention_weights.to(coord).contiguous())
+    return _forward_op(*registered_op_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                                             attention_weights))
 
 
 def ms_deform_attn_cuda(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,

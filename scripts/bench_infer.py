@@ -129,7 +129,7 @@ def ratio_lines(records: List[Dict]) -> List[Dict]:
 
 def run(bench: argparse.Namespace, main_argv: Sequence[str], emit=print) -> List[Dict]:
     """Measure every (variant, dtype, batch size), interleaved; returns the JSON records."""
-    from util.config import check_amp_device
+    from cli.config import check_amp_device
     subjects = []
     for name in bench.compare or [None]:
         args = model_args(main_argv, name)

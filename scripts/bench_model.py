@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from util.config import parse_args  # noqa: E402
+from cli.config import parse_args  # noqa: E402
 from util.nested_tensor import nested_tensor_from_tensor_list  # noqa: E402
 
 DTYPE_NAMES = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}

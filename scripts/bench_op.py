@@ -1,11 +1,11 @@
-"""Benchmark of the multi-scale deformable attention operator: compiled CUDA op vs PyTorch path.
+"""Benchmark of the multi-scale deformable attention operator: compiled CUDA op, Triton op, PyTorch path.
 
-    python scripts/benchmark.py op [--impl cuda|pytorch|all] [--dtype float32|bfloat16|float16|all]
+    python scripts/benchmark.py op [--impl cuda|triton|pytorch|deformops|all] [--dtype float32|bfloat16|float16|all]
                                    [--shape encoder|decoder300|decoder1800|tiny|all] [--repeats N] [--warmup N]
     python scripts/bench_op.py ...   (same flags)
 
 Prints one JSON object per line and measurement:
-    impl, dtype, shape, device, fwd_ms, fwdbwd_ms, peak_mem_mb, bandwidth_gbs (+ sizes).
+    impl, dtype, shape, device, fwd_ms, fwdbwd_ms, peak_mem_mb, bandwidth_gbs, rel_err (+ sizes).
 - fwd_ms / fwdbwd_ms: medians over --repeats runs, each timed with its own pair of CUDA events
   (time.perf_counter on CPU). Forward runs with autograd recording, as in training.
 - peak_mem_mb: torch.cuda.max_memory_allocated during one forward+backward minus what was
@@ -17,7 +17,14 @@ Inputs are what the model produces under autocast: value in --dtype, sampling lo
 attention weights in float32. Shapes: batch 2, 8 heads x 32 channels, 4 levels
 (100x167, 50x84, 25x42, 13x21), 4 points; encoder queries = all 22223 tokens, decoder 300/1800
 queries. ``tiny`` is a CPU smoke shape and is not part of ``all``.
-A measurement that cannot run (no GPU for cuda, op not built) prints a line with "skipped".
+- rel_err: max |out - ref| / max |ref| of the forward against the PyTorch path in float64 on
+  the same inputs (a wrong call convention shows here, not only in the tests).
+Implementations: ``cuda`` the compiled op (ops/src), ``triton`` the Triton op (its first calls
+autotune and compile; the warm-up runs absorb that), ``pytorch`` the grid_sample path, and
+``deformops`` the multi-scale deformable attention of the ``deformops`` package from PyPI when it
+is installed (imported only; this script never installs anything).
+A measurement that cannot run (no GPU for cuda, op not built, Triton or deformops missing)
+prints a line with "skipped".
 """
 import argparse
 import json
@@ -25,7 +32,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,7 +49,12 @@ SHAPES: Dict[str, dict] = {
     "tiny": dict(bs=1, len_q=None, heads=2, channels=8, levels=[(8, 10), (4, 5)], points=2),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IMPLS = ("cuda", "pytorch")
+IMPLS = ("cuda", "triton", "pytorch", "deformops")
+# deformops' public multi-scale deformable attention function, taking (value, spatial_shapes,
+# level_start_index, sampling_locations, attention_weights) like Deformable-DETR's op. Only
+# these documented-looking names are tried; a missing one is reported, not guessed further.
+DEFORMOPS_FUNCTIONS = ("multi_scale_deformable_attention", "ms_deform_attn",
+                       "functional.multi_scale_deformable_attention")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,25 +112,74 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None], int, int], Lis
     return run
 
 
+def _deformops_function() -> Tuple[Optional[Callable], str]:
+    """(function, name) of deformops' multi-scale deformable attention, or (None, why not)."""
+    try:
+        import deformops
+    except ImportError as exc:
+        return None, f"deformops is not installed ({exc})"
+    for name in DEFORMOPS_FUNCTIONS:
+        obj = deformops
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+        if callable(obj):
+            return obj, f"deformops.{name}"
+    public = sorted(n for n in dir(deformops) if not n.startswith("_"))
+    return None, f"deformops {getattr(deformops, '__version__', '?')} has none of {DEFORMOPS_FUNCTIONS}: {public}"
+
+
+def select_op(impl: str, device: torch.device) -> Tuple[Optional[Callable], str]:
+    """(op(value, shapes, starts, loc, attn, levels) -> out, note) or (None, reason it cannot run here)."""
+    if impl == "cuda":
+        if device.type != "cuda":
+            return None, "the cuda implementation needs a CUDA device"
+        if ops.load_extension() is None:
+            return None, f"compiled op unavailable: {ops.load_error()}"
+        return (lambda v, s, st, l, a, lv: ops.ms_deform_attn_cuda(v, s, st, l, a)), ""  # noqa: E731
+    if impl == "triton":
+        reason = ops.triton_error(device)
+        if reason is not None:
+            return None, f"Triton op unavailable: {reason}"
+        return (lambda v, s, st, l, a, lv: ops.ms_deform_attn_triton(v, s, st, l, a, lv)), ""  # noqa: E731
+    if impl == "deformops":
+        fn, note = _deformops_function()
+        if fn is None:
+            return None, note
+        return (lambda v, s, st, l, a, lv: fn(v, s, st, l, a)), note  # noqa: E731
+    return (lambda v, s, st, l, a, lv: ops.ms_deform_attn_pytorch(v, s, st, l, a, lv)), ""  # noqa: E731
+
+
 def measure(impl: str, dtype_name: str, shape_name: str, device: torch.device, repeats: int, warmup: int,
             seed: int) -> dict:
     shape = SHAPES[shape_name]
     dtype = DTYPES[dtype_name]
     record = {"impl": impl, "dtype": dtype_name, "shape": shape_name, "device": _device_name(device)}
-    if impl == "cuda":
-        if device.type != "cuda":
-            return {**record, "skipped": "the cuda implementation needs a CUDA device"}
-        if ops.load_extension() is None:
-            return {**record, "skipped": f"compiled op unavailable: {ops.load_error()}"}
-        op = lambda v, s, st, l, a, lv: ops.ms_deform_attn_cuda(v, s, st, l, a)  # noqa: E731
-    else:
-        op = lambda v, s, st, l, a, lv: ops.ms_deform_attn_pytorch(v, s, st, l, a, lv)  # noqa: E731
+    op, note = select_op(impl, device)
+    if op is None:
+        return {**record, "skipped": note}
+    if note:
+        record["function"] = note
 
     value, ss, starts, loc, attn, levels = make_inputs(shape, dtype, device, seed)
+    if impl != "deformops":
+        return {**record, **_timings(op, value, ss, starts, loc, attn, levels, device, repeats, warmup)}
+    try:
+        return {**record, **_timings(op, value, ss, starts, loc, attn, levels, device, repeats, warmup)}
+    except Exception as exc:  # a foreign package's call convention may differ: report it, measure the rest
+        return {**record, "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
+
+
+def _timings(op, value, ss, starts, loc, attn, levels, device, repeats, warmup) -> dict:
+    """fwd_ms, fwdbwd_ms, peak_mem_mb, bandwidth_gbs, rel_err and sizes of one implementation."""
+    with torch.no_grad():
+        ref = ops.ms_deform_attn_pytorch(value.double(), ss, starts, loc.double(), attn.double(), levels)
+        got = op(value, ss, starts, loc, attn, levels).double()
+        rel_err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        del ref, got
     for t in (value, loc, attn):
         t.requires_grad_(True)
     grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device,
-                           dtype=dtype)
+                           dtype=value.dtype)
 
     def clear_grads():
         value.grad = loc.grad = attn.grad = None
@@ -149,9 +210,10 @@ def measure(impl: str, dtype_name: str, shape_name: str, device: torch.device, r
     out_bytes = grad_out.numel() * value.element_size()  # the output has grad_out's shape and value's dtype
     moved = (value.numel() * value.element_size() + loc.numel() * loc.element_size()
              + attn.numel() * attn.element_size() + out_bytes)
-    return {**record, "fwd_ms": round(fwd_ms, 4), "fwdbwd_ms": round(statistics.median(fwdbwd), 4),
+    return {"fwd_ms": round(fwd_ms, 4), "fwdbwd_ms": round(statistics.median(fwdbwd), 4),
             "peak_mem_mb": None if peak_mb is None else round(peak_mb, 2),
             "bandwidth_gbs": round(moved / (fwd_ms * 1e-3) / 1e9, 2),
+            "rel_err": rel_err,
             "bs": value.shape[0], "len_in": value.shape[1], "len_q": loc.shape[1], "heads": value.shape[2],
             "channels": value.shape[3], "levels": len(levels), "points": loc.shape[4], "repeats": repeats}
 

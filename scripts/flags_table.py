@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from util.config import get_args_parser  # noqa: E402
+from cli.config import get_args_parser  # noqa: E402
 
 START, END = "<!-- flags:start -->", "<!-- flags:end -->"
 

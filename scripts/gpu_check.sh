@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # GPU verification of the multi-scale deformable attention operator, in one command:
-# build the op, run its GPU tests, benchmark it, and leave every log and number under $OUT.
+# build the compiled op, run the GPU tests of it and of the Triton op, benchmark both beside the
+# PyTorch path (and the `deformops` package from PyPI when it is installed; never installed here),
+# and leave every log and number under $OUT.
 #
 # usage: OUT=/some/dir bash scripts/gpu_check.sh
 # env:   OUT               where results go (default outputs/gpu_check)
 #        PYTHON            interpreter (default python)
 #        BUILD_TIMEOUT     seconds for the build (default 240)
-#        TEST_TIMEOUT      seconds for the tests (default 200)
-#        BENCH_TIMEOUT     seconds for the operator benchmark (default 140)
+#        TEST_TIMEOUT      seconds for the tests (default 360: the Triton kernels autotune and compile)
+#        BENCH_TIMEOUT     seconds for the operator benchmark (default 300)
 #        BENCH_MODEL=1     also run the COCO-scale model benchmark (cascade vs v3.0.4; minutes)
 #
 # Every step runs even when an earlier one failed (one GPU session should bring back as much as
@@ -16,8 +18,11 @@
 #   env.txt            GPU, driver, torch / CUDA versions
 #   build.log          `python ops/setup.py build_ext --inplace` for the visible GPU's architecture
 #   ptxas.txt          registers / spills per kernel instantiation (nvcc --resource-usage)
-#   tests.log, junit.xml   tests/test_ops_cuda.py, tests/test_compile.py, tests/test_ops.py
-#   bench_op.jsonl     `scripts/benchmark.py op --impl all --dtype all --shape all`, one JSON per line
+#   tests.log, junit.xml   tests/test_ops_cuda.py, tests/test_ops_triton_gpu.py, tests/test_compile.py,
+#                      tests/test_ops.py
+#   triton_autotune.txt    the launch configuration Triton's autotuner chose per kernel and key
+#   bench_op.jsonl     `scripts/benchmark.py op --impl all --dtype all --shape all`, one JSON per line:
+#                      impl cuda | triton | pytorch | deformops (fwd, fwd+bwd, peak memory, rel_err)
 #   bench_model.jsonl  (BENCH_MODEL=1) `scripts/benchmark.py model ... --compare cascade v3.0.4`
 set -uo pipefail
 
@@ -81,12 +86,19 @@ rm -f "$OUT/msda_kernels.o"
 
 # --- 2. tests -----------------------------------------------------------------------------------
 # MSDA_JIT=0: if the build above failed, say so in the tests instead of rebuilding for minutes.
-MSDA_JIT=0 step tests "${TEST_TIMEOUT:-200}" "$python" -m pytest tests/test_ops_cuda.py tests/test_compile.py \
-    tests/test_ops.py -q -rs --durations=25 --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
+# TRITON_INTERPRET unset: the GPU tests need the compiled Triton kernels (the interpreted ones
+# are what tests/test_ops_triton.py runs on CPU in every CI run).
+MSDA_JIT=0 step tests "${TEST_TIMEOUT:-360}" env -u TRITON_INTERPRET "$python" -m pytest tests/test_ops_cuda.py \
+    tests/test_ops_triton_gpu.py tests/test_compile.py tests/test_ops.py -q -rs --durations=25 \
+    --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
 
 # --- 3. operator benchmark ----------------------------------------------------------------------
-MSDA_JIT=0 step bench_op "${BENCH_TIMEOUT:-140}" "$python" scripts/benchmark.py op --impl all --dtype all \
-    --shape all > "$OUT/bench_op.jsonl" 2> "$OUT/bench_op.err"
+# TRITON_PRINT_AUTOTUNING=1 makes Triton print each autotuning result (to stdout: kept apart from the JSON).
+MSDA_JIT=0 TRITON_PRINT_AUTOTUNING=1 step bench_op "${BENCH_TIMEOUT:-300}" env -u TRITON_INTERPRET "$python" \
+    scripts/benchmark.py op --impl all --dtype all --shape all > "$OUT/bench_op.raw" 2> "$OUT/bench_op.err"
+grep '^{' "$OUT/bench_op.raw" > "$OUT/bench_op.jsonl"
+grep -v '^{' "$OUT/bench_op.raw" > "$OUT/triton_autotune.txt"
+rm -f "$OUT/bench_op.raw"
 
 # --- 4. model benchmark at COCO scale (optional) ------------------------------------------------
 if [[ ${BENCH_MODEL:-0} == 1 ]]; then

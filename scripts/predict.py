@@ -136,7 +136,7 @@ def checkpoint_files(path: str) -> Tuple[str, Optional[str]]:
 def run_configuration(config_file: Optional[str], saved: Dict, checkpoint_path: str, device: str):
     """Parsed, validated flags of the run: from ``config_file``, else from the checkpoint's record ``saved``."""
     import yaml
-    from util.config import parse_args
+    from cli.config import parse_args
     temporary = None
     if config_file is None:
         if not saved:
@@ -166,7 +166,7 @@ def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = 
     from main import load_model_weights
     from models.postprocess import PostProcess
     from util.checkpoint import check_resume_configuration, load_checkpoint, saved_class_names, saved_config
-    from util.config import resolve_device
+    from cli.config import resolve_device
 
     path, config_file = checkpoint_files(checkpoint)
     contents = load_checkpoint(path)
@@ -274,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(parser)
     opts = parser.parse_args(argv)
     try:
-        from util.config import check_amp_device
+        from cli.config import check_amp_device
         check_options(opts)
         paths = collect_images(opts.images)
         predictor = load_predictor(opts.checkpoint, opts.device, opts.topk)

@@ -1,7 +1,7 @@
 """Ablation runs -> markdown tables (printed and written) and a plot of AP against epoch.
 
 usage: python scripts/summarize.py OUTPUT_DIR [OUTPUT_DIR ...] [--control cascade] [--out results.md]
-           [--plot ap.png]
+           [--plot ap.png] [--diag_plot ap_diag.png]
 
 Each OUTPUT_DIR is what ``main.py --output_dir`` wrote: ``log.jsonl`` (one JSON record per
 print window and per epoch) and ``config.yaml`` (the resolved flags). A directory holding no run
@@ -19,6 +19,12 @@ for a ``seedN`` directory) and form (single- or two-stage), seeds told apart by 
 
 The plot draws, per variant, the mean AP over seeds against epoch with a min-max band (dashed
 where some seed has not reached that epoch).
+
+Runs that logged reference diagnostics (``diag`` records, ``--diag_images N``) add a fourth
+table, "Reference diagnostics over seeds": one row per overall diagnostic (the short keys,
+``D4/fsr_in``), one column per variant, the last diagnosed epoch's value as mean +- sample std
+over seeds, under the final AP; and a second plot (``--diag_plot``) of AP and each overall
+diagnostic against epoch, per variant the mean over seeds with a +-std band.
 
 Runs still in progress, runs without any evaluation yet and half-written last lines are
 reported, not fatal: a summary is most useful exactly while the table is still being filled in.
@@ -45,6 +51,8 @@ SEED_METRICS = ["AP", "AP50", "AP75", "APs", "APm"]
 # keys under which a per-iteration time may be logged, most specific first
 TIME_KEYS = ["sec_per_iter", "s_per_iter", "iter_time", "time_per_iter"]
 SEED_DIR = re.compile(r"^seed(\d+)$")
+# an overall reference diagnostic: family and name only ('D4/fsr_in'; per-layer keys have more parts)
+OVERALL_DIAG = re.compile(r"^D\d/[^/]+$")
 
 
 @dataclass
@@ -58,6 +66,7 @@ class Run:
     two_stage: bool = False
     seed: Optional[int] = None
     curve: List[Dict[str, float]] = field(default_factory=list)   # per evaluated epoch: epoch + METRICS
+    diag_curve: List[Dict[str, float]] = field(default_factory=list)  # per diagnosed epoch: epoch + overall diags
     iter_times: List[float] = field(default_factory=list)
     epochs_logged: int = 0          # epochs completed (an epoch record was written)
     epoch_training: int = -1        # highest epoch a training window was logged for
@@ -71,6 +80,11 @@ class Run:
     def sec_per_iter(self) -> Optional[float]:
         # the median ignores the slow first window (data loader start-up, cudnn autotuning)
         return statistics.median(self.iter_times) if self.iter_times else None
+
+    @property
+    def final_diag(self) -> Dict[str, float]:
+        """The overall reference diagnostics of the last diagnosed epoch ({} when none)."""
+        return {k: v for k, v in self.diag_curve[-1].items() if k != "epoch"} if self.diag_curve else {}
 
     def final_value(self, metric: str) -> Optional[float]:
         """The last evaluation's ``metric`` as a fraction; None when not evaluated or -1 (undefined)."""
@@ -208,6 +222,16 @@ def run_label(run_dir: str, config: Dict[str, Any]) -> str:
     return form_label(run_identity(run_dir, config)[0], bool(config.get("two_stage")))
 
 
+def overall_diagnostics(record: Dict[str, Any]) -> Dict[str, float]:
+    """The overall reference diagnostics ('D4/fsr_in', ...) of a ``diag`` record, finite numbers only."""
+    found = {}
+    for key, value in record.items():
+        number = _as_number(value)
+        if OVERALL_DIAG.match(key) and number is not None:
+            found[key] = number
+    return found
+
+
 def _is_epoch_record(record: Dict[str, Any]) -> bool:
     kind = record.get("type") or record.get("kind")
     if kind is not None:
@@ -235,7 +259,12 @@ def load_run(run_dir: str) -> Run:
         return run
     evaluations: Dict[float, Dict[str, float]] = {}      # epoch -> metrics, the last record wins
     windows: Dict[Tuple[float, float], float] = {}        # (epoch, iteration) -> seconds per iteration
+    diagnosed: Dict[float, Dict[str, float]] = {}          # epoch -> overall diagnostics, the last record wins
     for record in read_jsonl(log_path):
+        if record.get("type") == "diag":
+            epoch = _as_number(record.get("epoch"))
+            diagnosed[epoch if epoch is not None else float(len(diagnosed))] = overall_diagnostics(record)
+            continue
         metrics = coco_metrics(record)
         if metrics is not None:
             epoch = _as_number(record.get("epoch"))
@@ -256,6 +285,7 @@ def load_run(run_dir: str) -> Run:
             run.epoch_training = max(run.epoch_training, int(epoch))
     run.curve = [{"epoch": epoch, **metrics} for epoch, metrics in sorted(evaluations.items())]
     run.iter_times = list(windows.values())
+    run.diag_curve = [{"epoch": epoch, **values} for epoch, values in sorted(diagnosed.items())]
     if run.epoch_training >= run.epochs_logged:
         run.notes.append(f"training epoch {run.epoch_training + 1}")
     if not run.curve:
@@ -342,6 +372,26 @@ def mean_curve(group: Group) -> Tuple[List[float], List[float], List[float], Lis
     per_epoch = [[curve[epoch] for curve in curves if epoch in curve] for epoch in epochs]
     return (epochs, [statistics.fmean(v) for v in per_epoch], [min(v) for v in per_epoch],
             [max(v) for v in per_epoch], [len(v) for v in per_epoch])
+
+
+def mean_std_curve(curves: List[Dict[float, float]]) -> Tuple[List[float], List[float], List[Optional[float]]]:
+    """(epochs, mean, sample std or None below two values) per epoch over the given {epoch: value}
+    curves, each epoch over the curves that have it."""
+    epochs = sorted(set().union(*(set(curve) for curve in curves))) if curves else []
+    per_epoch = [[curve[epoch] for curve in curves if epoch in curve] for epoch in epochs]
+    spread = [mean_std(values) for values in per_epoch]
+    return epochs, [m for m, _ in spread], [s for _, s in spread]
+
+
+def diagnostic_curves(group: Group, key: str) -> List[Dict[float, float]]:
+    """Per run of the group that logged it: {epoch: overall diagnostic ``key``}."""
+    curves = [{point["epoch"]: point[key] for point in run.diag_curve if key in point} for run in group.runs]
+    return [curve for curve in curves if curve]
+
+
+def diagnostic_keys(runs: Iterable[Run]) -> List[str]:
+    """Every overall diagnostic some run logged, by family then name ('D1/...' first)."""
+    return sorted({key for run in runs for point in run.diag_curve for key in point if key != "epoch"})
 
 
 # ----------------------------------------------------------------------------- output
@@ -454,12 +504,44 @@ def _pairing_notes(group: Group, control: Group, paired: List[int]) -> List[str]
     return notes
 
 
+def _mean_std_cell(values: List[float], scale: float, digits: int, std_digits: int) -> str:
+    """'0.412 ± 0.010 (n=3)'; std 'n/a' with one value; '–' with none."""
+    mean, std = mean_std([v * scale for v in values])
+    if mean is None:
+        return "–"
+    spread = "n/a" if std is None else f"{std:.{std_digits}f}"
+    return f"{mean:.{digits}f} ± {spread} (n={len(values)})"
+
+
+def diagnostics_table(groups: List[Group]) -> str:
+    """Rows: final AP, the diagnosed epochs, then every overall reference diagnostic; columns: the
+    variants that logged diagnostics. Each cell: the last diagnosed epoch's value, mean ± sample
+    std over seeds. '' when no run logged diagnostics."""
+    diagnosed = [group for group in groups if any(run.diag_curve for run in group.runs)]
+    keys = diagnostic_keys(run for group in diagnosed for run in group.runs)
+    if not keys:
+        return ""
+    rows = [["AP (%)"] + [_mean_std_cell(group.values("AP"), 100.0, 1, 2) for group in diagnosed],
+            ["epochs diagnosed"] + [", ".join(sorted({str(int(run.diag_curve[-1]["epoch"])) for run in group.runs
+                                                      if run.diag_curve})) for group in diagnosed]]
+    for key in keys:
+        rows.append([key] + [_mean_std_cell([run.final_diag[key] for run in group.runs if key in run.final_diag],
+                                            1.0, 3, 3) for group in diagnosed])
+    intro = ("Reference diagnostics (README \"Reference diagnostics\") of the last diagnosed epoch, mean ± "
+             "sample std (ddof=1; n/a when n=1) over seeds, n runs; AP is the final box AP of the same runs. "
+             "A diagnostic a configuration cannot have (D1-D3, D6 without guidance) shows –.")
+    return "\n".join([intro, ""] + _table(["metric"] + [group.label for group in diagnosed], rows)) + "\n"
+
+
 def report(runs: List[Run], control: Optional[str]) -> str:
     """The whole markdown summary: runs, variants over seeds, and (with a control) paired differences."""
     groups = group_runs(runs)
     parts = ["## Runs\n", markdown_table(runs), "\n## Variants over seeds\n", variants_table(groups)]
     if control:
         parts += [f"\n## Paired difference to {control}\n", differences_table(groups, control)]
+    diagnostics = diagnostics_table(groups)
+    if diagnostics:
+        parts += ["\n## Reference diagnostics over seeds\n", diagnostics]
     return "\n".join(parts)
 
 
@@ -503,6 +585,56 @@ def plot_curves(runs: List[Run], path: str) -> None:
     plt.close(fig)
 
 
+def plot_diagnostics(runs: List[Run], path: str) -> bool:
+    """AP and every overall reference diagnostic against epoch, one panel each; per variant the mean
+    over seeds with a ±std band. Returns False (nothing written) when no run logged diagnostics."""
+    keys = diagnostic_keys(runs)
+    if not keys:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import MaxNLocator
+
+    groups = [group for group in group_runs(runs) if any(run.diag_curve for run in group.runs)]
+    panels = ["AP (%)"] + keys
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes.flat, panels):
+        for index, group in enumerate(groups):
+            if panel == "AP (%)":
+                curves = [{p["epoch"]: p["AP"] * 100 for p in run.curve} for run in group.runs if run.curve]
+            else:
+                curves = diagnostic_curves(group, panel)
+            epochs, mean, std = mean_std_curve(curves)
+            if not epochs:
+                continue
+            x = [epoch + 1 for epoch in epochs]  # 1-based, as in the AP plot
+            colour = colours[index % len(colours)]
+            ax.plot(x, mean, marker="o", markersize=3, color=colour, label=f"{group.label} (n={len(curves)})")
+            if any(s is not None for s in std):
+                ax.fill_between(x, [m - (s or 0.0) for m, s in zip(mean, std)],
+                                [m + (s or 0.0) for m, s in zip(mean, std)], color=colour, alpha=0.2, lw=0)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4) or 1, fontsize=8,
+               title="variant: mean over seeds, band ±1 std", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.8 * rows)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="output directories of main.py runs (or their parents)")
@@ -510,6 +642,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="variant the others are compared with, seed by seed ('' for no comparison)")
     parser.add_argument("--out", default="results.md", help="markdown file to write")
     parser.add_argument("--plot", default="ap.png", help="PNG of AP against epoch ('' to skip)")
+    parser.add_argument("--diag_plot", default=None,
+                        help="PNG of AP and the reference diagnostics against epoch, written when some run "
+                             "logged them (unset: next to --plot as NAME_diag.png; '' to skip)")
     args = parser.parse_args(argv)
 
     runs = [load_run(path) for path in expand_run_dirs(args.runs)]
@@ -521,6 +656,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.write(text)
     if args.plot:
         plot_curves(runs, args.plot)
+    diag_plot = args.diag_plot
+    if diag_plot is None:
+        diag_plot = os.path.splitext(args.plot)[0] + "_diag.png" if args.plot else ""
+    if diag_plot and plot_diagnostics(runs, diag_plot):
+        print(f"reference diagnostics plot: {diag_plot}", file=sys.stderr)
     missing = [run.path for run in runs if not os.path.isdir(run.path)]
     for path in missing:
         print(f"warning: {path} does not exist", file=sys.stderr)

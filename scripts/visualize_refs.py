@@ -25,10 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cli.config import parse_args  # noqa: E402
 from models.capture import (Capture, choose_tokens, level_shapes, reference_entries, run_captured,  # noqa: E402,F401
                             token_map, token_position, top_queries)
 from util import draw  # noqa: E402
-from util.config import parse_args  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@ from typing import List
 
 import torch
 
-from util.config import parse_args
+from cli.config import parse_args
 
 TINY = ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "64",
         "--nheads", "4", "--dim_feedforward", "128", "--enc_layers", "2", "--dec_layers", "2",

@@ -26,7 +26,7 @@ from ops import ms_deform_attn_pytorch, ms_deform_attn_registered
 from ops.ms_deform_attn_cuda import _backward_op, _forward_op
 from tests.helpers import TINY, simple_targets
 from tests.test_ops import make_inputs
-from util.config import parse_args
+from cli.config import parse_args
 
 LEVELS = [(6, 8), (3, 4)]
 

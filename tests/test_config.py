@@ -8,7 +8,7 @@ import torch
 
 import main as main_module
 from tests.helpers import TINY, tiny_args
-from util.config import config_dict, get_args_parser, parse_args, resolve_config, save_config, validate_args
+from cli.config import config_dict, get_args_parser, parse_args, resolve_config, save_config, validate_args
 from util.optim import build_lr_scheduler, build_optimizer, build_param_groups, lr_drop_epochs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +115,7 @@ def test_resolved_configuration_is_read_only_and_complete():
         del config.lr
     # exactly what config.yaml saves: every flag but where the run starts from
     flags = [a.dest for a in get_args_parser()._actions if a.dest != "help"]
-    assert sorted(vars(config)) == sorted(set(flags) - {"config", "resume", "auto_resume"})
+    assert sorted(vars(config)) == sorted(set(flags) - {"config", "resume", "auto_resume", "unsafe_trust_checkpoint"})
     assert config_dict(config) == {**config_dict(args), "num_classes": 7}
 
 

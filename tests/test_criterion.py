@@ -8,7 +8,7 @@ from models.criterion import SetCriterion, build_criterion, repeat_targets, sigm
 from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess, build_postprocessors
 from tests.helpers import TINY
-from util.config import parse_args
+from cli.config import parse_args
 
 
 # ----- focal loss --------------------------------------------------------------

@@ -13,7 +13,7 @@ import datasets
 from datasets import transforms as T
 from datasets.coco import BadImageError, CocoDetection
 from datasets.coco_eval import STAT_NAMES, CocoEvaluator
-from util.config import get_args_parser
+from cli.config import get_args_parser
 
 MEAN = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(T.IMAGENET_STD).view(3, 1, 1)

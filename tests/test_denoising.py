@@ -12,7 +12,7 @@ from models.deformable_detr import DeformableDETR
 from models.denoising import (DenoisingConfig, denoising_attn_mask, make_denoising_groups, num_denoising_groups)
 from tests.helpers import one_epoch_smoke_flags, simple_targets, tiny_args, two_padded_images
 from util.box_ops import box_cxcywh_to_xyxy
-from util.config import parse_args
+from cli.config import parse_args
 
 # ----------------------------------------------------------------------------- group construction
 

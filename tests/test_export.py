@@ -12,7 +12,7 @@ import ops.dispatch as dispatch
 from models.inference import InferenceModel
 from tests.helpers import TINY
 from util.checkpoint import atomic_save
-from util.config import config_dict, parse_args, save_config
+from cli.config import config_dict, parse_args, save_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import export  # noqa: E402

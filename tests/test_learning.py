@@ -13,7 +13,7 @@ import datasets
 import models
 from engine import evaluate, train_one_epoch
 from tests.helpers import TINY
-from util.config import parse_args
+from cli.config import parse_args
 from util.optim import build_optimizer
 
 MAX_EPOCHS = 80  # 2 iterations each

@@ -12,7 +12,7 @@ import yaml
 import main as main_module
 from tests.helpers import TINY
 from util.checkpoint import load_checkpoint
-from util.config import config_dict, parse_args
+from cli.config import config_dict, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +47,7 @@ def test_train_eval_resume_end_to_end(tmp_path, data_dir):
     proc = run_main(*flags, "--epochs", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "number of params" in proc.stdout
+    assert "deformable attention: 'pytorch' implementation" in proc.stdout  # the run log names it (CPU)
     assert "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]" in proc.stdout
 
     # checkpoints: every epoch, numbered ones before each lr drop / at the end

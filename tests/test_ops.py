@@ -28,31 +28,37 @@ def reference(value, shapes, starts, loc, attn):
     """Per-sample float64 loop: explicit bilinear interpolation with zero padding.
 
     Pixel coordinates follow align_corners=False: x = loc_x * W - 0.5, so pixel centres sit
-    at (i + 0.5) / W. Returns (bs, Lq, heads * C).
+    at (i + 0.5) / W. Returns (bs, Lq, heads * C). Differentiable in value, loc and attn
+    (autograd through the loop): on a pixel boundary, where the interpolation has a kink, the
+    gradient is the one-sided one of the corner ``floor`` picks, as in grid_sample.
     """
     value, loc, attn = value.double(), loc.double(), attn.double()
     bs, _, heads, channels = value.shape
     _, len_q, _, levels, points, _ = loc.shape
-    out = torch.zeros(bs, len_q, heads, channels, dtype=torch.float64)
+    rows = []
     for b in range(bs):
         for q in range(len_q):
             for h in range(heads):
+                acc = torch.zeros(channels, dtype=torch.float64)
                 for lvl in range(levels):
                     hl, wl = (int(s) for s in shapes[lvl])
                     start = int(starts[lvl])
                     for p in range(points):
-                        x = float(loc[b, q, h, lvl, p, 0]) * wl - 0.5
-                        y = float(loc[b, q, h, lvl, p, 1]) * hl - 0.5
-                        x0, y0 = int(torch.floor(torch.tensor(x))), int(torch.floor(torch.tensor(y)))
+                        x = loc[b, q, h, lvl, p, 0] * wl - 0.5
+                        y = loc[b, q, h, lvl, p, 1] * hl - 0.5
+                        x0, y0 = int(torch.floor(x)), int(torch.floor(y))
                         fx, fy = x - x0, y - y0
                         sample = torch.zeros(channels, dtype=torch.float64)
                         for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
                                           (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
                             xi, yi = x0 + dx, y0 + dy
                             if 0 <= xi < wl and 0 <= yi < hl:
-                                sample += w * value[b, start + yi * wl + xi, h]
-                        out[b, q, h] += attn[b, q, h, lvl, p] * sample
-    return out.reshape(bs, len_q, heads * channels)
+                                sample = sample + w * value[b, start + yi * wl + xi, h]
+                        acc = acc + attn[b, q, h, lvl, p] * sample
+                rows.append(acc)
+    if not rows:
+        return value.new_zeros(bs, len_q, heads * channels)
+    return torch.stack(rows).reshape(bs, len_q, heads * channels)
 
 
 CASES = [
@@ -169,7 +175,7 @@ def test_forcing_pytorch_by_env_and_setter(restore_impl):
 
 def test_bad_impl_names_and_forced_cuda_on_cpu_fail_clearly(restore_impl):
     with pytest.raises(ValueError, match="expected one of"):
-        ops.set_impl("triton")
+        ops.set_impl("tensorrt")
     restore_impl.setenv("MSDA_IMPL", "nonsense")
     with pytest.raises(ValueError, match="MSDA_IMPL"):
         ops.get_impl()
@@ -180,9 +186,10 @@ def test_bad_impl_names_and_forced_cuda_on_cpu_fail_clearly(restore_impl):
 
 
 def test_fallback_warning_is_logged_once(restore_impl, caplog):
-    """Without a usable compiled op, CUDA inputs fall back with exactly one log line.
+    """Without a usable compiled op or Triton, CUDA inputs fall back with exactly one log line.
 
-    Exercised through ``active_impl('cuda')`` with the loader's state patched, so it runs without a GPU.
+    Exercised through ``active_impl('cuda')`` with the loaders' state patched, so it runs without a GPU.
+    (tests/ops_triton_cases.py checks the order compiled op, Triton, PyTorch path.)
     """
     import ops._ext as ext
     import ops.dispatch as dispatch
@@ -191,11 +198,13 @@ def test_fallback_warning_is_logged_once(restore_impl, caplog):
     restore_impl.setattr(ext, "_module", None)
     restore_impl.setattr(ext, "_error", "test: pretend the build failed")
     restore_impl.setattr(dispatch, "_warned_fallback", False)
+    restore_impl.setattr(dispatch, "triton_error", lambda device: "test: pretend Triton is missing")
     with caplog.at_level(logging.WARNING, logger="ops"):
         assert ops.active_impl("cuda") == "pytorch"
         assert ops.active_impl("cuda") == "pytorch"
     lines = [r for r in caplog.records if "PyTorch path" in r.getMessage()]
     assert len(lines) == 1 and "pretend the build failed" in lines[0].getMessage()
+    assert "pretend Triton is missing" in lines[0].getMessage()
     restore_impl.setenv("MSDA_IMPL", "cuda")
     with pytest.raises(RuntimeError, match="unavailable"):
         ops.active_impl("cuda")

@@ -176,14 +176,15 @@ TOLERANCES = {
 FLOAT64_TOLERANCE = 1e-12
 
 
-def check_case(name, device, dtype, mutate=None):
+def check_case(name, device, dtype, mutate=None, fn=ms_deform_attn_cuda):
+    """``fn`` (the compiled op, or the Triton op in test_ops_triton_gpu.py) on CASES[name] vs reference64."""
     value, shapes, starts, loc, attn, levels = make_case(name, device)
     if mutate is not None:
         value, loc = mutate(value, loc)
     value = value.to(dtype)
     grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device,
                            dtype=dtype)
-    got = run_op(ms_deform_attn_cuda, value, shapes, starts, loc, attn, grad_out)
+    got = run_op(fn, value, shapes, starts, loc, attn, grad_out)
     ref = reference64(value, shapes, starts, loc, attn, grad_out, levels)
     assert got[0].dtype == dtype and got[1].dtype == dtype
     assert got[2].dtype == torch.float32 and got[3].dtype == torch.float32
@@ -406,6 +407,10 @@ def test_non_default_stream(device):
 
 
 def test_offsets_beyond_2_pow_31_elements(device):
+    check_offsets_beyond_2_pow_31_elements(device, ms_deform_attn_cuda)
+
+
+def check_offsets_beyond_2_pow_31_elements(device, fn):
     """A 2^32-element fp16 value (8 GiB): batch 1 starts 2^31 elements in. Pixel-centre samples read exact pixels."""
     side, heads, channels = 16384, 1, 8  # one 16384 x 16384 level: 2^28 tokens x 8 channels = 2^31 per image
     # value 8 GiB + float32 gradient scratch 16 GiB + fp16 gradient 8 GiB
@@ -426,7 +431,7 @@ def test_offsets_beyond_2_pow_31_elements(device):
     shapes = torch.tensor([[side, side]], device=device)
     starts = torch.zeros(1, dtype=torch.int64, device=device)
     value.requires_grad_(True)
-    out = ms_deform_attn_cuda(value, shapes, starts, loc, attn)
+    out = fn(value, shapes, starts, loc, attn)
     assert torch.equal(out, value.detach()[:, tokens, 0])
     out.backward(torch.ones_like(out))
     grad = value.grad

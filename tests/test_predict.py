@@ -14,7 +14,7 @@ from datasets import synthetic
 from engine import evaluate
 from tests.helpers import TINY
 from util.checkpoint import atomic_save, checkpoint_state, load_checkpoint, saved_class_names
-from util.config import parse_args, save_config
+from cli.config import config_dict, parse_args, save_config
 from util.optim import build_lr_scheduler, build_optimizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -48,7 +48,7 @@ def run_dir(tmp_path_factory):
     evaluate(model, postprocessors, loader, datasets.get_coco_api(val), torch.device("cpu"), amp="off",
              print_freq=10, output_dir=str(run))
     optimizer = build_optimizer(model, args)
-    state = checkpoint_state(model, optimizer, build_lr_scheduler(optimizer, args), None, 0, args,
+    state = checkpoint_state(model, optimizer, build_lr_scheduler(optimizer, args), None, 0, config_dict(args),
                              class_names=datasets.class_names(val))
     atomic_save(state, str(run / "checkpoint.pth"))
     save_config(args, str(run / "config.yaml"))

@@ -20,7 +20,7 @@ from engine import train_step
 from tests.helpers import TINY, tiny_args
 from tests.test_datasets import ann, rectangle_image, write_coco
 from util.checkpoint import OutputDirLock, atomic_save, load_checkpoint
-from util.config import config_dict, validate_paths
+from cli.config import config_dict, validate_paths
 from util.errors import InputError
 from util.logger import JsonlLogger, LossWindow, read_jsonl
 from util.optim import build_optimizer
@@ -415,10 +415,10 @@ def test_log_keeps_each_epoch_once(tmp_path):
              {"type": "train", "epoch": 1, "iter": 2}]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "train", "ep')  # cut by a kill
     logger = JsonlLogger(str(path))
-    assert logger.drop_epochs_from(1) == 4
+    assert logger.drop_epochs_from(1) == (3, 1)  # epoch-1 records and a repeated epoch record; the cut line
     assert read_jsonl(str(path)) == [lines[0], lines[1], lines[2], lines[4]]
     assert logger.has_epoch_record(0) and not logger.has_epoch_record(1)
-    assert logger.drop_epochs_from(1) == 0  # nothing more to remove
+    assert logger.drop_epochs_from(1) == (0, 0)  # nothing more to remove
 
 
 def test_stale_temp_files_are_removed_at_start_up(tmp_path, synthetic_dir, capsys):

@@ -18,7 +18,7 @@ for path in (ROOT, SCRIPTS):
 import bench_model  # noqa: E402
 import summarize  # noqa: E402
 import visualize_refs  # noqa: E402
-from util.config import expand_stages, load_variants, parse_args  # noqa: E402
+from cli.config import expand_stages, load_variants, parse_args  # noqa: E402
 
 VARIANTS = ["baseline", "cascade", "v3.0.1", "v3.0.2", "v3.0.3", "v3.0.4"]
 
@@ -160,8 +160,10 @@ def test_summarize_seeds_means_spreads_and_paired_differences(tmp_path, capsys):
     assert mean == pytest.approx([(0.10 + 0.20 + 0.21) / 3, 0.32]) and low == pytest.approx([0.10, 0.30])
     assert high == pytest.approx([0.21, 0.34])
     # seed 3 has only epoch 0: epoch 1 is the mean of seeds 0 and 1, and says so
-    assert summarize.mean_curve(groups["v3.0.4"]) == pytest.approx(
-        ([0, 1], [0.25, (0.33 + 0.36) / 2], [0.20, 0.33], [0.30, 0.36], [3, 2]))
+    epochs, mean, low, high, counts = summarize.mean_curve(groups["v3.0.4"])
+    assert epochs == [0, 1] and counts == [3, 2]
+    assert mean == pytest.approx([0.25, (0.33 + 0.36) / 2]) and low == pytest.approx([0.20, 0.33])
+    assert high == pytest.approx([0.30, 0.36])
     assert out_png.stat().st_size > 1000
 
 
@@ -190,6 +192,48 @@ def test_summarize_reads_upstream_list_form(tmp_path):
     run = summarize.load_run(str(tmp_path / "run"))
     assert run.final["AP"] == pytest.approx(0.3) and run.final["APl"] == pytest.approx(0.4)
     assert run.epochs_logged == 4 and run.label == "run"
+
+
+def _diag(epoch, fsr, coverage=None):
+    """A diag record as main.py writes it: overall means under short keys, per-layer keys below them."""
+    record = {"type": "diag", "epoch": epoch, "N": 8, "D4/fsr_in": fsr, "D4/fsr_in/enc0/lvl0": fsr + 1.0,
+              "diag_time": 0.5}
+    if coverage is not None:
+        record["D6/coverage"] = coverage
+    return record
+
+
+def test_summarize_reference_diagnostics_table_and_plot(tmp_path, capsys):
+    """Hand-computed: the last diagnosed epoch per seed, mean ± sample std over seeds per variant."""
+    for seed, (fsr, cov) in enumerate([(0.2, 0.5), (0.4, 0.7)]):
+        _write_run(tmp_path / "v3.0.4" / f"seed{seed}", {"variant": "v3.0.4", "seed": seed, "epochs": 2},
+                   [_epoch(0, 0.1), _diag(0, 9.0, 9.0), _epoch(1, 0.3 + seed / 10), _diag(1, fsr, cov)])
+    # a resumed baseline: epoch 1 diagnosed twice, the later record counts
+    _write_run(tmp_path / "baseline" / "seed0", {"variant": "baseline", "seed": 0, "epochs": 2},
+               [_epoch(0, 0.1), _diag(0, 0.1), _diag(1, 0.9), _diag(1, 0.3), _epoch(1, 0.2)])
+    _seeded(tmp_path, "cascade", 0, [0.2, 0.3])  # no diagnostics: no column
+    png = tmp_path / "ap.png"
+    argv = [str(tmp_path / name) for name in ("v3.0.4", "baseline", "cascade")] + ["--out", "", "--plot", str(png)]
+    assert summarize.main(argv) == 0
+    tables = _tables(capsys.readouterr().out)
+    diag = tables["Reference diagnostics over seeds"]
+    assert diag["metric"] == ["v3.0.4", "baseline"]
+    assert diag["AP (%)"] == ["35.0 ± 7.07 (n=2)", "20.0 ± n/a (n=1)"]
+    assert diag["epochs diagnosed"] == ["1", "1"]
+    # 0.2, 0.4: mean 0.3, sample std sqrt(0.02) = 0.141; per-layer keys are not rows
+    assert diag["D4/fsr_in"] == ["0.300 ± 0.141 (n=2)", "0.300 ± n/a (n=1)"]
+    assert diag["D6/coverage"] == ["0.600 ± 0.141 (n=2)", "–"]
+    assert not any(key.count("/") > 1 for key in diag)
+    # diag records neither evaluate nor train: the AP curve and the epoch count are the epoch records'
+    run = summarize.load_run(str(tmp_path / "baseline" / "seed0"))
+    assert [p["epoch"] for p in run.curve] == [0, 1] and run.epochs_logged == 2 and not run.notes
+    assert [p["D4/fsr_in"] for p in run.diag_curve] == pytest.approx([0.1, 0.3])
+    assert (tmp_path / "ap_diag.png").stat().st_size > 1000
+    # the tables of runs without diagnostics are unchanged: no new section, no diag plot
+    capsys.readouterr()
+    assert summarize.main([str(tmp_path / "cascade"), "--out", "", "--plot", str(tmp_path / "c.png")]) == 0
+    assert "Reference diagnostics" not in capsys.readouterr().out
+    assert not (tmp_path / "c_diag.png").exists()
 
 
 # ----------------------------------------------------------------------------- visualize_refs

@@ -124,25 +124,26 @@ def test_progressive_references_change_the_output_across_decoder_layers():
     assert not torch.allclose(out_stock["pred_boxes"], out_progressive["pred_boxes"])
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("form", sorted(FORMS))
-def test_box_path_stays_float32_under_bf16_autocast(form):
+def test_box_path_stays_float32_under_half_autocast(form, half):
     flags = ["--variant", "v3.0.4", *FORMS[form]]
     model = build(*flags)
     images = two_padded_images()
     refs_fp32, out_fp32 = encoder_references(model, images, train=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        refs_bf16, out_bf16 = encoder_references(model, images, train=True)
-    boxes = [out_bf16["pred_boxes"], out_bf16["pred_boxes_one2many"]]
-    boxes += [aux["pred_boxes"] for aux in out_bf16["aux_outputs"] + out_bf16["aux_outputs_one2many"]]
+    with torch.autocast("cpu", dtype=half):
+        refs_half, out_half = encoder_references(model, images, train=True)
+    boxes = [out_half["pred_boxes"], out_half["pred_boxes_one2many"]]
+    boxes += [aux["pred_boxes"] for aux in out_half["aux_outputs"] + out_half["aux_outputs_one2many"]]
     if form == "hybrid":  # two-stage proposals
-        boxes += [out_bf16["enc_outputs"]["pred_boxes"]]
+        boxes += [out_half["enc_outputs"]["pred_boxes"]]
     assert all(b.dtype == torch.float32 for b in boxes)
-    assert all(r.dtype == torch.float32 for r in refs_bf16)
-    assert out_bf16["pred_logits"].dtype == torch.bfloat16  # the feature path does run in bf16
+    assert all(r.dtype == torch.float32 for r in refs_half)
+    assert out_half["pred_logits"].dtype == half  # the feature path does run in the half type
     if form == "mixed":
-        # learned queries keep their identity, so boxes compare one to one: features in bf16 move them a
-        # little; a bf16 box path would round every refinement step to 2^-9 of the image
-        assert (out_bf16["pred_boxes"] - out_fp32["pred_boxes"]).abs().max() < 0.02
+        # learned queries keep their identity, so boxes compare one to one: features in a half type move
+        # them a little; a half box path would round every refinement step to 2^-9 of the image
+        assert (out_half["pred_boxes"] - out_fp32["pred_boxes"]).abs().max() < 0.02
 
 
 @pytest.mark.parametrize("flags,named", [

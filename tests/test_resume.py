@@ -5,7 +5,7 @@ import torch
 import main as main_module
 from tests.helpers import TINY
 from util.checkpoint import load_checkpoint
-from util.config import parse_args
+from cli.config import parse_args
 from util.errors import InputError
 
 

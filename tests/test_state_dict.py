@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 from models import build_model, load_pretrained
-from util.config import parse_args
+from cli.config import parse_args
 
 
 def _wb(prefix):

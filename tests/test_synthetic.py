@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 
 import datasets
 from datasets import synthetic
-from util.config import get_args_parser
+from cli.config import get_args_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ import torch
 
 import main as main_module
 from tests.helpers import one_epoch_smoke_flags
-from util.config import parse_args
+from cli.config import parse_args
 
 # the presets' 6-layer cascade shrunk to the tiny model's 2 encoder / 2 decoder layers
 RUNS = {

@@ -129,3 +129,13 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     numerator = x.clamp(min=eps)
     denominator = (1 - x).clamp(min=eps)
     return torch.log(numerator / denominator)
+
+
+def box_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype box arithmetic runs in for inputs of ``dtype``: float32 or wider.
+
+    Half types go up to float32 (a bf16 box in [0, 1] is only good to ~2^-9 of the image);
+    float64 stays float64, so a float64 model (upstream-equivalence checks, gradcheck) keeps
+    its precision on the box path too.
+    """
+    return torch.promote_types(dtype, torch.float32)

@@ -8,6 +8,7 @@ the same directory), so a reader sees either the previous complete file or the n
 never a torn one. Resuming: ``check_resume_configuration`` refuses a checkpoint of another model
 before anything loads, ``resume_training_state`` restores optimiser, schedule, scaler and RNG state.
 """
+import argparse
 import errno
 import glob
 import os
@@ -21,7 +22,6 @@ from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from util.config import config_dict
 from util.dist import say
 from util.errors import InputError
 from util.optim import lr_drop_epochs
@@ -43,7 +43,7 @@ ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "num_feature_leve
 # flags that never affect what a checkpoint holds (left out when listing differences after a failed load)
 _RUN_FLAGS = {"epochs", "output_dir", "eval", "eval_every", "print_freq", "max_iters_per_epoch", "tensorboard",
               "num_workers", "device", "start_epoch", "coco_path", "local_rank", "find_unused_parameters",
-              "skip_bad_images", "pretrained", "variant", "seed", "train_ann", "val_ann"}
+              "skip_bad_images", "pretrained", "variant", "seed", "train_ann", "val_ann", "diag_images"}
 
 
 def fault_point(name: str) -> None:
@@ -80,30 +80,69 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+class FileWriteError(OSError):
+    """Writing a file failed in the file system (disk full, quota, file too large); the message
+    names the file and the OS error, and says the previous file is intact."""
+
+
+class _WriteRecorder:
+    """A file object that remembers the first OSError of its writes: torch.save reports a failed
+    write as an 'enforce fail ... unexpected pos' RuntimeError, which hides the cause."""
+
+    def __init__(self, file: IO):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True, fault: Optional[str] = None) -> None:
     """Create or replace the file ``path`` such that it is never seen partially written.
 
     ``write(f)`` fills a temporary file in the same directory (a rename across file systems
     would not be atomic); the file is flushed and fsynced, renamed over ``path``, and the
     directory is fsynced so the rename itself survives a power loss. On any failure the
-    temporary file is removed and the previous ``path`` (if any) is untouched. ``fault``: the
-    name of the ``fault_point`` reached between writing and renaming (tests of crash recovery).
+    temporary file is removed and the previous ``path`` (if any) is untouched; a failure of the
+    file system is a ``FileWriteError`` naming ``path`` and the OS error. The file gets the
+    permissions a plain ``open`` would give (the temporary file is created owner-only). ``fault``:
+    the name of the ``fault_point`` reached between writing and renaming (tests of crash recovery).
     """
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    recorder = None
     try:
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
+            recorder = _WriteRecorder(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
         if fault is not None:
             fault_point(fault)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         # BaseException: also clean up on KeyboardInterrupt; the original error propagates
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = recorder.error if recorder is not None and recorder.error is not None else exc
+        if isinstance(cause, OSError) and not isinstance(exc, FileWriteError):
+            reason = f"{cause.strerror} (errno {cause.errno})" if cause.strerror else str(cause)
+            raise FileWriteError(f"cannot write {path}: {reason}; the previous {os.path.basename(path)}, if any, "
+                                 "is unchanged") from exc
         raise
     _fsync_dir(directory)
 
@@ -153,42 +192,57 @@ def _process_alive(pid: int) -> bool:
 
 
 class OutputDirLock:
-    """Ownership of an output directory by one run: the file ``.lock`` holding "pid host".
+    """Ownership of an output directory by one run: the file ``.lock`` holding "pid host [slurm job id]".
 
     ``acquire`` creates it exclusively. If it exists: a lock of a process that is gone (same
-    host) is taken over with a message; any other lock is an ``InputError`` naming the owner.
-    A lock from another host cannot be checked, so it is an error too (delete the file if that
-    run is known to be dead). ``release`` removes the file if it is still ours.
+    host) is taken over with a message, and so is one left by the same SLURM job (a requeued job
+    restarts under its old job id, possibly on another node, after its first run was preempted);
+    any other lock is an ``InputError`` naming the owner. A lock from another host cannot be
+    checked, so it is an error too (delete the file if that run is known to be dead). ``release``
+    removes the file if it is still ours.
     """
 
     def __init__(self, output_dir: str):
         self.path = os.path.join(output_dir, LOCK_NAME)
-        self.owner = f"{os.getpid()} {socket.gethostname()}"
+        self.job = os.environ.get("SLURM_JOB_ID", "")
+        self.owner = f"{os.getpid()} {socket.gethostname()}" + (f" {self.job}" if self.job else "")
         self.held = False
 
-    def _read_owner(self):
+    def _read_owner(self) -> Tuple[Optional[int], str, str]:
+        """(pid, host, slurm job id or '') of the lock file; (None, '', '') when unreadable."""
         try:
             with open(self.path) as f:
-                pid_text, _, host = f.read().strip().partition(" ")
-            return int(pid_text), host
-        except (OSError, ValueError):
-            return None, ""
+                fields = f.read().split()
+            return int(fields[0]), fields[1], (fields[2] if len(fields) > 2 else "")
+        except (OSError, ValueError, IndexError):
+            return None, "", ""
+
+    def _stale_reason(self, pid: Optional[int], host: str, job: str) -> Optional[str]:
+        """Why an existing lock may be taken over, or None when it belongs to a live (or unknown) run."""
+        if pid is None:
+            return None
+        if self.job and job == self.job:
+            return f"left by this SLURM job's earlier run (job {job}, process {pid} on {host}; requeued)"
+        if host == socket.gethostname() and not _process_alive(pid):
+            return f"of process {pid} (no longer running)"
+        return None
 
     def acquire(self) -> None:
         for _ in range(3):  # a takeover races with other starters at most a few times
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                pid, host = self._read_owner()
-                if pid is not None and host == socket.gethostname() and not _process_alive(pid):
-                    print(f"output dir: taking over the stale lock {self.path} of process {pid} "
-                          f"(no longer running)", flush=True)
+                pid, host, job = self._read_owner()
+                reason = self._stale_reason(pid, host, job)
+                if reason is not None:
+                    print(f"output dir: taking over the stale lock {self.path} {reason}", flush=True)
                     try:
                         os.remove(self.path)
                     except FileNotFoundError:
                         pass
                     continue
                 owner = f"process {pid} on host {host}" if pid is not None else "an unreadable owner"
+                owner += f" (SLURM job {job})" if job else ""
                 raise InputError(f"--output_dir {os.path.dirname(self.path)} is in use by {owner} (lock file "
                                  f"{self.path}); use another --output_dir, or delete the lock file if that run "
                                  "is dead") from None
@@ -215,13 +269,57 @@ class UnreadableCheckpointError(InputError, RuntimeError):
     """A checkpoint file that torch cannot load (a RuntimeError, and bad input: exit 2)."""
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint onto the CPU; ``UnreadableCheckpointError`` names the file if it cannot be read."""
+def _safe_globals() -> List[Any]:
+    """What this project's and upstream Deformable-DETR / H-DETR checkpoints hold beyond tensors and
+    containers: the argparse.Namespace of upstream's ``args``, numpy arrays / scalars (numpy's RNG
+    state in ours). Each entry is a class or function the unpickler may name; nothing else loads.
+    numpy 1.x pickles name the same functions under ``numpy.core``; both spellings are allowed."""
+    core = np._core if hasattr(np, "_core") else np.core
+    allowed: List[Any] = [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct,
+                          core.multiarray.scalar]
+    allowed += [type(np.dtype(kind)) for kind in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64,
+                                                  np.bool_)]
+    if core is not getattr(np, "core", None):
+        allowed += [(core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+                    (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
+    return allowed
+
+
+def _refused_global(exc: Exception) -> Optional[str]:
+    """The global a weights-only load refused ('os.system'), from torch's message; None if not that."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    return match.group(1) if match else None
+
+
+def load_checkpoint(path: str, trusted: bool = False, flag: str = "checkpoint") -> Dict[str, Any]:
+    """Read a checkpoint (or any torch file) onto the CPU without running code from it.
+
+    ``torch.load(weights_only=True)`` with ``_safe_globals`` allowed: a file whose unpickling
+    needs any other global (a class, or a function such as ``os.system`` that unpickling would
+    call) is refused with an ``UnreadableCheckpointError`` naming the file and the global, before
+    anything in it runs. ``trusted`` (``--unsafe_trust_checkpoint FILE``) loads a legacy file the
+    user vouches for with full pickle. A truncated or foreign file is the same one-line error.
+    ``flag``: how the file was given (``--resume``, ``--pretrained``), for the message.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if trusted:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        allowed = _safe_globals()
+        if not hasattr(torch.serialization, "safe_globals"):  # torch 2.4: only the process-wide list
+            torch.serialization.add_safe_globals([g for g in allowed if not isinstance(g, tuple)])
+            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UnreadableCheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
-                                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        refused = _refused_global(exc)
+        if refused is not None:
+            raise UnreadableCheckpointError(
+                f"{flag} {path}: refused to load: unpickling it would import or call '{refused}', which can run "
+                "code; nothing from it was executed. If you trust this file, pass --unsafe_trust_checkpoint "
+                f"{path}") from None
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise UnreadableCheckpointError(f"{flag} {path}: cannot read checkpoint: {type(exc).__name__}: "
+                                        f"{first_line}") from exc
 
 
 def find_latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -272,18 +370,19 @@ def restore_rng_state(state: Optional[Dict[str, Any]]) -> None:
 
 # ----------------------------------------------------------------------------- what a checkpoint holds
 
-def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, config,
+def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, config_values: Dict[str, Any],
                      train_stats: Optional[Dict] = None, class_names: Optional[Dict[int, str]] = None) -> Dict:
     """Everything ``--resume`` needs to continue exactly where this epoch ended (and to write the
-    epoch's log record if the run was killed before it). ``class_names``: {category id: name} of the
-    training data, for pictures of the trained model (plain ints and strings: loads with weights_only)."""
+    epoch's log record if the run was killed before it). ``config_values``: the run's configuration
+    as {flag: plain value} (``cli.config.config_dict``), saved as ``args``. ``class_names``: {category
+    id: name} of the training data, for pictures of the trained model (plain ints and strings)."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
-        "args": config_dict(config),
+        "args": dict(config_values),
         "rng_state": capture_rng_state(),
         "train_stats": dict(train_stats or {}),
         "class_names": {int(k): str(v) for k, v in (class_names or {}).items()},
@@ -366,9 +465,30 @@ def resume_training_state(checkpoint: Dict, path: str, optimizer, lr_scheduler, 
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     restore_rng_state(checkpoint.get("rng_state"))
-    for name in ("lr", "lr_drop", "lr_drop_epochs", "batch_size"):
-        then, now = _flag_value(saved, config, name)
-        if name in saved and then != now:
-            say(f"warning: --{name} is {now} now but was {then} in {path}; "
-                "the optimiser and schedule continue from the checkpoint's state", flush=True)
     return int(checkpoint["epoch"]) + 1, checkpoint.get("train_stats") or {}
+
+
+# flags whose values a resumed run takes from the checkpoint: the optimiser's parameter groups
+# (learning rates, weight decay) and the lr schedule's state are loaded from it, so those win
+SCHEDULE_FLAGS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop", "lr_drop_epochs")
+
+
+def schedule_from_checkpoint(saved: Dict[str, Any], config, path: str) -> Dict[str, Any]:
+    """{flag: the checkpoint's value} for each ``SCHEDULE_FLAGS`` flag given another value now, each
+    with a warning; the caller records these in the run's configuration, so that config.yaml says
+    what the resumed run actually trains with. A changed --batch_size is used, with a warning."""
+    kept = {}
+    for name in SCHEDULE_FLAGS + ("batch_size",):
+        if name not in saved or not hasattr(config, name):
+            continue
+        then, now = _as_list(saved[name]), _as_list(getattr(config, name))
+        if then == now:
+            continue
+        if name == "batch_size":
+            say(f"warning: --batch_size is {now} now but was {then} in {path}; the learning rates continue from "
+                "the checkpoint unchanged", flush=True)
+            continue
+        say(f"warning: --{name} {now} is not used: the optimiser and lr schedule continue from {path}, which has "
+            f"{then} (config.yaml records {then})", flush=True)
+        kept[name] = then
+    return kept

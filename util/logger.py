@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, TextIO
+from typing import Dict, List, NamedTuple, Optional, TextIO
 
 import torch
 
@@ -167,24 +167,34 @@ class ProgressBar:
             self.stream.flush()
 
 
+def _parse_line(raw: bytes) -> Optional[Dict]:
+    """One log line as a record; None for a line that is not a JSON object in UTF-8 (a write cut
+    short by a kill, a stray byte from a full disk or another program)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_jsonl(path: str) -> List[Dict]:
-    """The records of a JSON-lines log; a line cut short by a killed write is skipped."""
-    records = []
+    """The records of a JSON-lines log; unreadable lines (see ``_parse_line``) are skipped."""
     if not os.path.isfile(path):
-        return records
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+        return []
+    with open(path, "rb") as f:
+        return [record for record in map(_parse_line, f) if record is not None]
+
+
+class LogCleanup(NamedTuple):
+    """What ``JsonlLogger.drop_epochs_from`` removed: records of redone epochs, and unreadable lines."""
+
+    records: int
+    unreadable: int
 
 
 # record types that belong to one training epoch; a rerun of that epoch writes them again
-EPOCH_RECORD_TYPES = ("train", "epoch")
+# ('diag': the reference diagnostics of the epoch's evaluation)
+EPOCH_RECORD_TYPES = ("train", "epoch", "diag")
 
 
 class JsonlLogger:
@@ -212,38 +222,41 @@ class JsonlLogger:
         """Whether the epoch record (the last step of an epoch) of ``epoch`` was written."""
         return any(r.get("type") == "epoch" and r.get("epoch") == epoch for r in self.records())
 
-    def drop_epochs_from(self, first_epoch: int) -> int:
+    def drop_epochs_from(self, first_epoch: int) -> LogCleanup:
         """Remove the train/epoch records of epochs >= ``first_epoch`` (about to be trained again),
-        repeated epoch records, and a line cut short by a kill. Returns the number of lines removed.
+        repeated epoch records, and unreadable lines (a line cut short by a kill, invalid UTF-8).
 
-        Called at start-up, so an epoch interrupted and redone is in the log once. Other records
-        (errors, evaluations, data summaries) are history and stay.
+        Called at start-up, so an epoch interrupted and redone is in the log once. A ``diag``
+        record of an epoch without its epoch record belongs to a tail cut short, which is redone,
+        so it goes too. Other records (errors, evaluations, data summaries) are history and stay.
         """
         if not self.path or not os.path.isfile(self.path):
-            return 0
-        with open(self.path) as f:
+            return LogCleanup(0, 0)
+        with open(self.path, "rb") as f:
             lines = f.readlines()
+        parsed = [(line, _parse_line(line)) for line in lines]
+        unreadable = sum(record is None for _, record in parsed)
+        finished = {r["epoch"] for _, r in parsed
+                    if r is not None and r.get("type") == "epoch" and isinstance(r.get("epoch"), int)}
         kept, seen_epochs = [], set()
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(record, dict):
+        for line, record in parsed:
+            if record is None:
                 continue
             if record.get("type") in EPOCH_RECORD_TYPES and isinstance(record.get("epoch"), int):
                 if record["epoch"] >= first_epoch:
+                    continue
+                if record["type"] == "diag" and record["epoch"] not in finished:
                     continue
                 if record["type"] == "epoch":
                     if record["epoch"] in seen_epochs:
                         continue
                     seen_epochs.add(record["epoch"])
-            kept.append(line if line.endswith("\n") else line + "\n")
-        removed = len(lines) - len(kept)
-        if removed:
+            kept.append(line.decode("utf-8").rstrip("\n") + "\n")
+        cleanup = LogCleanup(len(lines) - len(kept) - unreadable, unreadable)
+        if cleanup.records or cleanup.unreadable:
             from util.checkpoint import atomic_write_text
             atomic_write_text(self.path, "".join(kept))
-        return removed
+        return cleanup
 
 
 def _json_default(value):

@@ -3,11 +3,14 @@
 Every random stream is derived from (``--seed``, epoch, rank, worker id), never from what ran
 before it, so an epoch draws the same numbers whether or not the run was restarted.
 """
+import contextlib
 import random
 
 import numpy as np
 import torch
 from torch.utils.data import RandomSampler
+
+from util.interrupt import ignore_stop_signals
 
 
 def mix_seed(*parts: int) -> int:
@@ -45,4 +48,19 @@ class WorkerSeeder:
         self.seed, self.rank, self.epoch = seed, rank, 0
 
     def __call__(self, worker_id: int) -> None:
+        ignore_stop_signals()  # the main process stops the run at a safe point; workers must not die first
         seed_everything(mix_seed(self.seed, self.epoch, self.rank, worker_id))
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """Run a block without moving any random generator of this process (python, numpy, torch CPU
+    and CUDA): their states are restored afterwards, so work that is not part of training
+    (the reference diagnostics) leaves every later random draw as it would have been."""
+    from util.checkpoint import capture_rng_state, restore_rng_state
+
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)

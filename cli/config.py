@@ -11,10 +11,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from datasets.coco import resolve_ann_file
+from models.research_settings import (ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS,
+                                      check_research_settings)
+from models.backbone import tokens_of_square_image
+from models.stages import expand_stages, num_guided_encoder_layers, parse_stages
+from util.checkpoint import atomic_write_text
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 VARIANTS_FILE = os.path.join(CONFIG_DIR, "variants.yaml")
 
 BOOL = argparse.BooleanOptionalAction
+# probe images of the reference diagnostics when unset; see README "Reference diagnostics" for its cost
+DIAG_IMAGES_DEFAULT = 0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -130,10 +139,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dn_bbox_loss_coef", default=None, type=float, help="unset: --bbox_loss_coef")
     g.add_argument("--dn_giou_loss_coef", default=None, type=float, help="unset: --giou_loss_coef")
 
-    # allowed values live with the research code; imported here, not at the top, because
-    # importing the models package imports this module (parse_stages)
-    from models.research_settings import ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS
-
     g = p.add_argument_group("cross-attention-guided encoder references (research)")
     g.add_argument("--enc_ref_mode", default="none", choices=("none",) + ENC_REF_MODES,
                    help="none: stock token grid; per_level: v3.0.1; per_point: v3.0.2-4")
@@ -186,6 +191,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", default=2, type=int,
                    help="data-loading worker processes per training process")
 
+    g = p.add_argument_group("reference diagnostics (DESIGN.md section 9)")
+    g.add_argument("--diag_images", default=DIAG_IMAGES_DEFAULT, type=int,
+                   help="probe set of the reference diagnostics (D1-D6): the first N validation images by "
+                        "image id, measured once per evaluation on the main process (log.jsonl 'diag' "
+                        "records, TensorBoard); 0 turns them off")
+
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="", type=str,
                    help="where checkpoints, log.jsonl, config.yaml, detections and TensorBoard go; empty: write nothing")
@@ -194,6 +205,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="", type=str, help="checkpoint to resume training (or evaluate) from")
     g.add_argument("--auto_resume", action=BOOL, default=False, help="resume from the latest checkpoint in output_dir")
     g.add_argument("--pretrained", default="", type=str, help="weights only (state dict or checkpoint with 'model')")
+    g.add_argument("--unsafe_trust_checkpoint", default="", type=str, metavar="FILE",
+                   help="load FILE (a --resume/--pretrained file) with full pickle, which can run code in it; only "
+                        "for a legacy checkpoint you trust that the safe loader refuses")
     g.add_argument("--start_epoch", default=0, type=int, help="first epoch when not resuming")
     g.add_argument("--eval", action="store_true", help="evaluate (--resume or --pretrained weights) and exit")
     g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
@@ -216,6 +230,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- config files
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (the plain
+    loader silently keeps the last value, so a config could set a flag and quietly undo it)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
     """Read a YAML config, merging the files listed under ``_base_`` (paths relative to it) first."""
     path = os.path.abspath(path)
@@ -226,7 +255,7 @@ def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ValueError(_yaml_error_line(path, exc)) from None
     if not isinstance(data, dict):
@@ -320,7 +349,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # flags that say where a run's state comes from, not what the run is: not part of the
 # configuration (config.yaml must reproduce the run from scratch with --config)
-START_FLAGS = ("config", "resume", "auto_resume")
+START_FLAGS = ("config", "resume", "auto_resume", "unsafe_trust_checkpoint")
 
 
 class Config(argparse.Namespace):
@@ -341,6 +370,10 @@ class Config(argparse.Namespace):
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"the configuration is read-only (deleting '{name}')")
+
+    def replace(self, **values: Any) -> "Config":
+        """A copy with ``values`` changed (the configuration itself never changes)."""
+        return Config({**vars(self), **values})
 
 
 def configuration_flags() -> List[str]:
@@ -381,61 +414,11 @@ def config_dict(config: argparse.Namespace) -> Dict[str, Any]:
 
 def save_config(config: argparse.Namespace, path: str) -> None:
     """``config.yaml``: the resolved configuration, written atomically."""
-    from util.checkpoint import atomic_write_text
-
     header = "# resolved configuration of this run (python main.py --config config.yaml reproduces it)\n"
     atomic_write_text(path, header + yaml.safe_dump(config_dict(config), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- validation
-
-def expand_stages(stages: str, enc_layers: int, dec_layers: int) -> str:
-    """The named schedules as E:D lists: 'stock' -> '6:6', 'cascade' -> '1:1,...' (one stage per layer pair)."""
-    name = stages.strip()
-    if name == "stock":
-        return f"{enc_layers}:{dec_layers}"
-    if name == "cascade":
-        if enc_layers != dec_layers:
-            raise ValueError(f"--stages cascade alternates one encoder and one decoder layer: it needs "
-                             f"--enc_layers ({enc_layers}) == --dec_layers ({dec_layers})")
-        return ",".join(["1:1"] * enc_layers)
-    return stages
-
-
-def parse_stages(stages: str, enc_layers: int, dec_layers: int) -> List[Tuple[int, int]]:
-    """'1:1,1:1' -> [(1, 1), (1, 1)]; checks sums against the layer counts."""
-    stages = expand_stages(stages, enc_layers, dec_layers)
-    pairs = []
-    for part in stages.split(","):
-        part = part.strip()
-        try:
-            e, d = part.split(":")
-            pairs.append((int(e), int(d)))
-        except ValueError:
-            raise ValueError(f"--stages '{stages}': '{part}' is not of the form E:D with integers") from None
-    for e, d in pairs:
-        if e < 0 or d < 0 or e + d == 0:
-            raise ValueError(f"--stages '{stages}': each stage needs E, D >= 0 and at least one layer, got {e}:{d}")
-    if pairs[-1][1] == 0:
-        raise ValueError(f"--stages '{stages}': the last stage runs no decoder layer, so its encoder layers "
-                         "could not affect any prediction")
-    total_e, total_d = sum(e for e, _ in pairs), sum(d for _, d in pairs)
-    if total_e != enc_layers:
-        raise ValueError(f"--stages '{stages}': encoder layers sum to {total_e}, but --enc_layers is {enc_layers}")
-    if total_d != dec_layers:
-        raise ValueError(f"--stages '{stages}': decoder layers sum to {total_d}, but --dec_layers is {dec_layers}")
-    return pairs
-
-
-def num_guided_encoder_layers(pairs: List[Tuple[int, int]]) -> int:
-    """Encoder layers that run after at least one decoder layer (the only ones that can be guided)."""
-    seen_decoder, guided = False, 0
-    for e, d in pairs:
-        if seen_decoder:
-            guided += e
-        seen_decoder = seen_decoder or d > 0
-    return guided
-
 
 def _warn(message: str) -> None:
     """A configuration warning, printed once per job: by the process that will be rank 0."""
@@ -459,6 +442,7 @@ _NUMERIC_DOMAINS = (
     ("o2m_bbox_loss_coef", 0.0, None), ("o2m_giou_loss_coef", 0.0, None), ("num_classes", 1, None),
     ("eval_every", 1, None), ("print_freq", 1, None), ("max_iters_per_epoch", 1, None), ("vis_images", 0, None),
     ("synthetic_num_train", 1, None), ("synthetic_num_val", 1, None), ("synthetic_image_size", 16, None),
+    ("diag_images", 0, None),
 )
 # strictly positive, not just >= 0: a zero learning rate trains nothing
 _POSITIVE = {"lr", "position_embedding_scale"}
@@ -527,8 +511,6 @@ def validate_paths(args: argparse.Namespace) -> None:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--coco_path {root}: folder not found (expected train2017/, val2017/, "
                                     "annotations/ in it)")
-        from datasets.coco import resolve_ann_file
-
         splits = [("val", args.val_ann)] + ([] if args.eval else [("train", args.train_ann)])
         for split, ann in splits:
             folder = os.path.join(root, f"{split}2017")
@@ -584,8 +566,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.epochs < 0:
         fail("--batch_size must be >= 1 and --epochs >= 0")
 
-    from models.research_settings import check_research_settings  # see get_args_parser
-
     guided_mode = args.enc_ref_mode != "none"
     if guided_mode:
         if num_guided_encoder_layers(pairs) == 0:
@@ -618,8 +598,28 @@ def validate_args(args: argparse.Namespace) -> None:
              "it needs --ref_queries all and a one-to-many form (--num_queries_one2many > 0 or --use_ms_detr)")
     if args.ref_queries == "o2o" and args.num_queries_one2many == 0 and not args.use_ms_detr:
         _warn("--ref_queries o2o without a one-to-many form: all queries are one-to-one already")
+    if args.two_stage:
+        _check_two_stage_fits(args, fail)
+    late_drops = [e for e in (args.lr_drop_epochs or ()) if e >= args.epochs]
+    if late_drops:
+        _warn(f"--lr_drop_epochs {' '.join(map(str, late_drops))}: not before --epochs {args.epochs}, so the "
+              "learning rate never drops there")
     _validate_denoising(args, fail)
     check_amp_device(args.amp, args.device)
+
+
+def _check_two_stage_fits(args: argparse.Namespace, fail) -> None:
+    """Two-stage proposals pick every query from the encoder's tokens: the smallest image the run
+    feeds the model (its shorter side: the smallest of --min_size and --eval_size, at most
+    --max_size) must have at least as many tokens as there are queries."""
+    side = min(min(args.min_size), args.eval_size or max(args.min_size), args.max_size)
+    tokens = tokens_of_square_image(side, args.num_feature_levels, args.dilation)
+    queries = args.num_queries_one2one + args.num_queries_one2many
+    if queries > tokens:
+        fail(f"--two_stage selects {queries} queries (--num_queries_one2one {args.num_queries_one2one} + "
+             f"--num_queries_one2many {args.num_queries_one2many}) from the encoder's tokens, but a {side}x{side} "
+             f"image (the smallest size of --min_size/--eval_size/--max_size) has only {tokens}; use fewer "
+             "queries or larger images")
 
 
 def check_amp_device(amp: str, device: str) -> None:

@@ -1,0 +1,383 @@
+"""Reference diagnostics (DESIGN §9): how the encoder's references and sampling relate to the objects.
+
+    diag = ReferenceDiagnostics(model)   # the eager DeformableDETR (unwrapped)
+    diag.start()                         # each evaluation
+    for samples, targets in probe_batches:
+        diag.update(samples, targets)    # one no_grad forward in eval mode, hooks attached only here
+    metrics = diag.finish()              # {"D4/fsr_in": ..., "D4/fsr_in/enc0/lvl1": ..., ...}
+
+Keys are '<family>[/<scope>...]': a family alone is the overall mean, scopes narrow it to an
+encoder layer (encN), a level (lvlN: the token's level for D5 entropy/N_eff and D6, the sampled
+level for D4 and D5 distance), a decoder layer (decN: references made after it) or a reference
+slot (slotN). Means pool the items of every probe image (tokens, references, weight); the
+chance-normalised FSR is a per-image ratio averaged over images. A metric with no item (no GT
+boxes, no guidance, first evaluation for the across-evaluation ones) is absent, never NaN.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from util.box_ops import box_cxcywh_to_xyxy
+from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+
+from ..deformable_transformer import encoder_reference_points
+from ..enc_reference import GuidancePicks
+from ..level_layout import LevelLayout, valid_size
+from ..matcher import HungarianMatcher
+from . import metrics
+from .geometry import covered_area_fraction, inside_any_box, match_to_ground_truth, smallest_containing_box
+from .recording import EncoderLayerRecord, record_encoder
+from .tally import Tally, scoped_keys
+
+DESCRIPTIONS = {
+    "D1/dup_iou07": "per guided token, fraction of pairs of its map-derived references whose candidate boxes "
+                    "have IoU > 0.7 (duplicates; self point excluded)",
+    "D1/dup_iou05": "as D1/dup_iou07 with IoU > 0.5",
+    "D1/distinct_ratio": "per guided token, unique matched GT ids / map-derived references matched to a GT "
+                         "(1 = every matched reference is a different object)",
+    "D2/in_box": "fraction of map-derived reference centres made after decoder layer l that lie in a GT box",
+    "D2/same_obj": "for tokens inside a GT box, fraction of their map-derived reference centres inside that "
+                   "(smallest containing) box",
+    "D2/mean_iou": "mean best-GT IoU of the candidate boxes behind the map-derived references",
+    "D3/jaccard": "within one forward, Jaccard overlap of a token's candidate-query sets between consecutive "
+                  "guidance updates (decN: the update after decoder layer N vs the one before)",
+    "D3/chamfer": "within one forward, symmetric Chamfer distance (mean of the two directed means) between a "
+                  "token's reference centre sets of consecutive updates, over the image diagonal",
+    "D3/token_instability": "across evaluations, fraction of guided tokens whose multiset of matched GT ids "
+                            "(of their map-derived references) changed since the previous evaluation",
+    "D3/matching_instability": "across evaluations, guided learned-query configurations: of the one-to-one queries matched in "
+                               "either evaluation (Hungarian, scipy, the criterion's default costs), the "
+                               "fraction whose matched GT changed (DN-DETR)",
+    "D4/fsr_in": "attention-weighted fraction of sampling locations inside any GT box, tokens inside a GT box",
+    "D4/fsr_out": "as D4/fsr_in for tokens outside every GT box",
+    "D4/fsr_in_norm": "D4/fsr_in of each image divided by its GT-covered area fraction (1 = chance), "
+                      "mean over images",
+    "D4/fsr_out_norm": "D4/fsr_out of each image divided by its GT-covered area fraction (1 = chance)",
+    "D4/own_obj": "for tokens inside a GT box, the attention weight share inside that (smallest containing) box",
+    "D5/entropy": "per token and head, entropy of the attention weights over levels x points / log(L*P) "
+                  "(1 = uniform)",
+    "D5/n_eff": "per token and head, effective number of samples exp(entropy), between 1 and L*P",
+    "D5/distance": "mean distance of sampling locations from their reference, in pixels (strides) of the level",
+    "D5/slot_share": "per-point references: mean attention weight share of each reference slot",
+    "D5/self_share": "v3.0.4 (ref_keep_self): weight share of slot 0, the token's own location",
+    "D6/coverage": "fraction of tokens with at least one reference from the map (not the own-location fallback)",
+    "D6/slot_coverage": "fraction of map-derived reference slots filled from the map",
+}
+
+
+@dataclass
+class _ProbeImage:
+    """One probe image's ground truth, in coordinates of its valid region, and its token geometry."""
+    image_id: Optional[int]
+    boxes: torch.Tensor                    # (G, 4) cxcywh
+    boxes_xyxy: torch.Tensor               # (G, 4)
+    labels: Optional[torch.Tensor]         # (G,)
+    size: torch.Tensor                     # (2,) valid (W, H) in input pixels
+    valid: Optional[torch.Tensor] = None   # (T,) bool, True on image tokens (set from the layout)
+    levels: Optional[torch.Tensor] = None  # (T',) level of each image token
+    token_box: Optional[torch.Tensor] = None  # (T',) smallest GT box containing the token, -1: none
+    cover: Optional[torch.Tensor] = None   # () GT-covered fraction of the image
+    candidate_matches: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.boxes.shape[0] > 0
+
+
+def _guides_some_layer(stages: Sequence[Tuple[int, int]]) -> bool:
+    """Whether an encoder layer runs after a decoder layer in the stage schedule."""
+    decoder_layers_run = 0
+    for n_enc, n_dec in stages:
+        if n_enc and decoder_layers_run:
+            return True
+        decoder_layers_run += n_dec
+    return False
+
+
+def _per_group(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """values (N, ...) and groups (N,) -> per group sums (num_groups,) and item counts (num_groups,)."""
+    per_row = values.float().reshape(values.shape[0], -1)
+    sums = per_row.new_zeros(num_groups).index_add_(0, groups, per_row.sum(1))
+    counts = per_row.new_zeros(num_groups).index_add_(0, groups, per_row.new_full(groups.shape, per_row.shape[1]))
+    return sums, counts
+
+
+class ReferenceDiagnostics:
+    """D1-D6 of DESIGN §9 on a fixed probe set (see the module doc for the protocol and the keys).
+
+    model: the eager DeformableDETR. matcher: the one-to-one matcher of D3's matching instability
+    (default: HungarianMatcher with the flags' default costs; pass the criterion's to use its costs).
+    """
+
+    def __init__(self, model, matcher: Optional[HungarianMatcher] = None, match_threshold: float = 0.5):
+        self.model = model
+        transformer = model.transformer
+        self.generator = transformer.enc_reference_generator
+        self.guided = self.generator is not None and _guides_some_layer(transformer.stages)
+        # D3 describes guidance like D1, D2 and D6: a stock configuration reports D4-D5 only, the
+        # comparison every variant is read against (issue 18); two-stage queries are not learned
+        self.learned_queries = self.guided and not model.two_stage
+        self.matcher = matcher if matcher is not None else HungarianMatcher()
+        self.match_threshold = match_threshold
+        self._previous: Dict[int, dict] = {}  # image_id -> what the previous evaluation saw
+        self._current: Dict[int, dict] = {}
+        self._tally = Tally()
+
+    @staticmethod
+    def describe() -> Dict[str, str]:
+        """One line per metric family: what it measures."""
+        return dict(DESCRIPTIONS)
+
+    def start(self) -> None:
+        """Begin an evaluation pass; the last pass's memory stays for the across-evaluation metrics."""
+        if self._current:
+            self._previous = self._current
+        self._current = {}
+        self._tally = Tally()
+
+    def finish(self) -> Dict[str, float]:
+        """The pass's metrics: flat {key: float}; metrics without any item are absent."""
+        return self._tally.means()
+
+    # ------------------------------------------------------------------ one probe batch
+
+    @torch.no_grad()
+    def update(self, samples: Union[NestedTensor, List[torch.Tensor]], targets: Optional[List[Dict]]) -> None:
+        """One forward on a probe batch (eval mode, no_grad), folded into the pass's sums.
+
+        samples: NestedTensor or list of (3, H, W); targets: per image 'boxes' (G, 4) cxcywh normalised
+        to the image, optionally 'labels' (G,) and 'image_id' (the across-evaluation memory's key).
+        The model's training flags are restored; nothing else of it changes and no RNG is drawn.
+        """
+        device = next(self.model.parameters()).device
+        if not isinstance(samples, NestedTensor):
+            samples = nested_tensor_from_tensor_list(list(samples))
+        samples = samples.to(device)
+        images = self._probe_images(samples, targets, device)
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            with record_encoder(self.model, lambda record: self._encoder_layer(record, images)) as updates:
+                outputs = self.model(samples)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        for picks in updates:
+            self._reliability(picks, images)
+        for before, after in zip(updates, updates[1:]):
+            self._update_stability(before, after, images)
+        if self.learned_queries:
+            self._matching_instability(outputs, images)
+
+    def _probe_images(self, samples: NestedTensor, targets: Optional[List[Dict]], device) -> List[_ProbeImage]:
+        """Ground truth per image of the batch (no targets: images without boxes)."""
+        bs = samples.tensors.shape[0]
+        if samples.mask is not None:
+            sizes = valid_size(samples.mask)
+        else:
+            sizes = torch.tensor(samples.tensors.shape[-1:-3:-1], dtype=torch.float32, device=device).expand(bs, 2)
+        targets = targets if targets is not None else [{} for _ in range(bs)]
+        if len(targets) != bs:
+            raise ValueError(f"ReferenceDiagnostics.update: {len(targets)} targets for {bs} images")
+        images = []
+        for target, size in zip(targets, sizes):
+            boxes = torch.as_tensor(target.get("boxes", torch.zeros(0, 4)), dtype=torch.float32).to(device)
+            boxes = boxes.reshape(-1, 4)
+            labels = target.get("labels")
+            image_id = target.get("image_id")
+            images.append(_ProbeImage(None if image_id is None else int(image_id), boxes, box_cxcywh_to_xyxy(boxes),
+                                      None if labels is None else labels.to(device), size))
+        return images
+
+    def _token_geometry(self, image: _ProbeImage, b: int, layout: LevelLayout) -> None:
+        """Set the image's token masks, levels and containing boxes (once per forward)."""
+        if image.valid is not None:
+            return
+        num_tokens = layout.num_tokens
+        device = layout.spatial_shapes.device
+        image.valid = (~layout.padding_mask[b] if layout.padding_mask is not None
+                       else torch.ones(num_tokens, dtype=torch.bool, device=device))
+        sizes = torch.tensor([h * w for h, w in layout.shapes], device=device)
+        image.levels = torch.repeat_interleave(torch.arange(len(layout.shapes), device=device), sizes)[image.valid]
+        # a token's own location, from the level-0 column of the stock references, in valid-region units
+        own = encoder_reference_points(layout)[b, :, 0] / layout.valid_ratios[b, 0]
+        image.token_box = smallest_containing_box(own[image.valid], image.boxes_xyxy)
+        image.cover = covered_area_fraction(image.boxes_xyxy)
+
+    # ------------------------------------------------------------------ per encoder layer: D1, D3 (tokens), D4-D6
+
+    def _encoder_layer(self, record: EncoderLayerRecord, images: List[_ProbeImage]) -> None:
+        layout = record.layout
+        for b, image in enumerate(images):
+            self._token_geometry(image, b, layout)
+            valid = image.valid
+            locations = record.sampling_locations[b][valid]      # (T', H, L, P, 2)
+            weights = record.attention_weights[b][valid].float()  # (T', H, L, P)
+            references = self._sample_references(record.reference_points[b], layout)[valid]
+            per_point = record.reference_points.dim() == 5  # (bs, T, L, P, 2): one reference per point slot
+            self._concentration(record.index, locations, weights, references, per_point, image, layout)
+            if image.has_boxes:
+                # image-region coordinates: the operator's locations are fractions of the padded level
+                region = locations.float() / layout.valid_ratios[b].float()[None, None, :, None, :]
+                self._foreground(record.index, region, weights, image)
+            if record.picks is not None:
+                self._guided_tokens(record.index, record.picks, b, image, len(layout.shapes))
+
+    @staticmethod
+    def _sample_references(references: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
+        """One image's encoder references (T, L, 2|4), (T, L, P, 2) or (T, H, L, P, 2) -> broadcastable to
+        the sampling locations (T, H, L, P, 2), padded-level coordinates."""
+        if references.dim() == 3:
+            return references[:, None, :, None, :2]
+        if references.dim() == 4:
+            return references[:, None]
+        return references
+
+    def _add_per_level(self, name: str, layer: int, totals: torch.Tensor, counts: torch.Tensor) -> None:
+        """Per-level sums (L,) and item counts (L,) of one layer -> keys name[/encN[/lvlL]] (one host read)."""
+        for lvl, (total, count) in enumerate(zip(totals.tolist(), counts.tolist())):
+            self._tally.add(scoped_keys(name, f"enc{layer}", f"lvl{lvl}"), total, count)
+
+    def _concentration(self, layer: int, locations, weights, references, per_point: bool, image: _ProbeImage,
+                       layout: LevelLayout) -> None:
+        """D5 of one encoder layer on one image (tokens already restricted to the image): locations
+        (T', H, L, P, 2), weights (T', H, L, P), references broadcastable to the locations."""
+        num_levels = len(layout.shapes)
+        entropy, n_eff = metrics.weight_entropy(weights)  # (T', H), grouped by the token's level
+        self._add_per_level("D5/entropy", layer, *_per_group(entropy, image.levels, num_levels))
+        self._add_per_level("D5/n_eff", layer, *_per_group(n_eff, image.levels, num_levels))
+        level_sizes = layout.spatial_shapes.flip(-1)  # (L, 2) as (W, H)
+        distance = metrics.sampling_distance(locations, references, level_sizes)  # (T', H, L, P), sampled level
+        per_level = distance.transpose(0, 2).reshape(num_levels, -1)
+        self._add_per_level("D5/distance", layer, per_level.sum(1), torch.full((num_levels,), per_level.shape[1]))
+        if per_point:
+            shares = metrics.slot_share(weights).sum(0).tolist()  # (P,) summed over tokens
+            count = weights.shape[0]
+            for slot, share in enumerate(shares):
+                self._tally.add([f"D5/slot_share/enc{layer}/slot{slot}", f"D5/slot_share/slot{slot}"], share, count)
+            if self.generator is not None and self.generator.ref_keep_self:
+                self._tally.add(scoped_keys("D5/self_share", f"enc{layer}"), shares[0], count)
+
+    def _foreground(self, layer: int, locations, weights, image: _ProbeImage) -> None:
+        """D4 of one encoder layer on one image with GT boxes; locations in image-region coordinates."""
+        sums = metrics.foreground_sampling(locations, weights, image.token_box, image.boxes_xyxy)
+        self._add_per_level("D4/fsr_in", layer, sums.fg_in, sums.all_in)
+        self._add_per_level("D4/fsr_out", layer, sums.fg_out, sums.all_out)
+        self._add_per_level("D4/own_obj", layer, sums.own_in, sums.all_in)
+        cover = float(image.cover)
+        fg_in, all_in, fg_out, all_out = (values.tolist() for values in sums[:4])
+        for lvl in range(len(fg_in)):
+            self._add_chance_normalised([f"D4/fsr_in_norm/enc{layer}/lvl{lvl}"], fg_in[lvl], all_in[lvl], cover)
+            self._add_chance_normalised([f"D4/fsr_out_norm/enc{layer}/lvl{lvl}"], fg_out[lvl], all_out[lvl], cover)
+        self._add_chance_normalised(scoped_keys("D4/fsr_in_norm", f"enc{layer}"), sum(fg_in), sum(all_in), cover)
+        self._add_chance_normalised(scoped_keys("D4/fsr_out_norm", f"enc{layer}"), sum(fg_out), sum(all_out), cover)
+
+    def _add_chance_normalised(self, keys, foreground: float, total: float, cover: float) -> None:
+        """One image's FSR (foreground / total weight) over its GT-covered fraction; one item when defined."""
+        if total > 0 and cover > 0:
+            self._tally.add(keys, foreground / total / cover, 1)
+
+    # ------------------------------------------------------------------ guided tokens: D1, D3 across, D6
+
+    def _slots(self, picks: GuidancePicks, b: int, image: _ProbeImage):
+        """One image's picks restricted to its tokens: candidate index (T', S), valid (T', S), the candidates'
+        matched GT (C,) and best IoU (C,) (cached per update)."""
+        chosen = picks.chosen[b][image.valid]
+        valid = picks.valid[b][image.valid]
+        key = id(picks)
+        if key not in image.candidate_matches:
+            image.candidate_matches[key] = match_to_ground_truth(picks.candidates.boxes[b].detach(), image.boxes,
+                                                                 self.match_threshold)
+        return chosen, valid, image.candidate_matches[key]
+
+    def _guided_tokens(self, layer: int, picks: GuidancePicks, b: int, image: _ProbeImage, num_levels: int) -> None:
+        """D1, D6 and the across-evaluation token instability of one guided encoder layer on one image."""
+        chosen, valid, (candidate_gt, _) = self._slots(picks, b, image)
+        guided = valid.any(1)
+        self._add_per_level("D6/coverage", layer, *_per_group(guided, image.levels, num_levels))
+        self._tally.add_values(scoped_keys("D6/slot_coverage", f"enc{layer}"), valid.reshape(-1))
+        boxes = picks.candidates.boxes[b].detach()[chosen]  # (T', S, 4)
+        for name, threshold in (("D1/dup_iou07", 0.7), ("D1/dup_iou05", 0.5)):
+            fraction, defined = metrics.duplicate_fraction(boxes, valid, threshold)
+            self._tally.add_values(scoped_keys(name, f"enc{layer}"), fraction, defined & guided)
+        if not image.has_boxes:
+            return
+        slot_gt = candidate_gt[chosen]
+        ratio, defined = metrics.distinct_object_ratio(slot_gt, valid)
+        self._tally.add_values(scoped_keys("D1/distinct_ratio", f"enc{layer}"), ratio, defined)
+        self._token_instability(layer, metrics.multiset_signature(slot_gt, valid), guided, image)
+
+    def _token_instability(self, layer: int, signature, guided, image: _ProbeImage) -> None:
+        """Remember this evaluation's multisets; compare with the previous evaluation's (same image and layer)."""
+        if image.image_id is None:
+            return
+        memory_key = f"tokens/enc{layer}"
+        # kept in host memory: it lives across the training epochs between two evaluations
+        signature, guided = signature.cpu(), guided.cpu()
+        self._current.setdefault(image.image_id, {})[memory_key] = (signature, guided)
+        previous = self._previous.get(image.image_id, {}).get(memory_key)
+        if previous is None or previous[0].shape != signature.shape:
+            return
+        before, guided_before = previous
+        changed = ~guided_before | (before != signature).any(1)
+        self._tally.add_values(scoped_keys("D3/token_instability", f"enc{layer}"), changed, guided)
+
+    # ------------------------------------------------------------------ per guidance update: D2, D3 within
+
+    def _reliability(self, picks: GuidancePicks, images: List[_ProbeImage]) -> None:
+        """D2 of the references one guidance update made."""
+        scope = f"dec{picks.decoder_layers - 1}"
+        for b, image in enumerate(images):
+            if not image.has_boxes or image.valid is None:
+                continue
+            chosen, valid, (_, best_iou) = self._slots(picks, b, image)
+            centres = picks.candidates.boxes[b].detach()[..., :2][chosen].float()  # (T', S, 2)
+            in_box = inside_any_box(centres, image.boxes_xyxy)
+            self._tally.add_values(scoped_keys("D2/in_box", scope), in_box.reshape(-1), valid.reshape(-1))
+            self._tally.add_values(scoped_keys("D2/mean_iou", scope), best_iou[chosen].reshape(-1),
+                                   valid.reshape(-1))
+            inside = image.token_box >= 0
+            fraction, defined = metrics.same_object_fraction(centres[inside], valid[inside],
+                                                             image.boxes_xyxy[image.token_box[inside]])
+            self._tally.add_values(scoped_keys("D2/same_obj", scope), fraction, defined)
+
+    def _update_stability(self, before: GuidancePicks, after: GuidancePicks, images: List[_ProbeImage]) -> None:
+        """D3 within one forward: consecutive guidance updates compared token by token."""
+        scope = f"dec{after.decoder_layers - 1}"
+        for b, image in enumerate(images):
+            if image.valid is None:
+                continue
+            ids_a, valid_a, _ = self._slots(before, b, image)
+            ids_b, valid_b, _ = self._slots(after, b, image)
+            jaccard, defined = metrics.set_jaccard(ids_a, valid_a, ids_b, valid_b)
+            self._tally.add_values(scoped_keys("D3/jaccard", scope), jaccard, defined)
+            # centres in input pixels, so the distance over the pixel diagonal is the image's own scale
+            size = image.size.float()
+            centres_a = before.candidates.boxes[b].detach()[..., :2].float()[ids_a] * size
+            centres_b = after.candidates.boxes[b].detach()[..., :2].float()[ids_b] * size
+            distance, defined = metrics.symmetric_chamfer(centres_a, valid_a, centres_b, valid_b)
+            self._tally.add_values(scoped_keys("D3/chamfer", scope), distance / size.norm(), defined)
+
+    # ------------------------------------------------------------------ D3 across: matching instability
+
+    def _matching_instability(self, outputs: Dict, images: List[_ProbeImage]) -> None:
+        """Hungarian assignment of the final one-to-one predictions, compared with the previous evaluation."""
+        usable = [b for b, image in enumerate(images)
+                  if image.image_id is not None and image.has_boxes and image.labels is not None]
+        if not usable:
+            return
+        num_queries = outputs["pred_logits"].shape[1]
+        indices = self.matcher({"pred_logits": outputs["pred_logits"][usable],
+                                "pred_boxes": outputs["pred_boxes"][usable]},
+                               [{"labels": images[b].labels, "boxes": images[b].boxes} for b in usable])
+        for b, (query_index, gt_index) in zip(usable, indices):
+            assignment = torch.full((num_queries,), -1, dtype=torch.int64)
+            assignment[query_index] = gt_index
+            image = images[b]
+            self._current.setdefault(image.image_id, {})["matching"] = assignment
+            before = self._previous.get(image.image_id, {}).get("matching")
+            if before is None or before.shape != assignment.shape:
+                continue
+            either = (before >= 0) | (assignment >= 0)
+            self._tally.add_values(["D3/matching_instability"], before != assignment, either)

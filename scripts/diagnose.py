@@ -1,0 +1,270 @@
+"""The reference diagnostics (DESIGN.md section 9, README "Reference diagnostics") of checkpoints.
+
+usage: python scripts/diagnose.py --resume CKPT [CKPT ...] --out DIR [--diag_images N] [--config FILE]
+           [any main.py flag, e.g. --coco_path DATA --device cpu]
+
+The run's configuration comes from the first checkpoint's saved flags (``args``), or from
+``--config`` when given (for a bare state dict); main.py flags after it override either. The
+probe set is the first N validation images by image id (``--diag_images``; unset: the run's
+own value, else 32), evaluation transforms. With several checkpoints (in the order given, e.g.
+epochs 3, 7, 11 of one run) the across-evaluation D3 instabilities are measured between
+consecutive ones; every checkpoint must fit the same model.
+
+Writes DIR/diagnostics.json ({"config", "N", "describe", "evaluations": [{"checkpoint", "epoch",
+"metrics"}]}) and DIR/diagnostics.png: one panel per diagnostic against the layer (or stage)
+it was measured at, one line per feature level (one checkpoint) or per checkpoint (several).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# probe images when neither --diag_images nor the run's configuration names a number
+FALLBACK_IMAGES = 32
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", nargs="+", required=True, help="checkpoints, in training order")
+    parser.add_argument("--out", required=True, help="folder for diagnostics.json and diagnostics.png")
+    parser.add_argument("--diag_images", type=int, default=None,
+                        help=f"probe images (unset: the run's --diag_images, else {FALLBACK_IMAGES})")
+    parser.add_argument("--config", default=None,
+                        help="the run's YAML config (default: the flags saved in the first checkpoint)")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def run_configuration(checkpoint: Dict, config_file: Optional[str], main_flags: Sequence[str], images: Optional[int]):
+    """The run's resolved configuration (main.prepare) with ``--diag_images`` set for the probe."""
+    import main as main_module
+    from util.checkpoint import saved_config
+    from cli.config import parse_args
+
+    saved = saved_config(checkpoint)
+    if config_file is None and not saved:
+        raise ValueError("the checkpoint records no configuration (a bare state dict): pass --config FILE")
+    with tempfile.TemporaryDirectory() as folder:
+        if config_file is None:
+            config_file = os.path.join(folder, "saved_config.yaml")
+            with open(config_file, "w") as f:
+                yaml.safe_dump(saved, f)
+        # the checkpoint holds every weight, and the run's output folder and files are not ours to touch
+        args = parse_args(["--config", config_file, "--output_dir", "", "--pretrained", "", "--backbone_weights",
+                           "none", *main_flags])
+    args.eval = True  # only the validation split is needed (and checked)
+    if images is not None:
+        args.diag_images = images
+    elif args.diag_images == 0:
+        args.diag_images = FALLBACK_IMAGES
+    if args.diag_images < 1:
+        raise ValueError(f"--diag_images {args.diag_images} must be >= 1 here (0 would measure nothing)")
+    return main_module.prepare(args)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def diagnose(config, paths: Sequence[str], first: Dict) -> Tuple[int, List[Dict]]:
+    """(probe images used, [{"checkpoint", "epoch", "metrics"}] per checkpoint in order).
+
+    One ``ReferenceDiagnostics`` for all checkpoints, so the across-evaluation metrics of each
+    compare it with the one before. ``first``: the first checkpoint, already read."""
+    import datasets
+    import models
+    from datasets.probe import probe_batches, probe_indices
+    from engine import reference_diagnostics
+    from main import load_model_weights
+    from models.diagnostics import ReferenceDiagnostics
+    from util.checkpoint import load_checkpoint, saved_config
+
+    device = torch.device(config.device)
+    dataset = datasets.build_dataset("val", config)
+    indices, message = probe_indices(dataset, config.diag_images)
+    if message:
+        print(message, flush=True)
+    model, _, _ = models.build_model(config)
+    model.to(device)
+    diagnostics = ReferenceDiagnostics(model)
+    evaluations = []
+    for index, path in enumerate(paths):
+        checkpoint = first if index == 0 else load_checkpoint(path)
+        load_model_weights(model, path, strict=True, saved=saved_config(checkpoint), config=config, loaded=checkpoint)
+        epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+        del checkpoint
+        metrics = reference_diagnostics(model, diagnostics, probe_batches(dataset, indices, config.batch_size), device)
+        evaluations.append({"checkpoint": path, "epoch": epoch, "metrics": metrics})
+        print(f"{path}: {len(metrics)} diagnostics on {len(indices)} images", flush=True)
+    return len(indices), evaluations
+
+
+# ----------------------------------------------------------------------------- the picture
+
+def _natural(text: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def split_key(key: str) -> Tuple[str, Tuple[str, ...]]:
+    """'D4/fsr_in/enc0/lvl1' -> ('D4/fsr_in', ('enc0', 'lvl1')); 'D4/fsr_in' -> ('D4/fsr_in', ())."""
+    parts = key.split("/")
+    return "/".join(parts[:2]), tuple(parts[2:])
+
+
+def panels(metrics: Dict[str, float]) -> Dict[str, Dict[Tuple[str, ...], float]]:
+    """{metric name: {scopes: value}} in family order, e.g. {'D4/fsr_in': {(): 1.3, ('enc0',): ...}}."""
+    grouped: Dict[str, Dict[Tuple[str, ...], float]] = {}
+    for key in sorted(metrics, key=_natural):
+        name, scopes = split_key(key)
+        grouped.setdefault(name, {})[scopes] = metrics[key]
+    return grouped
+
+
+# what the scope prefixes of the keys mean, as axis labels
+SCOPE_NAMES = {"enc": "encoder layer", "dec": "references made after decoder layer", "lvl": "feature level",
+               "slot": "reference slot"}
+
+
+def _scope_label(scope: str) -> str:
+    prefix = re.sub(r"\d+$", "", scope)
+    return SCOPE_NAMES.get(prefix, prefix or "scope")
+
+
+def panel_series(values_per_checkpoint: List[Dict[Tuple[str, ...], float]], labels: List[str]
+                 ) -> Tuple[List[str], List[Tuple[str, List[float]]]]:
+    """(x scopes, [(series label, values at x)]) of one diagnostic.
+
+    One checkpoint: x = the first scope (layer / update); a series per second scope (level, slot)
+    and their pooled 'mean' (the key with the first scope only). Several: a series per checkpoint
+    of those pooled means. A diagnostic with only second-level splits (slotN without a layer mean
+    in several checkpoints) uses the single-scope keys as x; one with no scope at all has x = [''].
+    """
+    nan = float("nan")
+    scoped = [scopes for values in values_per_checkpoint for scopes in values]
+    layered = sorted({scopes[0] for scopes in scoped if len(scopes) == 2}, key=_natural)
+    single = sorted({scopes[0] for scopes in scoped if len(scopes) == 1}, key=_natural)
+    if len(values_per_checkpoint) == 1:
+        values = values_per_checkpoint[0]
+        if layered:
+            seconds = sorted({scopes[1] for scopes in values if len(scopes) == 2}, key=_natural)
+            series = [(second, [values.get((first, second), nan) for first in layered]) for second in seconds]
+            means = [values.get((first,), nan) for first in layered]
+            return layered, series + ([("mean", means)] if any(v == v for v in means) else [])
+        x = single or [""]
+        return x, [(labels[0], [values.get((first,) if first else (), nan) for first in x])]
+    x = [first for first in layered if all((first,) in values for values in values_per_checkpoint)] or single
+    x = x or [""]
+    return x, [(label, [values.get((first,) if first else (), nan) for first in x])
+               for label, values in zip(labels, values_per_checkpoint)]
+
+
+def draw_panel(ax, x: List[str], series: List[Tuple[str, List[float]]], colours) -> None:
+    """Lines over x (layers) when there are several x values, else grouped bars with their values written."""
+    if len(x) > 1:
+        for index, (label, values) in enumerate(series):
+            black = label == "mean"
+            ax.plot(range(len(x)), values, marker="s" if black else "o", markersize=4 if black else 3,
+                    lw=2 if black else 1.2, color="black" if black else colours(index), label=label)
+        ax.set_xticks(range(len(x)), x, fontsize=7)
+    else:
+        width = 0.8 / max(len(series), 1)
+        for index, (label, values) in enumerate(series):
+            value = values[0]
+            position = index * width - 0.4 + width / 2
+            ax.bar(position, 0.0 if value != value else value, width * 0.9, label=label,
+                   color="black" if label == "mean" else colours(index))
+            ax.annotate("n/a" if value != value else f"{value:.3g}", (position, 0.0 if value != value else value),
+                        ha="center", va="bottom", fontsize=6)
+        ax.set_xticks([0], [x[0] or "all probe images"], fontsize=7)
+        ax.set_xlim(-0.6, 0.6)
+    ax.set_xlabel(_scope_label(x[0]) if x[0] else "", fontsize=8)
+    ax.yaxis.get_major_formatter().set_useOffset(False)
+    low, high = ax.get_ylim()
+    least = 0.1 * max(abs(low), abs(high), 1e-6)  # differences far below the value's size stay flat
+    if high - low < least:
+        middle = (high + low) / 2
+        ax.set_ylim(middle - least / 2, middle + least / 2)
+    ax.legend(fontsize=6, ncol=2)
+
+
+def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: str, title: str) -> None:
+    """diagnostics.png: one panel per diagnostic (see ``panel_series``), titled with what it measures."""
+    import textwrap
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_checkpoint = [panels(e["metrics"]) for e in evaluations]
+    names = sorted({name for grouped in per_checkpoint for name in grouped}, key=_natural)
+    labels = [f"epoch {e['epoch']}" if e.get("epoch") is not None else os.path.basename(e["checkpoint"])
+              for e in evaluations]
+    columns = min(4, max(len(names), 1))
+    rows = max(1, -(-len(names) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows + 0.6), squeeze=False)
+    several = len(evaluations) > 1
+    cmap = plt.get_cmap("viridis" if several else "tab10")
+
+    def colours(index: int):
+        return cmap(index / max(len(evaluations) - 1, 1) * 0.85) if several else cmap(index % 10)
+
+    for ax, name in zip(axes.flat, names):
+        x, series = panel_series([grouped.get(name, {}) for grouped in per_checkpoint], labels)
+        draw_panel(ax, x, series, colours)
+        meaning = "\n".join(textwrap.wrap(describe.get(name, ""), 62)[:3])
+        ax.set_title(f"{name}\n{meaning}", fontsize=7, loc="left")
+        ax.set_ylabel(name.split("/")[1], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if not names:
+        axes.flat[0].text(0.5, 0.5, "no diagnostic could be computed", ha="center", va="center")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from util.checkpoint import load_checkpoint
+    from util.errors import InputError
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    add_arguments(parser)
+    own, main_flags = parser.parse_known_args(argv)
+    try:
+        first = load_checkpoint(own.resume[0])
+        config = run_configuration(first, own.config, main_flags, own.diag_images)
+        images, evaluations = diagnose(config, own.resume, first)
+    except (ValueError, FileNotFoundError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    from models.diagnostics import ReferenceDiagnostics
+    from cli.config import config_dict
+
+    describe = ReferenceDiagnostics.describe()
+    os.makedirs(own.out, exist_ok=True)
+    with open(os.path.join(own.out, "diagnostics.json"), "w") as f:
+        json.dump({"config": config_dict(config), "N": images, "describe": describe, "evaluations": evaluations},
+                  f, indent=1)
+    variant = config.variant or "stock"
+    title = (f"reference diagnostics of {variant} ({config.stages}), {images} probe images, "
+             f"{len(evaluations)} checkpoint{'s' if len(evaluations) > 1 else ''}")
+    plot_diagnostics(evaluations, describe, os.path.join(own.out, "diagnostics.png"), title)
+    print(os.path.join(own.out, "diagnostics.json"))
+    print(os.path.join(own.out, "diagnostics.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

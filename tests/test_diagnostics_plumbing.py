@@ -1,0 +1,315 @@
+"""The reference diagnostics in runs (--diag_images): probe set, records, no effect on training, scripts."""
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import main as main_module
+from datasets.probe import probe_batches, probe_indices
+from tests.helpers import one_epoch_smoke_flags, tiny_args
+from util.checkpoint import load_checkpoint
+from cli.config import parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "scripts")
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+
+import bench_diagnostics  # noqa: E402
+import diagnose  # noqa: E402
+
+# tiny guided (v3.0.4) and stock (baseline) runs: 2 epochs, so the diagnostics after epoch 0 come
+# before training epoch 1, where a leak into training would show; trained BatchNorm and dropout make
+# the weights sensitive to a model left in eval mode and to a moved random generator
+VARIANTS = {"v3.0.4": ["--variant", "v3.0.4", "--stages", "1:1,1:1"],
+            "baseline": ["--variant", "baseline", "--stages", "2:2"]}
+COMMON = ["--epochs", "2", "--lr_drop", "1", "--backbone_norm", "bn", "--dropout", "0.1"]
+NUM_VAL = 4
+
+
+class _Ids:
+    """A stand-in dataset with image ids out of order."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+
+def test_probe_is_the_lowest_image_ids_and_says_when_it_takes_all():
+    indices, message = probe_indices(_Ids([7, 3, 9, 1]), 2)
+    assert indices == [3, 1] and message == ""
+    indices, message = probe_indices(_Ids([7, 3, 9, 1]), 6)
+    assert indices == [3, 1, 0, 2]
+    assert message == "--diag_images 6 is more than the 4 validation images: the reference diagnostics use all 4"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("diag_data")
+
+
+def _val_dataset(data_dir):
+    import datasets
+
+    args = parse_args(one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL))
+    return datasets.build_dataset("val", args)
+
+
+def test_probe_batches_equal_the_validation_loaders(data_dir):
+    """Built by indexing, they hold exactly what the validation DataLoader gives (same order, padding, targets)."""
+    import datasets
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    dataset = _val_dataset(data_dir)
+    loader = DataLoader(dataset, batch_size=3, sampler=SequentialSampler(dataset), collate_fn=datasets.collate_fn)
+    probe = list(probe_batches(dataset, probe_indices(dataset, NUM_VAL)[0], 3))
+    assert len(probe) == len(loader) == 2
+    for (samples, targets), (expected, expected_targets) in zip(probe, loader):
+        assert torch.equal(samples.tensors, expected.tensors) and torch.equal(samples.mask, expected.mask)
+        for target, other in zip(targets, expected_targets):
+            assert target.keys() == other.keys()
+            assert all(torch.equal(target[k], other[k]) for k in target)
+
+
+def _generator_states():
+    return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+
+
+def test_a_diagnostics_pass_restores_generators_and_modes(data_dir):
+    """The evaluation transform draws from Python's random; after the pass every generator and every
+    module's train/eval flag is as before."""
+    import models
+    from engine import reference_diagnostics
+    from models.diagnostics import ReferenceDiagnostics
+
+    dataset = _val_dataset(data_dir)
+    from datasets import synthetic
+
+    args = tiny_args(*VARIANTS["v3.0.4"], "--backbone_norm", "bn", num_classes=synthetic.num_classes())
+    model, _, _ = models.build_model(args)
+    model.train()
+    model.backbone.eval()  # a mixed state must come back as it was, not as all-train
+    modes = [m.training for m in model.modules()]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    before = _generator_states()
+    metrics = reference_diagnostics(model, ReferenceDiagnostics(model),
+                                    probe_batches(dataset, probe_indices(dataset, 3)[0], 2), torch.device("cpu"))
+    after = _generator_states()
+    assert metrics and before[0] == after[0] and np.array_equal(before[1], after[1])
+    assert torch.equal(before[2], after[2])
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # BN statistics too
+    # the transform did draw: without the restore the stream would have moved
+    random.seed(1)
+    dataset[0]
+    assert random.getstate() != before[0]
+
+
+def test_only_the_main_process_builds_a_probe(monkeypatch, data_dir):
+    """Distributed runs measure on rank 0 alone (nothing collective inside, see main.build_probe)."""
+    import models
+
+    flags = one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL)
+    config = main_module.prepare(parse_args(flags + ["--diag_images", "2"]))
+    model, _, _ = models.build_model(config)
+    dataset = _val_dataset(data_dir)
+    assert main_module.build_probe(config, model, dataset).indices == [0, 1]
+    off = main_module.prepare(parse_args(flags + ["--diag_images", "0"]))
+    assert main_module.build_probe(off, model, dataset) is None
+    monkeypatch.setattr(main_module.dist_utils, "is_main_process", lambda: False)
+    assert main_module.build_probe(config, model, dataset) is None
+
+
+class _Scalars:
+    """Records what TensorboardLogger.scalars would write."""
+
+    def __init__(self):
+        self.calls = []
+
+    def scalars(self, prefix, values, step):
+        self.calls.append((prefix, dict(values), step))
+
+
+def test_one_evaluation_writes_one_diag_record_and_its_scalars(data_dir, tmp_path):
+    """log_diagnostics: the record (type, epoch, N, every metric) and the same metrics as TensorBoard
+    scalars under diag/ at the evaluation's step (epoch + 1)."""
+    import models
+    from util.logger import JsonlLogger
+
+    config = main_module.prepare(parse_args(one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL)
+                                            + VARIANTS["v3.0.4"] + ["--diag_images", "3"]))
+    model, _, _ = models.build_model(config)
+    dataset = _val_dataset(data_dir)
+    tail = main_module.EpochTail(config=config, ctx=None, model=model, postprocessors={}, val_loader=None,
+                                 base_ds=None, logger=JsonlLogger(str(tmp_path / "log.jsonl")), tb_logger=_Scalars(),
+                                 trainable=0, probe=main_module.build_probe(config, model, dataset))
+    tail.ctx = main_module.RunContext(place=None, device=torch.device("cpu"), output_dir=str(tmp_path), resume="")
+    metrics = main_module.log_diagnostics(tail, epoch=4)
+    (record,) = _read_log(tmp_path / "log.jsonl")
+    assert record["type"] == "diag" and record["epoch"] == 4 and record["N"] == 3 and record["diag_time"] > 0
+    assert {k: v for k, v in record.items() if k[:1] == "D"} == metrics and "D6/coverage" in metrics
+    assert tail.tb_logger.calls == [("diag", metrics, 5)]
+
+
+def test_negative_diag_images_is_a_one_line_error(capsys, tmp_path):
+    assert main_module.cli(one_epoch_smoke_flags(tmp_path / "data", tmp_path / "out") + ["--diag_images", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: invalid configuration: --diag_images -1 must be >= 0"
+
+
+def test_resumed_log_keeps_one_diag_record_per_finished_epoch(tmp_path):
+    """A kill between an epoch's diag record and its epoch record: the tail is redone, so that diag
+    record goes; so do those of epochs trained again. Finished epochs keep theirs."""
+    from util.logger import JsonlLogger, read_jsonl
+
+    lines = [{"type": "diag", "epoch": 0, "N": 2}, {"type": "epoch", "epoch": 0},
+             {"type": "diag", "epoch": 1, "N": 2},                          # epoch 1's tail was cut here
+             {"type": "diag", "epoch": 2, "N": 2}, {"type": "epoch", "epoch": 2}]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert JsonlLogger(str(path)).drop_epochs_from(2) == 3
+    assert read_jsonl(str(path)) == lines[:2]
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+def _read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+_RUNS = {}
+
+
+def _run(data_dir, tmp_root, variant, images):
+    """One cached 2-epoch run: (output dir, printed text)."""
+    key = (variant, images)
+    if key not in _RUNS:
+        out = tmp_root / f"{variant}_diag{images}"
+        flags = one_epoch_smoke_flags(data_dir, out, num_val=NUM_VAL) + COMMON + VARIANTS[variant]
+        torch.manual_seed(0)
+        from contextlib import redirect_stdout
+        from io import StringIO
+
+        printed = StringIO()
+        with redirect_stdout(printed):
+            main_module.main(parse_args(flags + ["--diag_images", str(images)]))
+        _RUNS[key] = (out, printed.getvalue())
+    return _RUNS[key]
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("diag_runs")
+
+
+def _families(record):
+    return {key.split("/")[0] for key in record if key[:1] == "D" and key[1:2].isdigit()}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_diagnostics_change_nothing_in_training(variant, data_dir, run_root):
+    """With and without diagnostics (more probe images than the split: all 4 used): bit-identical
+    weights after each epoch, identical losses and AP."""
+    off, _ = _run(data_dir, run_root, variant, 0)
+    on, printed = _run(data_dir, run_root, variant, 6)
+    for name in ("checkpoint0000.pth", "checkpoint0001.pth"):
+        a, b = load_checkpoint(str(off / name))["model"], load_checkpoint(str(on / name))["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    timing = ("sec_per_iter", "data_sec_per_iter", "epoch_time", "eval_time", "train_epoch_time")
+
+    def comparable(path, kind):
+        return [{k: v for k, v in r.items() if k not in timing and "time" not in k}
+                for r in _read_log(path / "log.jsonl") if r["type"] == kind]
+
+    assert comparable(off, "train") == comparable(on, "train")
+    assert comparable(off, "epoch") == comparable(on, "epoch")  # losses and every COCO number
+    assert not [r for r in _read_log(off / "log.jsonl") if r["type"] == "diag"]
+    assert printed.count("the reference diagnostics use all 4") == 1
+
+
+def test_diag_records_guided_and_stock(data_dir, run_root):
+    """One diag record per evaluation: D1-D6 for v3.0.4; D4-D5 for the baseline, whose second
+    evaluation adds D3's matching instability (DN-DETR's, defined for any learned-query detector)."""
+    guided, _ = _run(data_dir, run_root, "v3.0.4", 6)
+    records = [r for r in _read_log(guided / "log.jsonl") if r["type"] == "diag"]
+    assert [(r["epoch"], r["N"]) for r in records] == [(0, NUM_VAL), (1, NUM_VAL)]
+    assert set().union(*map(_families, records)) == {"D1", "D2", "D3", "D4", "D5", "D6"}
+    assert all(v == v for r in records for v in r.values() if isinstance(v, float))  # never NaN
+    assert "D4/fsr_in" in records[0] and "D4/fsr_in/enc0/lvl0" in records[0]  # overall and per layer/level
+    # across evaluations: only from the second one on
+    assert "D3/token_instability" not in records[0] and "D3/token_instability" in records[1]
+
+    stock, _ = _run(data_dir, run_root, "baseline", 6)
+    records = [r for r in _read_log(stock / "log.jsonl") if r["type"] == "diag"]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert _families(records[0]) == {"D4", "D5"}
+    assert _families(records[1]) == {"D4", "D5"}
+
+
+def test_eval_runs_the_diagnostics_when_asked(data_dir, run_root, tmp_path):
+    trained, _ = _run(data_dir, run_root, "v3.0.4", 0)
+    flags = one_epoch_smoke_flags(data_dir, tmp_path / "eval", num_val=NUM_VAL) + COMMON + VARIANTS["v3.0.4"]
+    main_module.main(parse_args(flags + ["--eval", "--resume", str(trained / "checkpoint.pth"), "--diag_images", "2"]))
+    records = [r for r in _read_log(tmp_path / "eval" / "log.jsonl") if r["type"] == "diag"]
+    assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["N"] == 2
+    assert "D6/coverage" in records[0]
+
+
+def test_diagnose_script_on_consecutive_checkpoints(data_dir, run_root, tmp_path):
+    """Config from the checkpoint; two checkpoints in order give what the run itself logged after
+    those epochs (same weights, same probe images), across-evaluation D3 included."""
+    trained, _ = _run(data_dir, run_root, "v3.0.4", 6)
+    paths = [str(trained / "checkpoint0000.pth"), str(trained / "checkpoint0001.pth")]
+    out = tmp_path / "diag"
+    assert diagnose.main(["--resume", *paths, "--out", str(out), "--diag_images", str(NUM_VAL), "--coco_path",
+                          str(data_dir), "--device", "cpu"]) == 0
+    report = json.load(open(out / "diagnostics.json"))
+    assert report["N"] == NUM_VAL and [e["epoch"] for e in report["evaluations"]] == [0, 1]
+    assert report["config"]["variant"] == "v3.0.4" and any(k.startswith("D4") for k in report["describe"])
+    logged = [r for r in _read_log(trained / "log.jsonl") if r["type"] == "diag"]
+    for evaluation, record in zip(report["evaluations"], logged):
+        metrics = evaluation["metrics"]
+        assert metrics.keys() == {k for k in record if k[:1] == "D"}
+        assert all(metrics[k] == pytest.approx(record[k], rel=1e-6, abs=1e-9) for k in metrics)
+    assert "D3/token_instability" in report["evaluations"][1]["metrics"]
+    assert (out / "diagnostics.png").stat().st_size > 10_000
+    assert diagnose.main(["--resume", str(tmp_path / "missing.pth"), "--out", str(out)]) == 2
+
+
+def test_bench_diagnostics_reports_interleaved_medians(data_dir, capsys):
+    tiny = one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL)
+    argv = ["--variants", "stock", "v3.0.4", "--images", "2", "6", "--repeats", "1", *tiny]
+    assert bench_diagnostics.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    summaries = [line for line in lines if "ratio" in line]
+    assert [(s["variant"], s["N"]) for s in summaries] == [("stock", 2), ("stock", NUM_VAL), ("v3.0.4", 2),
+                                                           ("v3.0.4", NUM_VAL)]
+    for summary in summaries:
+        # one repeat: the median ratio is that repeat's (evaluation + pass) / evaluation
+        assert summary["ratio"] == pytest.approx(summary["eval_on_s"] / summary["eval_off_s"])
+        assert summary["eval_on_s"] == pytest.approx(summary["eval_off_s"] + summary["diag_s"])
+        assert summary["diag_s"] > 0 and summary["val_images"] == NUM_VAL
+
+
+@pytest.mark.slow
+def test_two_processes_diagnose_on_rank_zero_only(tmp_path):
+    """torchrun, 2 CPU processes, 2 epochs: rank 0 measures after each evaluation while rank 1 goes on;
+    the run finishes (no rank waits forever) with one diag record per evaluation."""
+    import subprocess
+
+    from tests.test_distributed import _free_port, _tiny_run_flags
+
+    env = dict(os.environ, MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    flags = _tiny_run_flags(tmp_path) + ["--epochs", "2", "--diag_images", "2", "--variant", "v3.0.4",
+                                         "--stages", "1:1,1:1"]
+    proc = subprocess.run(["bash", os.path.join(SCRIPTS, "dist_train.sh"), "2", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = _read_log(tmp_path / "out" / "log.jsonl")
+    assert [(r["epoch"], r["N"]) for r in records if r["type"] == "diag"] == [(0, 2), (1, 2)]
+    assert proc.stdout.count("reference diagnostics on 2 probe images") == 2
