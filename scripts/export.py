@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=1, help="images per call (fixed at export)")
     parser.add_argument("--device", default="cpu", help="device the program runs on (cuda falls back to cpu)")
     parser.add_argument("--topk", type=int, default=None, help="detections per image (default: --topk_eval)")
+    parser.add_argument("--unsafe_trust_checkpoint", default="", metavar="FILE",
+                        help="load FILE (the checkpoint) with full pickle; only for a legacy file you trust")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="reload the file and compare its outputs with the eager model's")
 
@@ -89,12 +91,12 @@ def count_nodes(program, name: str) -> int:
 
 
 def export(checkpoint: str, out: str, image_size: Optional[Sequence[int]] = None, batch_size: int = 1,
-           device: str = "cpu", topk: Optional[int] = None, check: bool = True) -> Dict:
+           device: str = "cpu", topk: Optional[int] = None, check: bool = True, trusted: str = "") -> Dict:
     """Export, save and (``check``) reload and compare; returns a summary dict."""
     from models.inference import InferenceModel
     from predict import load_predictor
 
-    predictor = load_predictor(checkpoint, device, topk)
+    predictor = load_predictor(checkpoint, device, topk, trusted)
     args = predictor.args
     size = tuple(image_size) if image_size else (args.eval_size or max(args.min_size),
                                                  max(args.eval_size or max(args.min_size), args.max_size))
@@ -125,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = parser.parse_args(argv)
     try:
         summary = export(opts.checkpoint, opts.out, opts.image_size, opts.batch_size, opts.device, opts.topk,
-                         opts.check)
+                         opts.check, opts.unsafe_trust_checkpoint)
     except (InputError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

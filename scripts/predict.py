@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", help="cuda or cpu (cuda falls back to cpu if absent)")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision")
     parser.add_argument("--no_pictures", action="store_true", help="write detections.json only")
+    parser.add_argument("--unsafe_trust_checkpoint", default="", metavar="FILE",
+                        help="load FILE (the checkpoint) with full pickle, which can run code in it; only for a "
+                             "legacy checkpoint you trust that the safe loader refuses")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -159,9 +162,10 @@ def run_configuration(config_file: Optional[str], saved: Dict, checkpoint_path: 
     return args
 
 
-def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = None) -> Predictor:
+def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = None, trusted: str = "") -> Predictor:
     """The model of ``checkpoint`` (run directory or file) in eval mode on ``device`` (cuda falls back
-    to cpu). ``InputError`` when the checkpoint cannot be read or does not fit its configuration."""
+    to cpu). ``InputError`` when the checkpoint cannot be read or does not fit its configuration.
+    ``trusted``: a file the user vouches for (--unsafe_trust_checkpoint), read with full pickle."""
     import models
     from main import load_model_weights
     from models.postprocess import PostProcess
@@ -169,7 +173,8 @@ def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = 
     from cli.config import resolve_device
 
     path, config_file = checkpoint_files(checkpoint)
-    contents = load_checkpoint(path)
+    trust = bool(trusted) and os.path.isfile(trusted) and os.path.samefile(trusted, path)
+    contents = load_checkpoint(path, trusted=trust, flag="--checkpoint")
     saved = saved_config(contents)
     args = run_configuration(config_file, saved, path, resolve_device(device))
     args.eval = True  # compare the architecture only (not the optimiser's parameter groups)
@@ -277,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from cli.config import check_amp_device
         check_options(opts)
         paths = collect_images(opts.images)
-        predictor = load_predictor(opts.checkpoint, opts.device, opts.topk)
+        predictor = load_predictor(opts.checkpoint, opts.device, opts.topk, opts.unsafe_trust_checkpoint)
         check_amp_device(opts.amp, str(predictor.device))
         summary = predict(predictor, paths, opts.out, opts.score_thr, opts.batch_size, opts.amp,
                           pictures=not opts.no_pictures)

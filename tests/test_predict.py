@@ -153,3 +153,20 @@ def test_bad_input_is_a_one_line_error(run_dir, tmp_path, capsys, case):
         assert "--hidden_dim 32 (checkpoint: 64)" in err[0]
     if case == "missing":
         assert err[0].endswith(f"no such file or folder (did you mean {tmp_path / 'val2017'}?)")
+
+
+def test_legacy_pickle_is_refused_unless_trusted(run_dir, tmp_path, capsys):
+    """A checkpoint whose unpickling needs a class outside the allowlist (here fractions.Fraction) is a
+    one-line error; naming it in --unsafe_trust_checkpoint loads it."""
+    from fractions import Fraction
+    contents = load_checkpoint(str(run_dir["run"] / "checkpoint.pth"))
+    contents["extra"] = Fraction(1, 3)
+    torch.save(contents, tmp_path / "legacy.pth")
+    shutil.copy(run_dir["run"] / "config.yaml", tmp_path / "config.yaml")
+    images = os.path.join(run_dir["root"], "data", "val2017", "000000000001.jpg")
+    argv = ["--checkpoint", str(tmp_path / "legacy.pth"), "--images", images, "--out", str(tmp_path / "o"),
+            "--device", "cpu"]
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refused to load" in err[0] and "Fraction" in err[0]
+    assert predict.main(argv + ["--unsafe_trust_checkpoint", str(tmp_path / "legacy.pth")]) == 0
