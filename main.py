@@ -259,14 +259,16 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
 def log_pictures(tail: EpochTail, epoch: int) -> None:
     """``--vis_images`` fixed validation images with ground truth and predictions (and the guided
     references) to TensorBoard, on the main process; the eager model runs them one by one."""
-    from engine import picture_indices, validation_pictures
+    from engine import modes_kept, picture_indices, validation_pictures
+    from util.seeding import rng_untouched
 
     if not (tail.ctx.writes and tail.config.vis_images > 0 and tail.tb_logger.active):
         return
     indices = picture_indices(len(tail.val_loader.dataset), tail.config.vis_images)
-    pictures = validation_pictures(tail.model, tail.postprocessors, tail.val_loader.dataset, indices,
-                                   tail.ctx.device, amp=tail.config.amp, class_names=tail.class_names,
-                                   references=tail.config.enc_ref_mode != "none")
+    with rng_untouched(), modes_kept(tail.model):  # the evaluation transform draws from Python's random
+        pictures = validation_pictures(tail.model, tail.postprocessors, tail.val_loader.dataset, indices,
+                                       tail.ctx.device, amp=tail.config.amp, class_names=tail.class_names,
+                                       references=tail.config.enc_ref_mode != "none")
     for index, picture in pictures:
         tail.tb_logger.image(f"val_images/{index}", picture, epoch + 1)
 
