@@ -326,6 +326,75 @@ def _total_over_ranks(count: int, device: torch.device) -> int:
     return int(all_reduce_sum(torch.tensor(count, device=device)).item())
 
 
+# ----------------------------------------------------------------------------- pictures
+
+def picture_indices(dataset_size: int, count: int) -> List[int]:
+    """``count`` fixed dataset indices spread evenly over the split (the same ones every epoch)."""
+    count = min(max(int(count), 0), dataset_size)
+    if count <= 1:
+        return list(range(count))
+    return sorted({round(k * (dataset_size - 1) / (count - 1)) for k in range(count)})
+
+
+def _prediction_panel(base, scale: float, result: Dict, class_names, score_thr: float):
+    """Predictions above ``score_thr`` on ``base`` (boxes in image pixels x ``scale``); the top 3
+    dashed while none pass (an untrained model still shows where it looks)."""
+    from util import draw
+
+    keep = result["scores"] > score_thr
+    dashed = not bool(keep.any())
+    if dashed:
+        keep = torch.arange(len(result["scores"])) < 3
+    picture = draw.draw_boxes(base, result["boxes"][keep] * scale, result["labels"][keep], result["scores"][keep],
+                              class_names, dashed)
+    return draw.draw_caption(picture, f"none > {score_thr}: top 3 dashed" if dashed else f"predictions > {score_thr}")
+
+
+def _reference_panel(base, capture, tokens: int):
+    """The last encoder layer's references of ``tokens`` high-attention tokens, over ``base``."""
+    from models.capture import choose_tokens, level_shapes, reference_entries, token_map, token_position
+    from util import draw
+
+    shapes = level_shapes(capture)
+    chosen = choose_tokens(token_map(capture), shapes, tokens)
+    marks = [(*token_position(t, shapes)[1:], [(x, y) for x, y, _, _ in reference_entries(capture.encoder_refs[-1], t)])
+             for t in chosen]
+    caption = f"last encoder layer: references of {len(chosen)} tokens"
+    return draw.draw_caption(draw.draw_references(base, marks), caption)
+
+
+@torch.no_grad()
+def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices: List[int], device: torch.device,
+                        *, amp: str = "off", class_names: Optional[Dict[int, str]] = None, score_thr: float = 0.3,
+                        references: bool = False, tokens: int = 3) -> List[Tuple[int, "object"]]:
+    """One picture (PIL image) per validation image ``indices``: ground truth | predictions above
+    ``score_thr`` [| with ``references``, the encoder references of ``tokens`` tokens of the last
+    encoder layer]. Returns [(index, picture)].
+
+    Each image runs alone through the eager model in eval mode at its evaluation-transform size, so
+    the boxes are those the evaluation scores (up to batch padding).
+    """
+    from models.capture import run_captured
+    from util import draw
+    from util.box_ops import box_cxcywh_to_xyxy
+
+    model.eval()
+    pictures = []
+    for index in indices:
+        image, target = dataset[index]  # image (3, h, w) normalised; target boxes cxcywh in [0, 1]
+        h, w = image.shape[-2:]
+        with autocast(device, amp):
+            outputs, capture = run_captured(model, [image.to(device)])
+        result = postprocessors["bbox"](outputs_to_float(outputs), torch.tensor([[h, w]], device=device))[0]
+        result = {k: v.cpu() for k, v in result.items()}
+        base, scale = draw.enlarged(draw.to_pil(image))
+        truth = box_cxcywh_to_xyxy(target["boxes"].float()) * torch.tensor([w, h, w, h]) * scale
+        panels = [draw.draw_caption(draw.draw_boxes(base, truth, target["labels"], None, class_names), "ground truth"),
+                  _prediction_panel(base, scale, result, class_names, score_thr)]
+        if references and capture.encoder_refs:
+            panels.append(_reference_panel(base, capture, tokens))
+        pictures.append((index, draw.side_by_side(panels)))
+    return pictures
 # ----------------------------------------------------------------------------- reference diagnostics
 
 @contextlib.contextmanager

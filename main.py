@@ -19,7 +19,7 @@ or ``--resume`` of the output directory's own checkpoint) to finish that tail be
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -90,6 +90,7 @@ class EpochTail:
     logger: JsonlLogger
     tb_logger: TensorboardLogger
     trainable: int
+    class_names: Dict[int, str] = field(default_factory=dict)
     stop: Optional[StopSignals] = None
     probe: Optional[DiagnosticsProbe] = None
 
@@ -143,6 +144,13 @@ def build_data(config: Config, ctx: RunContext):
                             collate_fn=datasets.collate_fn, num_workers=config.num_workers, worker_init_fn=seeder,
                             pin_memory=pin_memory)
     return train_loader, val_loader, train_sampler, seeder, datasets.get_coco_api(dataset_val)
+
+
+def class_names_of(loader: DataLoader) -> Dict[int, str]:
+    """{category id: name} of the loader's annotation file (stored with every checkpoint)."""
+    import datasets
+
+    return datasets.class_names(loader.dataset)
 
 
 def count_parameters(model: torch.nn.Module) -> Tuple[int, int]:
@@ -248,6 +256,23 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
     return metrics
 
 
+def log_pictures(tail: EpochTail, epoch: int) -> None:
+    """``--vis_images`` fixed validation images with ground truth and predictions (and the guided
+    references) to TensorBoard, on the main process; the eager model runs them one by one."""
+    from engine import modes_kept, picture_indices, validation_pictures
+    from util.seeding import rng_untouched
+
+    if not (tail.ctx.writes and tail.config.vis_images > 0 and tail.tb_logger.active):
+        return
+    indices = picture_indices(len(tail.val_loader.dataset), tail.config.vis_images)
+    with rng_untouched(), modes_kept(tail.model):  # the evaluation transform draws from Python's random
+        pictures = validation_pictures(tail.model, tail.postprocessors, tail.val_loader.dataset, indices,
+                                       tail.ctx.device, amp=tail.config.amp, class_names=tail.class_names,
+                                       references=tail.config.enc_ref_mode != "none")
+    for index, picture in pictures:
+        tail.tb_logger.image(f"val_images/{index}", picture, epoch + 1)
+
+
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
     """The tail of an epoch whose ``checkpoint.pth`` is written: numbered copy, evaluation (when
     due, followed by the reference diagnostics when asked for), the ``epoch`` log record (last:
@@ -266,7 +291,8 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         record.update({f"test_{k}": v for k, v in stats.items()})
         tail.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
         log_diagnostics(tail, epoch)
-    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation (+ diagnostics)
+        log_pictures(tail, epoch)
+    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation (+ diagnostics, pictures)
     fault_point("before_log")
     tail.logger.write(record)
     tail.tb_logger.scalars("epoch", {k: v for k, v in train_stats.items()}, epoch + 1)
@@ -373,7 +399,8 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
                            config=config, loaded=checkpoint)
     tail = EpochTail(config=config, ctx=ctx, model=model, postprocessors=postprocessors, val_loader=val_loader,
                      base_ds=base_ds, logger=logger, tb_logger=TensorboardLogger(None, enabled=False),
-                     trainable=trainable, stop=stop, probe=build_probe(config, model, val_loader.dataset))
+                     trainable=trainable, class_names=class_names_of(train_loader or val_loader), stop=stop,
+                     probe=build_probe(config, model, val_loader.dataset))
     if config.eval:
         stats = run_evaluation(tail)
         evaluated_epoch = checkpoint.get("epoch") if checkpoint is not None else None
@@ -444,7 +471,7 @@ def train_epochs(tail: EpochTail, model, criterion, optimizer, lr_scheduler, sca
         lr_scheduler.step()
         if ctx.writes:
             atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config_dict(config),
-                                         train_stats),
+                                         train_stats, class_names=tail.class_names),
                         os.path.join(ctx.output_dir, CHECKPOINT_NAME))
         fault_point("after_checkpoint")
         if tail.stop is not None:  # a signal during the save: the checkpoint is complete, stop before evaluating

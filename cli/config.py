@@ -215,6 +215,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_iters_per_epoch", default=None, type=int, help="cap iterations (smoke runs)")
     g.add_argument("--tensorboard", action=BOOL, default=True,
                    help="TensorBoard scalars under output_dir/tensorboard")
+    g.add_argument("--vis_images", default=4, type=int,
+                   help="at each evaluation, this many fixed validation images with ground truth and predictions "
+                        "(and, for guided variants, the encoder references of a few tokens) go to TensorBoard; 0: off")
     g.add_argument("--compile", action=BOOL, default=False,
                    help="torch.compile the training model (evaluation and checkpoints use the eager module); "
                         "the deformable attention op is one graph node on CUDA")
@@ -437,7 +440,7 @@ _NUMERIC_DOMAINS = (
     ("enc_cls_loss_coef", 0.0, None), ("enc_bbox_loss_coef", 0.0, None), ("enc_giou_loss_coef", 0.0, None),
     ("focal_alpha", 0.0, 1.0), ("lambda_one2many", 0.0, None), ("o2m_cls_loss_coef", 0.0, None),
     ("o2m_bbox_loss_coef", 0.0, None), ("o2m_giou_loss_coef", 0.0, None), ("num_classes", 1, None),
-    ("eval_every", 1, None), ("print_freq", 1, None), ("max_iters_per_epoch", 1, None),
+    ("eval_every", 1, None), ("print_freq", 1, None), ("max_iters_per_epoch", 1, None), ("vis_images", 0, None),
     ("synthetic_num_train", 1, None), ("synthetic_num_val", 1, None), ("synthetic_image_size", 16, None),
     ("diag_images", 0, None),
 )

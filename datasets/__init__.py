@@ -6,6 +6,7 @@ Entry points used by the training code:
     num_classes(args)              -> classifier size (max category id + 1)
     get_coco_api(dataset)          -> the pycocotools COCO object of a dataset (Subset unwrapped)
     data_summary(dataset, split)   -> counts of images, annotations and sanitised boxes of a split
+    class_names(dataset)           -> {category id: name} of a dataset's annotation file
 """
 import os
 from typing import Dict, List, Tuple
@@ -18,7 +19,8 @@ from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from . import synthetic
 from .coco import AnnotationError, BadImageError, CocoDetection, build as build_coco
 
-__all__ = ["build_dataset", "collate_fn", "num_classes", "get_coco_api", "data_summary", "AnnotationError",
+__all__ = ["build_dataset", "collate_fn", "num_classes", "get_coco_api", "data_summary", "class_names",
+           "AnnotationError",
            "BadImageError", "CocoDetection"]
 
 COCO_NUM_CLASSES = 91  # upstream convention: largest COCO category id (90) + 1
@@ -65,6 +67,13 @@ def get_coco_api(dataset):
     if not hasattr(dataset, "coco"):
         raise TypeError(f"{type(dataset).__name__} has no COCO annotations")
     return dataset.coco
+
+
+def class_names(dataset) -> Dict[int, str]:
+    """{category id: name} from the ``categories`` of the dataset's annotation file (the labels the
+    classifier is trained on); a category without a name keeps its id as text."""
+    categories = get_coco_api(dataset).dataset.get("categories", [])
+    return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
 
 
 def data_summary(dataset, split: str) -> Dict:

@@ -14,6 +14,7 @@ never fall back: an implementation that cannot run raises a one-line RuntimeErro
 executes the kernels). ``pytorch`` always uses the PyTorch path. The implementation a device
 type runs is logged once per process (logger ``ops``, level INFO).
 """
+import contextlib
 import logging
 import os
 from typing import Optional, Sequence, Set
@@ -32,6 +33,7 @@ _forced: Optional[str] = None
 _warned_fallback = False
 _warned_triton_fallback = False
 _announced: Set[str] = set()  # device types whose implementation was logged
+_all_through_registered_op = False
 
 
 def _validate(name: str, source: str) -> str:
@@ -67,12 +69,28 @@ def _impl_for_device_type(device_type: str) -> str:
     torch.compile runs this eagerly while tracing and bakes the answer into the graph (the
     extension loader's lock and file system probing cannot be traced), so the choice is made
     when a model is compiled; change it with set_impl / MSDA_IMPL before compiling.
+    'registered' inside ``through_registered_op``.
     """
+    if _all_through_registered_op:
+        return "registered"
     impl = active_impl(torch.device(device_type))
     if device_type not in _announced:
         _announced.add(device_type)
         logger.info("ops.ms_deform_attn: %s tensors use the '%s' implementation", device_type, impl)
     return impl
+
+
+@contextlib.contextmanager
+def through_registered_op():
+    """Within the block, inputs on every device go through ``torch.ops.msda.ms_deform_attn`` (whose
+    kernel off CUDA is the PyTorch path), so that ``torch.export`` on the CPU records the attention
+    as one operator node, as it does on CUDA. Outputs are those of the PyTorch path."""
+    global _all_through_registered_op
+    before, _all_through_registered_op = _all_through_registered_op, True
+    try:
+        yield
+    finally:
+        _all_through_registered_op = before
 
 
 def active_impl(device: Optional[torch.device] = None) -> str:
@@ -154,7 +172,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     if impl == "triton":
         return ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations,
                                      attention_weights, spatial_shapes_list)
-    if impl == "cuda":
+    if impl in ("cuda", "registered"):
         check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         if spatial_shapes_list is not None:
             check_level_sizes(value.shape[1], shapes_as_list(spatial_shapes, spatial_shapes_list))

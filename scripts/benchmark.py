@@ -4,6 +4,8 @@ usage: python scripts/benchmark.py model --config FILE [bench flags] [any main.p
            whole training step of the detector (scripts/bench_model.py; --help there)
        python scripts/benchmark.py op [op flags]
            the multi-scale deformable attention operator (scripts/bench_op.py)
+       python scripts/benchmark.py infer --config FILE [infer flags] [any main.py flag]
+           inference images/s and latency at the evaluation size (scripts/bench_infer.py; --help there)
 """
 import importlib
 import os
@@ -11,7 +13,7 @@ import sys
 from typing import List, Optional
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-TARGETS = {"model": "bench_model", "op": "bench_op"}
+TARGETS = {"model": "bench_model", "op": "bench_op", "infer": "bench_infer"}
 
 
 def _load(name: str):
@@ -28,8 +30,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     target, rest = argv[0], argv[1:]
-    if target == "model":
-        return _load("bench_model").main(rest) or 0
+    if target in ("model", "infer"):
+        return _load(TARGETS[target]).main(rest) or 0
     import argparse
     module = _load("bench_op")
     parser = argparse.ArgumentParser(prog="benchmark.py op", description=(module.__doc__ or "").split("\n")[0])

@@ -107,5 +107,7 @@ if [[ ${BENCH_MODEL:-0} == 1 ]]; then
         --num_queries_one2many 1500 --compare cascade v3.0.4 > "$OUT/bench_model.jsonl" 2> "$OUT/bench_model.err"
 fi
 
+MSDA_JIT=0 step bench_infer "${BENCH_INFER_TIMEOUT:-120}" "$python" scripts/benchmark.py infer --config configs/minitrain_r18.yaml --compare cascade v3.0.4 --dtypes fp32 bf16 --batch_sizes 1 8 > "$OUT/bench_infer.jsonl" 2> "$OUT/bench_infer.err"
+
 cat "$summary" >&2
 exit $failed

@@ -17,7 +17,6 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,7 +26,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from cli.config import parse_args  # noqa: E402
-
+from models.capture import (Capture, choose_tokens, level_shapes, reference_entries, run_captured,  # noqa: E402,F401
+                            token_map, token_position, top_queries)
+from util import draw  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,157 +108,14 @@ def synthetic_image(args, index: int) -> torch.Tensor:
 
 def display_image(tensor: torch.Tensor):
     """Normalised (3, H, W) -> (H, W, 3) array in [0, 1] for matplotlib (undoes the data pipeline's Normalize)."""
-    from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (tensor.cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return draw.display_array(tensor)
 
 
 # ----------------------------------------------------------------------------- capture
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str):
-    """A forward argument that may have been passed positionally or by keyword."""
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
-
-
-@dataclass
-class Capture:
-    """What the hooks saw during one forward pass."""
-    encoder_refs: List[torch.Tensor] = field(default_factory=list)       # per encoder layer, as received
-    decoder_sampling: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (locs, weights)
-    spatial_shapes: Optional[torch.Tensor] = None
-    level_start_index: Optional[torch.Tensor] = None
-    padding_mask: Optional[torch.Tensor] = None
-    handles: list = field(default_factory=list)
-
-    def attach(self, model) -> "Capture":
-        """Hook every encoder layer's input and every decoder layer's cross-attention."""
-        transformer = model.transformer
-        for layer in transformer.encoder.layers:
-            self.handles.append(layer.register_forward_pre_hook(self._on_encoder, with_kwargs=True))
-        for layer in transformer.decoder.layers:
-            self.handles.append(layer.cross_attn.register_forward_hook(self._on_cross_attn, with_kwargs=True))
-        return self
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _on_encoder(self, module, args, kwargs):
-        # DeformableEncoderLayer.forward(src, pos, reference_points, layout)
-        self.encoder_refs.append(_arg(args, kwargs, 2, "reference_points").detach())
-        return None
-
-    def _on_cross_attn(self, module, args, kwargs, output):
-        # MSDeformAttn.forward(query, reference_points, input_flatten, layout) -> MSDeformAttnOutput
-        self.decoder_sampling.append((output.sampling_locations.detach(), output.attention_weights.detach()))
-        layout = _arg(args, kwargs, 3, "layout")
-        self.spatial_shapes = layout.spatial_shapes
-        self.level_start_index = layout.level_start_index
-        self.padding_mask = layout.padding_mask
-        return None
-
-
 def run_model(model, image: torch.Tensor, device) -> Tuple[Dict, Capture]:
     """One inference pass on one image with the hooks attached; returns (outputs, capture)."""
-    capture = Capture().attach(model)
-    try:
-        with torch.no_grad():
-            outputs = model([image.to(device)])
-    finally:
-        capture.detach()
-    return outputs, capture
-
-
-# ----------------------------------------------------------------------------- analysis
-
-def level_shapes(capture: Capture) -> List[Tuple[int, int]]:
-    return [tuple(int(v) for v in hw) for hw in capture.spatial_shapes.tolist()]
-
-
-def token_map(capture: Capture, layer: int = -1, queries: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Cross-attention map of decoder ``layer`` for image 0, summed over (the given) queries: (T,)."""
-    from models.cross_attn_map import cross_attention_map
-    locations, weights = capture.decoder_sampling[layer]
-    dense = cross_attention_map(locations.float(), weights.float(), capture.spatial_shapes,
-                                capture.level_start_index, capture.padding_mask)  # (bs, T, Q)
-    dense = dense[0]
-    if queries is not None:
-        dense = dense[:, queries]
-    return dense.sum(-1).cpu()
-
-
-def top_queries(outputs: Dict, count: int) -> torch.Tensor:
-    """Indices of the ``count`` one-to-one queries with the highest class score (image 0)."""
-    scores = outputs["pred_logits"][0].sigmoid().max(-1).values
-    return scores.topk(min(count, scores.numel())).indices.cpu()
-
-
-def token_position(token: int, shapes: List[Tuple[int, int]]) -> Tuple[int, float, float]:
-    """Flattened token index -> (level, x, y) of its centre, normalised to the padded input."""
-    start = 0
-    for level, (h, w) in enumerate(shapes):
-        if token < start + h * w:
-            row, col = divmod(token - start, w)
-            return level, (col + 0.5) / w, (row + 0.5) / h
-        start += h * w
-    raise IndexError(f"token {token} is outside the {start} tokens of the feature levels")
-
-
-def choose_tokens(weights: torch.Tensor, shapes: List[Tuple[int, int]], count: int,
-                  min_separation: float = 0.08) -> List[int]:
-    """High-map-weight tokens, taken from the levels in turn (finest first).
-
-    Coarse tokens cover more image and so collect more weight; ranking all levels together would
-    pick only them. A token closer than ``min_separation`` (normalised) to one already chosen is
-    skipped: neighbouring tokens of one object would show the same picture.
-    """
-    ranked, start = [], 0
-    for h, w in shapes:
-        order = torch.argsort(weights[start:start + h * w], descending=True) + start
-        ranked.append(order.tolist())
-        start += h * w
-    chosen: List[int] = []
-    places: List[Tuple[float, float]] = []
-    cursors = [0] * len(shapes)
-    while len(chosen) < count and any(c < len(r) for c, r in zip(cursors, ranked)):
-        for level, order in enumerate(ranked):
-            while cursors[level] < len(order) and len(chosen) < count:
-                token = order[cursors[level]]
-                cursors[level] += 1
-                _, x, y = token_position(token, shapes)
-                if all(math.hypot(x - px, y - py) >= min_separation for px, py in places):
-                    chosen.append(token)
-                    places.append((x, y))
-                    break
-    return chosen
-
-
-def reference_entries(refs: torch.Tensor, token: int) -> List[Tuple[float, float, int, str]]:
-    """References one token received -> [(x, y, colour index, label)], normalised, duplicates dropped.
-
-    Accepted shapes (batch first): (bs, T, L, 2) and (bs, T, L, 4) colour by level, as every level
-    has its own reference there; (bs, T, L, P, 2) and (bs, T, H, L, P, 2) colour by sampling point.
-    """
-    per_token = refs[0, token].float().cpu()
-    if per_token.dim() == 2:                        # (L, 2|4): one reference (box centre) per level
-        items = [(per_token[l, 0], per_token[l, 1], l, f"level {l}") for l in range(per_token.shape[0])]
-    elif per_token.dim() in (3, 4) and per_token.shape[-1] == 2:   # (L, P, 2) or (H, L, P, 2)
-        points = per_token.reshape(-1, per_token.shape[-2], 2)    # (L or H*L, P, 2)
-        items = [(points[i, p, 0], points[i, p, 1], p, f"point {p}")
-                 for i in range(points.shape[0]) for p in range(points.shape[1])]
-    else:
-        raise ValueError(f"unsupported encoder reference shape {tuple(refs.shape)}")
-    seen, entries = set(), []
-    for x, y, colour, label in items:
-        key = (round(float(x), 4), round(float(y), 4), colour)
-        if key not in seen:
-            seen.add(key)
-            entries.append((float(x), float(y), colour, label))
-    return entries
+    return run_captured(model, [image.to(device)])
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -270,27 +128,21 @@ def _pyplot():
 
 
 def draw_predictions(image: torch.Tensor, outputs: Dict, postprocessors, score_thresh: float, path: str,
-                     fallback: int = 5) -> int:
-    """Boxes above ``score_thresh``; when none pass (e.g. random init), the top ``fallback`` dashed."""
-    plt = _pyplot()
+                     fallback: int = 5, class_names: Optional[Dict[int, str]] = None) -> int:
+    """Boxes above ``score_thresh`` (util.draw); when none pass (e.g. random init), the top ``fallback``
+    dashed. Returns the number of boxes drawn."""
     h, w = image.shape[-2:]
     result = postprocessors["bbox"](outputs, torch.tensor([[h, w]], device=outputs["pred_logits"].device))[0]
+    result = {k: v.cpu() for k, v in result.items()}
     keep = result["scores"] > score_thresh
     dashed = not bool(keep.any())
     if dashed:
         keep = torch.arange(len(result["scores"])) < fallback
-    fig, ax = plt.subplots(figsize=(8, 8 * h / w))
-    ax.imshow(display_image(image))
-    for (x0, y0, x1, y1), score, label in zip(result["boxes"][keep].tolist(), result["scores"][keep].tolist(),
-                                              result["labels"][keep].tolist()):
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.5,
-                                   ls="--" if dashed else "-"))
-        ax.text(x0, y0, f"{label}: {score:.2f}", color="black", fontsize=7,
-                bbox=dict(facecolor="lime", alpha=0.7, pad=1, lw=0))
+    picture, scale = draw.enlarged(draw.to_pil(image))
+    picture = draw.draw_boxes(picture, result["boxes"][keep] * scale, result["labels"][keep],
+                              result["scores"][keep], class_names, dashed=dashed)
     title = f"predictions > {score_thresh}" if not dashed else f"none > {score_thresh}; top {fallback} dashed"
-    ax.set_title(title)
-    ax.axis("off")
-    _save(fig, path)
+    draw.draw_caption(picture, title).save(path)
     return int(keep.sum())
 
 

@@ -371,10 +371,11 @@ def restore_rng_state(state: Optional[Dict[str, Any]]) -> None:
 # ----------------------------------------------------------------------------- what a checkpoint holds
 
 def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, config_values: Dict[str, Any],
-                     train_stats: Optional[Dict] = None) -> Dict:
+                     train_stats: Optional[Dict] = None, class_names: Optional[Dict[int, str]] = None) -> Dict:
     """Everything ``--resume`` needs to continue exactly where this epoch ended (and to write the
     epoch's log record if the run was killed before it). ``config_values``: the run's configuration
-    as {flag: plain value} (``cli.config.config_dict``), saved as ``args``."""
+    as {flag: plain value} (``cli.config.config_dict``), saved as ``args``. ``class_names``: {category
+    id: name} of the training data, for pictures of the trained model (plain ints and strings)."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -384,6 +385,7 @@ def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, config_
         "args": dict(config_values),
         "rng_state": capture_rng_state(),
         "train_stats": dict(train_stats or {}),
+        "class_names": {int(k): str(v) for k, v in (class_names or {}).items()},
     }
 
 
@@ -398,6 +400,12 @@ def saved_config(checkpoint: Any) -> Dict[str, Any]:
     """The configuration a checkpoint records ({} for a bare state dict or a foreign file)."""
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     return saved or {}
+
+
+def saved_class_names(checkpoint: Any) -> Dict[int, str]:
+    """{category id: name} stored with a checkpoint ({} for older checkpoints and bare state dicts)."""
+    names = checkpoint.get("class_names") if isinstance(checkpoint, dict) else None
+    return {int(k): str(v) for k, v in (names or {}).items()}
 
 
 def _as_list(value):

@@ -269,7 +269,7 @@ def _json_default(value):
 
 
 class TensorboardLogger:
-    """Scalars to TensorBoard in ``log_dir``; a silent no-op when disabled or unavailable."""
+    """Scalars and images to TensorBoard in ``log_dir``; a silent no-op when disabled or unavailable."""
 
     def __init__(self, log_dir: Optional[str], enabled: bool = True):
         self.writer = None
@@ -288,6 +288,18 @@ class TensorboardLogger:
         for name, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def image(self, tag: str, picture, step: int) -> None:
+        """An RGB PIL image (or (H, W, 3) uint8 array) under ``tag``."""
+        if self.writer is None:
+            return
+        import numpy as np
+        self.writer.add_image(tag, np.asarray(picture, dtype=np.uint8), step, dataformats="HWC")
+
+    @property
+    def active(self) -> bool:
+        """Whether anything logged here is written."""
+        return self.writer is not None
 
     def flush(self) -> None:
         if self.writer is not None:
