@@ -38,11 +38,12 @@ depend on thread order; the binding calls torch's non-deterministic alert, so un
 like torch's own atomic kernels. The forward and the location / weight gradients are
 deterministic. The CPU path is deterministic.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
+from ._autograd import msda_autograd
 from ._ext import load_error, load_extension
 from .ms_deform_attn_pytorch import check_shapes, ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
 
@@ -127,20 +128,7 @@ def _backward_fake(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
 # Autograd
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    need_value, need_loc, need_attn = (ctx.needs_input_grad[i] for i in (0, 3, 4))
-    grad_value, grad_loc, grad_attn = _backward_op(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-        grad_output.to(value.dtype), need_value)
-    return (grad_value if need_value else None, None, None, grad_loc if need_loc else None,
-            grad_attn if need_attn else None)
-
-
+_setup_context, _backward = msda_autograd(_backward_op)
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 

@@ -24,12 +24,13 @@ backward calls torch's non-deterministic alert when it computes one: it raises u
 the location / weight gradients are deterministic.
 """
 import warnings
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 from torch import Tensor
 
+from ._autograd import msda_autograd
 from .ms_deform_attn_cuda import registered_op_inputs
 from .ms_deform_attn_pytorch import check_level_sizes, check_shapes, shapes_as_list
 from .triton_kernels import INTERPRETED, msda_backward_kernel, msda_forward_kernel
@@ -139,20 +140,7 @@ _forward_op = _register(OP_NAME, _forward, _forward_fake)
 _backward_op = _register(BACKWARD_OP_NAME, _backward, _backward_fake)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _autograd_backward(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    need_value, need_loc, need_attn = (ctx.needs_input_grad[i] for i in (0, 3, 4))
-    grad_value, grad_loc, grad_attn = _backward_op(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-        grad_output.to(value.dtype).contiguous(), need_value)
-    return (grad_value if need_value else None, None, None, grad_loc if need_loc else None,
-            grad_attn if need_attn else None)
-
-
+_setup_context, _autograd_backward = msda_autograd(_backward_op)
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
