@@ -26,17 +26,18 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 
 import util.dist as dist_utils
-from util.checkpoint import (CHECKPOINT_NAME, OutputDirLock, all_differences, atomic_copy, atomic_save,
+from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
+from cli.config import Config, config_dict, parse_args, resolve_config, save_config, validate_paths
+from util.checkpoint import (CHECKPOINT_NAME, all_differences, atomic_copy, atomic_save,
                              check_resume_configuration, checkpoint_state, fault_point, find_latest_checkpoint,
                              load_checkpoint, numbered_checkpoint_paths, remove_stale_temp_files,
                              resume_training_state, saved_config, schedule_from_checkpoint)
-from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
-from cli.config import Config, config_dict, parse_args, resolve_config, save_config, validate_paths
 from util.dist import DistInfo, say
 from util.errors import InputError, one_line_message
 from util.interrupt import RunInterrupted, StopSignals
 from util.logger import JsonlLogger, TensorboardLogger, format_seconds
 from util.optim import build_lr_scheduler, build_optimizer
+from util.output_lock import OutputDirLock
 from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everything
 
 

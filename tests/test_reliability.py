@@ -19,7 +19,8 @@ from datasets.coco import AnnotationError, BadImageError
 from engine import train_step
 from tests.helpers import TINY, tiny_args
 from tests.test_datasets import ann, rectangle_image, write_coco
-from util.checkpoint import OutputDirLock, atomic_save, load_checkpoint
+from util.checkpoint import atomic_save, load_checkpoint
+from util.output_lock import OutputDirLock
 from cli.config import config_dict, validate_paths
 from util.errors import InputError
 from util.logger import JsonlLogger, LossWindow, read_jsonl

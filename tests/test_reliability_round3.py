@@ -169,7 +169,7 @@ def test_a_stop_signal_stops_at_a_safe_point_and_releases_the_lock(tmp_path, syn
 
 
 def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch, capsys):
-    from util.checkpoint import OutputDirLock
+    from util.output_lock import OutputDirLock
     from util.errors import InputError
 
     (tmp_path / ".lock").write_text("4242 node017 991\n")  # the preempted first run, on another node
