@@ -24,8 +24,10 @@ Runs that logged reference diagnostics (``diag`` records, ``--diag_images N``, o
 into ``RUN/diagnostics/`` by ``scripts/diagnose.py``) add a fourth
 table, "Reference diagnostics over seeds": one row per overall diagnostic (the short keys,
 ``D4/fsr_in``), one column per variant, the last diagnosed epoch's value as mean +- sample std
-over seeds, under the final AP; and a second plot (``--diag_plot``) of AP and each overall
-diagnostic against epoch, per variant the mean over seeds with a +-std band.
+over seeds, under the final AP (D2 also per guidance update, ``D2/same_obj/dec0``); a fifth,
+"Reference diagnostics per epoch", the same per diagnosed epoch for the keys ``--diag_epochs``
+selects (default D1-D3, D4/fsr_in, D4/own_obj); and a second plot (``--diag_plot``) of AP and each
+of those diagnostics against epoch, per variant the mean over seeds with a +-std band.
 
 Runs still in progress, runs without any evaluation yet and half-written last lines are
 reported, not fatal: a summary is most useful exactly while the table is still being filled in.
@@ -52,8 +54,13 @@ SEED_METRICS = ["AP", "AP50", "AP75", "APs", "APm"]
 # keys under which a per-iteration time may be logged, most specific first
 TIME_KEYS = ["sec_per_iter", "s_per_iter", "iter_time", "time_per_iter"]
 SEED_DIR = re.compile(r"^seed(\d+)$")
-# an overall reference diagnostic: family and name only ('D4/fsr_in'; per-layer keys have more parts)
-OVERALL_DIAG = re.compile(r"^D\d/[^/]+$")
+# the reference diagnostics a summary reads: the overall means (family and name only, 'D4/fsr_in';
+# per-layer keys have more parts) and D2 per guidance update ('D2/same_obj/dec0'), because worry 2
+# (early decoder stages are unreliable) is read from exactly that split
+OVERALL_DIAG = re.compile(r"^D\d/[^/]+$|^D2/[^/]+/dec\d+$")
+# diagnostics tabulated per epoch by default: the guided families and the foreground sampling that
+# compares guidance with stock references
+EPOCH_DIAG_PREFIXES = ["D1/", "D2/", "D3/", "D4/fsr_in", "D4/own_obj"]
 
 
 @dataclass
@@ -237,7 +244,8 @@ def diagnose_output(run_dir: str) -> List[Tuple[float, Dict[str, float]]]:
 
 
 def overall_diagnostics(record: Dict[str, Any]) -> Dict[str, float]:
-    """The overall reference diagnostics ('D4/fsr_in', ...) of a ``diag`` record, finite numbers only."""
+    """The overall reference diagnostics ('D4/fsr_in', ...) and D2 per update ('D2/in_box/dec0') of a
+    ``diag`` record, finite numbers only."""
     found = {}
     for key, value in record.items():
         number = _as_number(value)
@@ -549,8 +557,39 @@ def diagnostics_table(groups: List[Group]) -> str:
     return "\n".join([intro, ""] + _table(["metric"] + [group.label for group in diagnosed], rows)) + "\n"
 
 
-def report(runs: List[Run], control: Optional[str]) -> str:
-    """The whole markdown summary: runs, variants over seeds, and (with a control) paired differences."""
+def diagnostics_epochs_table(groups: List[Group], prefixes: List[str]) -> str:
+    """Rows: each logged diagnostic starting with one of ``prefixes``, one row per variant; columns:
+    the diagnosed epochs. Each cell: mean ± sample std over the seeds diagnosed at that epoch (their
+    number added when fewer than the variant's diagnosed runs). '' when nothing matches."""
+    diagnosed = [group for group in groups if any(run.diag_curve for run in group.runs)]
+    keys = [key for key in diagnostic_keys(run for group in diagnosed for run in group.runs)
+            if any(key.startswith(prefix) for prefix in prefixes)]
+    if not keys:
+        return ""
+    epochs = sorted({point["epoch"] for group in diagnosed for run in group.runs for point in run.diag_curve})
+    rows = []
+    for key in keys:
+        for group in diagnosed:
+            curves = diagnostic_curves(group, key)
+            if not curves:
+                continue
+            cells = []
+            for epoch in epochs:
+                values = [curve[epoch] for curve in curves if epoch in curve]
+                mean, std = mean_std(values)
+                cell = "–" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+                cells.append(cell + (f" (n={len(values)})" if values and len(values) < len(curves) else ""))
+            rows.append([key, group.label] + cells)
+    intro = ("Reference diagnostics per diagnosed epoch (0-based, as logged), mean ± sample std (ddof=1) over "
+             "the seeds of each variant; (n=k) where fewer seeds than the variant's runs reached that epoch.")
+    header = ["metric", "variant"] + [f"epoch {int(epoch)}" for epoch in epochs]
+    return "\n".join([intro, ""] + _table(header, rows, left=2)) + "\n"
+
+
+def report(runs: List[Run], control: Optional[str], diag_epoch_prefixes: Optional[List[str]] = None) -> str:
+    """The whole markdown summary: runs, variants over seeds, (with a control) paired differences, and
+    for runs that logged them the reference diagnostics: last epoch, and per epoch for the keys
+    starting with ``diag_epoch_prefixes`` (default ``EPOCH_DIAG_PREFIXES``; [] for none)."""
     groups = group_runs(runs)
     parts = ["## Runs\n", markdown_table(runs), "\n## Variants over seeds\n", variants_table(groups)]
     if control:
@@ -558,6 +597,10 @@ def report(runs: List[Run], control: Optional[str]) -> str:
     diagnostics = diagnostics_table(groups)
     if diagnostics:
         parts += ["\n## Reference diagnostics over seeds\n", diagnostics]
+    prefixes = EPOCH_DIAG_PREFIXES if diag_epoch_prefixes is None else diag_epoch_prefixes
+    per_epoch = diagnostics_epochs_table(groups, prefixes) if prefixes else ""
+    if per_epoch:
+        parts += ["\n## Reference diagnostics per epoch\n", per_epoch]
     return "\n".join(parts)
 
 
@@ -661,10 +704,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--diag_plot", default=None,
                         help="PNG of AP and the reference diagnostics against epoch, written when some run "
                              "logged them (unset: next to --plot as NAME_diag.png; '' to skip)")
+    parser.add_argument("--diag_epochs", nargs="*", default=None, metavar="PREFIX",
+                        help="reference diagnostics tabulated per epoch: keys starting with these "
+                             f"(default: {' '.join(EPOCH_DIAG_PREFIXES)}; the flag alone: no such table)")
     args = parser.parse_args(argv)
 
     runs = [load_run(path) for path in expand_run_dirs(args.runs)]
-    text = report(runs, args.control)
+    text = report(runs, args.control, args.diag_epochs)
     print(text, end="")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -236,6 +236,43 @@ def test_summarize_reference_diagnostics_table_and_plot(tmp_path, capsys):
     assert not (tmp_path / "c_diag.png").exists()
 
 
+def test_summarize_diagnostics_per_epoch_table(tmp_path, capsys):
+    """Hand-computed: per key and variant, mean ± std over the seeds diagnosed at each epoch; D2 per
+    guidance update is kept (worry 2 is read from it), other per-layer keys are not; a lagging seed
+    is counted."""
+    def diag(epoch, same_obj, dec0, fsr):
+        return {"type": "diag", "epoch": epoch, "N": 4, "D2/same_obj": same_obj, "D2/same_obj/dec0": dec0,
+                "D2/same_obj/enc1": 0.0, "D4/fsr_in": fsr, "D5/entropy": 0.5}
+    _write_run(tmp_path / "v3.0.4" / "seed0", {"variant": "v3.0.4", "seed": 0, "epochs": 2},
+               [_epoch(0, 0.1), diag(0, 0.6, 0.5, 0.2), _epoch(1, 0.2), diag(1, 0.8, 0.7, 0.3)])
+    _write_run(tmp_path / "v3.0.4" / "seed1", {"variant": "v3.0.4", "seed": 1, "epochs": 2},
+               [_epoch(0, 0.1), diag(0, 0.4, 0.3, 0.4)])                      # still training epoch 1
+    _write_run(tmp_path / "cascade" / "seed0", {"variant": "cascade", "seed": 0, "epochs": 2},
+               [_epoch(0, 0.1), {"type": "diag", "epoch": 0, "N": 4, "D4/fsr_in": 0.25},
+                _epoch(1, 0.2), {"type": "diag", "epoch": 1, "N": 4, "D4/fsr_in": 0.35}])
+    argv = [str(tmp_path / "v3.0.4"), str(tmp_path / "cascade"), "--out", "", "--plot", ""]
+    assert summarize.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.split("## Reference diagnostics per epoch")[1].splitlines()
+            if line.startswith("| D")]
+    table = {(r[0].lstrip("| "), r[1]): [c.rstrip(" |") for c in r[2:]] for r in rows}
+    assert sorted(table) == [("D2/same_obj", "v3.0.4"), ("D2/same_obj/dec0", "v3.0.4"),
+                             ("D4/fsr_in", "cascade"), ("D4/fsr_in", "v3.0.4")]    # no D5 (not selected), no enc1
+    # epoch 0: (0.6, 0.4) -> 0.5 ± 0.141; epoch 1: seed 0 only
+    assert table[("D2/same_obj", "v3.0.4")] == ["0.500 ± 0.141", "0.800 (n=1)"]
+    assert table[("D2/same_obj/dec0", "v3.0.4")] == ["0.400 ± 0.141", "0.700 (n=1)"]
+    assert table[("D4/fsr_in", "v3.0.4")] == ["0.300 ± 0.141", "0.300 (n=1)"]
+    assert table[("D4/fsr_in", "cascade")] == ["0.250", "0.350"]
+    # the last-epoch table has the D2 stage row too
+    assert "| D2/same_obj/dec0 |" in out.split("## Reference diagnostics over seeds")[1]
+    # --diag_epochs with a prefix selects; alone it turns the table off
+    assert summarize.main(argv + ["--diag_epochs", "D5/"]) == 0
+    out = capsys.readouterr().out.split("## Reference diagnostics per epoch")[1]
+    assert "| D5/entropy | v3.0.4 | 0.500 ± 0.000 | 0.500 (n=1) |" in out and "D2/" not in out
+    assert summarize.main(argv + ["--diag_epochs"]) == 0
+    assert "per epoch" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- visualize_refs
 
 def test_reference_entries_shapes():
