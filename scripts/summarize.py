@@ -26,8 +26,8 @@ table, "Reference diagnostics over seeds": one row per overall diagnostic (the s
 ``D4/fsr_in``), one column per variant, the last diagnosed epoch's value as mean +- sample std
 over seeds, under the final AP (D2 also per guidance update, ``D2/same_obj/dec0``); a fifth,
 "Reference diagnostics per epoch", the same per diagnosed epoch for the keys ``--diag_epochs``
-selects (default D1-D3, D4/fsr_in, D4/own_obj); and a second plot (``--diag_plot``) of AP and each
-of those diagnostics against epoch, per variant the mean over seeds with a +-std band.
+selects (default D1-D3, D4/fsr_in, D4/own_obj); and a second plot (``--diag_plot``) of AP and every
+diagnostic of the first of these tables against epoch, per variant the mean over seeds with a +-std band.
 
 Runs still in progress, runs without any evaluation yet and half-written last lines are
 reported, not fatal: a summary is most useful exactly while the table is still being filled in.
