@@ -407,6 +407,11 @@ def mean_std_curve(curves: List[Dict[float, float]]) -> Tuple[List[float], List[
     return epochs, [m for m, _ in spread], [s for _, s in spread]
 
 
+def diagnosed_groups(groups: Iterable[Group]) -> List[Group]:
+    """The groups with at least one run that logged reference diagnostics."""
+    return [group for group in groups if any(run.diag_curve for run in group.runs)]
+
+
 def diagnostic_curves(group: Group, key: str) -> List[Dict[float, float]]:
     """Per run of the group that logged it: {epoch: overall diagnostic ``key``}."""
     curves = [{point["epoch"]: point[key] for point in run.diag_curve if key in point} for run in group.runs]
@@ -541,7 +546,7 @@ def diagnostics_table(groups: List[Group]) -> str:
     """Rows: final AP, the diagnosed epochs, then every overall reference diagnostic; columns: the
     variants that logged diagnostics. Each cell: the last diagnosed epoch's value, mean ± sample
     std over seeds. '' when no run logged diagnostics."""
-    diagnosed = [group for group in groups if any(run.diag_curve for run in group.runs)]
+    diagnosed = diagnosed_groups(groups)
     keys = diagnostic_keys(run for group in diagnosed for run in group.runs)
     if not keys:
         return ""
@@ -557,11 +562,20 @@ def diagnostics_table(groups: List[Group]) -> str:
     return "\n".join([intro, ""] + _table(["metric"] + [group.label for group in diagnosed], rows)) + "\n"
 
 
+def _epoch_cell(spread: Optional[Tuple[float, Optional[float]]], seeds: int, runs: int) -> str:
+    """'0.412 ± 0.010', '0.412' with one seed, '–' with none; '(n=k)' when k of the runs got there."""
+    if spread is None:
+        return "–"
+    mean, std = spread
+    cell = f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+    return cell + (f" (n={seeds})" if seeds < runs else "")
+
+
 def diagnostics_epochs_table(groups: List[Group], prefixes: List[str]) -> str:
     """Rows: each logged diagnostic starting with one of ``prefixes``, one row per variant; columns:
     the diagnosed epochs. Each cell: mean ± sample std over the seeds diagnosed at that epoch (their
     number added when fewer than the variant's diagnosed runs). '' when nothing matches."""
-    diagnosed = [group for group in groups if any(run.diag_curve for run in group.runs)]
+    diagnosed = diagnosed_groups(groups)
     keys = [key for key in diagnostic_keys(run for group in diagnosed for run in group.runs)
             if any(key.startswith(prefix) for prefix in prefixes)]
     if not keys:
@@ -573,13 +587,9 @@ def diagnostics_epochs_table(groups: List[Group], prefixes: List[str]) -> str:
             curves = diagnostic_curves(group, key)
             if not curves:
                 continue
-            cells = []
-            for epoch in epochs:
-                values = [curve[epoch] for curve in curves if epoch in curve]
-                mean, std = mean_std(values)
-                cell = "–" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
-                cells.append(cell + (f" (n={len(values)})" if values and len(values) < len(curves) else ""))
-            rows.append([key, group.label] + cells)
+            spread = {epoch: (mean, std) for epoch, mean, std in zip(*mean_std_curve(curves))}
+            rows.append([key, group.label] + [_epoch_cell(spread.get(epoch), sum(epoch in curve for curve in curves),
+                                                          len(curves)) for epoch in epochs])
     intro = ("Reference diagnostics per diagnosed epoch (0-based, as logged), mean ± sample std (ddof=1) over "
              "the seeds of each variant; (n=k) where fewer seeds than the variant's runs reached that epoch.")
     header = ["metric", "variant"] + [f"epoch {int(epoch)}" for epoch in epochs]
@@ -598,7 +608,7 @@ def report(runs: List[Run], control: Optional[str], diag_epoch_prefixes: Optiona
     if diagnostics:
         parts += ["\n## Reference diagnostics over seeds\n", diagnostics]
     prefixes = EPOCH_DIAG_PREFIXES if diag_epoch_prefixes is None else diag_epoch_prefixes
-    per_epoch = diagnostics_epochs_table(groups, prefixes) if prefixes else ""
+    per_epoch = diagnostics_epochs_table(groups, prefixes)
     if per_epoch:
         parts += ["\n## Reference diagnostics per epoch\n", per_epoch]
     return "\n".join(parts)
@@ -656,7 +666,7 @@ def plot_diagnostics(runs: List[Run], path: str) -> bool:
 
     from matplotlib.ticker import MaxNLocator
 
-    groups = [group for group in group_runs(runs) if any(run.diag_curve for run in group.runs)]
+    groups = diagnosed_groups(group_runs(runs))
     panels = ["AP (%)"] + keys
     columns = min(4, len(panels))
     rows = math.ceil(len(panels) / columns)
