@@ -110,25 +110,70 @@ def test_hflip_keeps_box_on_pixels():
     assert np.array_equal(np.asarray(back_image), np.asarray(image))
 
 
-@pytest.mark.parametrize("size,max_size", [(60, None), (17, None), (64, 70), ((45, 20), None)])
-def test_resize_keeps_box_on_pixels(size, max_size):
+@pytest.mark.parametrize("size,max_size,expected_hw", [
+    (60, None, (60, 80)),       # 40 x 30: h = 60, w = int(60 * 40 / 30) = 80
+    (17, None, (17, 22)),       # w = int(17 * 40 / 30) = int(22.67) = 22 (floored, not rounded to 23)
+    (64, 70, (52, 69)),         # 40 / 30 * 64 = 85.3 > 70: h = round(70 * 30 / 40) = round(52.5) = 52
+                                # (half to even), w = int(52 * 40 / 30) = int(69.33) = 69
+    ((45, 20), None, (45, 20)),  # an explicit (h, w)
+])
+def test_resize_keeps_box_on_pixels(size, max_size, expected_hw):
     image, target = rectangle_image(40, 30, (8, 6, 28, 22)), xyxy_target([[8, 6, 28, 22]])
     out_image, out_target = T.resize(image, target, size, max_size)
     w, h = out_image.size
-    assert out_target["size"].tolist() == [h, w]
-    if max_size is not None:
-        assert max(w, h) <= max_size
+    assert (h, w) == expected_hw and out_target["size"].tolist() == [h, w]
     # interpolation blurs the edges by up to about a pixel
     assert_box_bounds_pixels(out_image, out_target, tol=1.0)
     sx, sy = w / 40, h / 30
     assert out_target["area"][0].item() == pytest.approx(20 * 16 * sx * sy, rel=1e-5)
 
 
-def test_scaled_size_respects_max_size_and_aspect():
-    assert T.scaled_size((400, 300), 600, 1000) == (600, 800)
-    h, w = T.scaled_size((1000, 200), 400, 1333)  # very wide image: the longer side is the limit
-    assert w <= 1333 and h == int(1333 * 200 / 1000)
-    assert T.scaled_size((40, 30), 30, None) == (30, 40)  # already that size
+# Upstream Deformable-DETR's rule, worked by hand. With max_size, if long / short * size > max_size the
+# shorter side becomes round(max_size * short / long) (Python's round: half to even); then the shorter
+# side is that size and the longer side int(size * long / short) (floored). An image whose shorter side
+# already equals the size keeps its size. Only where the shorter side would round to 0 pixels does this
+# codebase differ: one pixel across and max_size along.
+UPSTREAM_SIZES = [
+    # (w, h, size, max_size) -> (h, w)
+    ((640, 480, 800, 1333), (800, 1066)),   # 640/480*800 = 1066.7 <= 1333; w = int(800*640/480) = int(1066.67)
+    ((480, 640, 800, 1333), (1066, 800)),   # the same, portrait
+    ((640, 424, 800, 1333), (800, 1207)),   # w = int(800*640/424) = int(1207.55) = 1207
+    ((500, 375, 600, 1000), (600, 800)),    # w = int(600*500/375) = int(800.0) = 800 exactly
+    ((40, 30, 30, None), (30, 40)),         # shorter side already 30: unchanged
+    ((640, 200, 800, 1333), (417, 1334)),   # 3.2*800 = 2560 > 1333: h = round(1333*200/640) = round(416.56)
+                                            # = 417, w = int(417*640/200) = int(1334.4) = 1334 (past max_size)
+    ((1000, 200, 400, 1333), (267, 1335)),  # 5*400 = 2000 > 1333: h = round(266.6) = 267, w = int(267*5) = 1335
+    ((400, 200, 800, 1333), (666, 1332)),   # 2*800 > 1333: h = round(1333*200/400) = round(666.5) = 666
+                                            # (half to even), w = int(666*2) = 1332
+    ((400, 200, 800, 1335), (668, 1336)),   # h = round(1335*200/400) = round(667.5) = 668 (even), w = 1336
+    ((100, 100, 800, 600), (600, 600)),     # 1*800 > 600: size = round(600*100/100) = 600, square
+    ((1333, 400, 800, 1333), (400, 1333)),  # 1333/400*800 = 2666 > 1333: h = round(400.0) = 400 = the
+                                            # shorter side already: unchanged
+    ((1, 2000, 800, 1333), (2000, 1)),      # round(1333*1/2000) = round(0.67) = 1 = the shorter side: unchanged
+    ((1, 5000, 800, 1333), (1333, 1)),      # round(1333*1/5000) = round(0.27) = 0: guard, 1 across, 1333 along
+    ((5000, 1, 800, 1333), (1, 1333)),      # the same, landscape
+]
+
+
+@pytest.mark.parametrize("case,expected_hw", UPSTREAM_SIZES)
+def test_scaled_size_follows_upstream_rounding(case, expected_hw):
+    w, h, size, max_size = case
+    assert T.scaled_size((w, h), size, max_size) == expected_hw
+
+
+@pytest.mark.parametrize("image_set", ["train", "val"])
+def test_training_and_evaluation_resize_to_the_same_sizes(image_set):
+    """Both pipelines resize a 640 x 200 image at 800 / 1333 to upstream's 1334 x 417, boxes scaled to match."""
+    random.seed(0)
+    image, target = rectangle_image(640, 200, (64, 20, 320, 100)), xyxy_target([[64, 20, 320, 100]])
+    pipeline = T.make_coco_transforms(image_set, min_size=[800], max_size=1333, eval_size=800, random_crop=False)
+    if image_set == "train":
+        pipeline.transforms[0] = T.RandomHorizontalFlip(p=0.0)  # keep the box where it is, to check it by hand
+    out_image, out_target = pipeline(image, target)
+    assert tuple(out_image.shape) == (3, 417, 1334) and out_target["size"].tolist() == [417, 1334]
+    # (64, 20, 320, 100) * (1334 / 640, 417 / 200) = (133.4, 41.7, 667, 208.5) -> cxcywh / (1334, 417)
+    expected = torch.tensor([400.2 / 1334, 125.1 / 417, 533.6 / 1334, 166.8 / 417])
+    torch.testing.assert_close(out_target["boxes"][0], expected)
 
 
 def test_crop_shifts_clips_and_drops_boxes():
@@ -377,3 +422,4 @@ def test_evaluator_wrong_class_and_partial_images(tmp_path):
     assert evaluator.summarize()["AP50"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="bbox"):
         CocoEvaluator(coco, ("segm",))
+
