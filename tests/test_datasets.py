@@ -342,15 +342,17 @@ def test_degenerate_and_outside_annotations(tmp_path):
             ann(1, (10, 10, 0, 5)),            # zero width: dropped
             ann(1, (10, 10, 5, -3)),           # negative height: dropped
             ann(1, (45, 5, 5, 5)),             # entirely outside: dropped
+            ann(1, (2, 2, float("inf"), 3)),   # not finite (JSON Infinity): dropped, not clipped to the edge
             ann(1, (1, 1, 30, 20), iscrowd=1)]  # crowd: kept for evaluation, not a training target
     write_coco(tmp_path, [(1, rectangle_image(40, 30, (0, 0, 0, 0)), (40, 30))], anns)
     dataset = CocoDetection(str(tmp_path / "val2017"), str(tmp_path / "annotations" / "instances_val2017.json"))
     coco = datasets.get_coco_api(dataset)
-    assert (coco.num_clipped, coco.num_dropped) == (2, 3)
-    assert sorted(tuple(a["bbox"]) for a in coco.dataset["annotations"]) == sorted(
-        [(5.0, 5.0, 10.0, 10.0), (30.0, 20.0, 10.0, 10.0), (0.0, 0.0, 4.0, 4.0), (1.0, 1.0, 30.0, 20.0)])
-    clipped = [a for a in coco.dataset["annotations"] if a["bbox"] == [30.0, 20.0, 10.0, 10.0]][0]
-    assert clipped["area"] == 100.0
+    assert (coco.num_clipped, coco.num_dropped) == (2, 4)
+    # the evaluation ground truth is the file's: every box and area as written
+    assert [(a["bbox"], a["area"]) for a in coco.dataset["annotations"]] == [
+        (list(a["bbox"]), a["area"]) for a in anns]
+    assert [a["bbox"] for a in coco.loadAnns(coco.getAnnIds(imgIds=[1]))] == [list(a["bbox"]) for a in anns]
+    # the training target is cleaned
     _, target = dataset.load(0)
     torch.testing.assert_close(target["boxes"], torch.tensor([[5.0, 5, 15, 15], [30, 20, 40, 30], [0, 0, 4, 4]]))
     assert target["labels"].tolist() == [1, 2, 1] and target["iscrowd"].tolist() == [0, 0, 0]
@@ -423,3 +425,49 @@ def test_evaluator_wrong_class_and_partial_images(tmp_path):
     with pytest.raises(ValueError, match="bbox"):
         CocoEvaluator(coco, ("segm",))
 
+
+
+def pycocotools_stats(ann_file, detections):
+    """The 12 COCOeval numbers of ``detections`` (COCO result dicts) scored by pycocotools alone, on the
+    annotation file as it is (what upstream Deformable-DETR's evaluator and published numbers do)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(ann_file)
+        evaluator = COCOeval(gt, gt.loadRes([dict(d) for d in detections]), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats]
+
+
+def test_evaluation_scores_against_the_annotation_file_as_given(tmp_path):
+    """Out-of-image and degenerate ground truth is scored as the file gives it, as pycocotools does on
+    the raw file; the clipped/dropped counts are still reported and training targets still cleaned."""
+    anns = [ann(1, (10, 10, 30, 20)),   # inside the 100 x 80 image
+            ann(1, (80, 50, 40, 40)),   # reaches to (120, 90): clipping would leave (80, 50, 20, 30)
+            ann(1, (50, 20, 0, 10))]    # zero width: no detection can overlap it
+    path = write_coco(str(tmp_path), [(1, rectangle_image(100, 80, (0, 0, 0, 0)), (100, 80))], anns)
+    xywh = [(10, 10, 30, 20, 0.9), (80, 50, 40, 40, 0.8), (50, 20, 1, 10, 0.7)]  # one per ground-truth box
+    detections = {1: {"boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _ in xywh], dtype=torch.float32),
+                      "scores": torch.tensor([s for *_, s in xywh]), "labels": torch.ones(3, dtype=torch.int64)}}
+    dataset = datasets.build_dataset("val", make_args(tmp_path))  # what main.py builds; engine.evaluate's path:
+    evaluator = CocoEvaluator(datasets.get_coco_api(dataset), ("bbox",))
+    evaluator.update(detections)
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    stats = evaluator.summarize()
+    assert [stats[name] for name in STAT_NAMES] == pycocotools_stats(path, evaluator.coco_results())
+    # by hand: the first two detections hit their boxes exactly (IoU 1), the third misses the zero-width
+    # box; 3 ground-truth boxes -> recall 1/3, 2/3 at precision 1, so precision 1 at the recall points
+    # 0, 0.01, ..., 0.66 and 0 above: AP = 67 / 101 at every IoU threshold. (Against clipped ground truth
+    # the second detection would miss (IoU 600 / 1600) and the third box be gone: AP 51 / 101.)
+    assert stats["AP"] == pytest.approx(67 / 101) and stats["AP50"] == pytest.approx(67 / 101)
+    summary = datasets.data_summary(dataset, "val")
+    assert (summary["annotations"], summary["clipped_boxes"], summary["dropped_boxes"]) == (3, 1, 1)
+    _, target = dataset.load(0)
+    torch.testing.assert_close(target["boxes"], torch.tensor([[10.0, 10, 40, 30], [80, 50, 100, 80]]))
