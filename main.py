@@ -187,16 +187,17 @@ def compile_if_asked(model: torch.nn.Module, config) -> torch.nn.Module:
 
 
 def data_summaries(loaders, logger: JsonlLogger) -> None:
-    """One line per split (images, annotations, clipped and dropped boxes), printed and logged."""
+    """One line per split (images, annotations in the file, boxes training targets clip and drop), printed
+    and logged."""
     import datasets
 
     for split, loader in loaders:
         if loader is None:
             continue
         summary = datasets.data_summary(loader.dataset, split)
-        say(f"data {split}: {summary['images']} images, {summary['annotations']} annotations; boxes clipped to "
-            f"their image: {summary['clipped_boxes']}, dropped as degenerate: {summary['dropped_boxes']} "
-            f"({summary['ann_file']})", flush=True)
+        say(f"data {split}: {summary['images']} images, {summary['annotations']} annotations; as training "
+            f"targets {summary['clipped_boxes']} boxes are clipped to their image and {summary['dropped_boxes']} "
+            f"dropped as degenerate; evaluation scores the file as given ({summary['ann_file']})", flush=True)
         logger.write({"type": "data", **summary})
 
 
