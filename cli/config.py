@@ -22,7 +22,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 VARIANTS_FILE = os.path.join(CONFIG_DIR, "variants.yaml")
 
 BOOL = argparse.BooleanOptionalAction
-# probe images of the reference diagnostics when unset; see README "Reference diagnostics" for its cost
+# probe images of the reference diagnostics when unset; their cost: docs/research.md "Reference diagnostics"
 DIAG_IMAGES_DEFAULT = 0
 
 
