@@ -19,8 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN = os.path.join(REPO, "docs", "design.md")
 THIS_FILE = os.path.abspath(__file__)
 
-# folders that hold no project text: version control, caches, build trees, runs and data
-SKIPPED_DIRS = {".git", "__pycache__", ".pytest_cache", ".benchmarks", "build", "outputs", "data", "runs"}
+# folders that hold no project text: caches, build trees, runs and data (and hidden folders but .ci)
+SKIPPED_DIRS = {"__pycache__", "build", "outputs", "data", "runs"}
 CODE_SUFFIXES = (".py", ".sh", ".yaml", ".yml", ".cu", ".cuh", ".cpp", ".h", ".txt", ".ini", ".cfg", ".toml")
 TEXT_SUFFIXES = CODE_SUFFIXES + (".md",)
 
@@ -36,7 +36,8 @@ REPO_PATH = re.compile(r"(?<![\w/.-])((?:scripts|configs|tests|models|ops|util|d
 def _walk(suffixes: Tuple[str, ...]) -> Iterator[str]:
     """Repository files ending in ``suffixes`` (plus extension-less scripts such as ``.ci/run``)."""
     for root, dirs, files in os.walk(REPO):
-        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.endswith(".egg-info"))
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.endswith(".egg-info")
+                         and (d == ".ci" or not d.startswith(".")))  # hidden: .git, a .venv, caches
         for name in sorted(files):
             path = os.path.join(root, name)
             if name.endswith(suffixes) or os.path.relpath(path, REPO) == os.path.join(".ci", "run"):
