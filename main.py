@@ -8,7 +8,7 @@ Only the main process (rank 0) writes files: ``checkpoint.pth`` (every epoch, at
 file ``.lock`` (pid and host of the run that owns the directory).
 
 With ``--diag_images N`` (> 0) every evaluation is followed by the reference diagnostics
-(DESIGN.md section 9) on the first N validation images, on the main process only: one ``diag``
+(docs/design.md §9) on the first N validation images, on the main process only: one ``diag``
 record in ``log.jsonl`` and TensorBoard scalars under ``diag/``.
 
 An epoch is one recoverable unit: training, then ``checkpoint.pth`` (which also holds the epoch's
