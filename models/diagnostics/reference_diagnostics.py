@@ -14,7 +14,7 @@ chance-normalised FSR is a per-image ratio averaged over images. A metric with n
 boxes, no guidance, first evaluation for the across-evaluation ones) is absent, never NaN.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -25,6 +25,7 @@ from ..deformable_transformer import encoder_reference_points
 from ..enc_reference import GuidancePicks
 from ..level_layout import LevelLayout, valid_size
 from ..matcher import HungarianMatcher
+from ..stages import guided_encoder_layers
 from . import metrics
 from .geometry import covered_area_fraction, inside_any_box, match_to_ground_truth, smallest_containing_box
 from .recording import EncoderLayerRecord, record_encoder
@@ -85,16 +86,6 @@ class _ProbeImage:
         return self.boxes.shape[0] > 0
 
 
-def _guides_some_layer(stages: Sequence[Tuple[int, int]]) -> bool:
-    """Whether an encoder layer runs after a decoder layer in the stage schedule."""
-    decoder_layers_run = 0
-    for n_enc, n_dec in stages:
-        if n_enc and decoder_layers_run:
-            return True
-        decoder_layers_run += n_dec
-    return False
-
-
 def _per_group(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """values (N, ...) and groups (N,) -> per group sums (num_groups,) and item counts (num_groups,)."""
     per_row = values.float().reshape(values.shape[0], -1)
@@ -114,7 +105,7 @@ class ReferenceDiagnostics:
         self.model = model
         transformer = model.transformer
         self.generator = transformer.enc_reference_generator
-        self.guided = self.generator is not None and _guides_some_layer(transformer.stages)
+        self.guided = self.generator is not None and bool(guided_encoder_layers(transformer.stages))
         # D3 describes guidance like D1, D2 and D6: a stock configuration reports D4-D5 only, the
         # comparison every variant is read against (issue 18); two-stage queries are not learned
         self.learned_queries = self.guided and not model.two_stage
