@@ -13,7 +13,7 @@ import yaml
 
 from datasets.coco import resolve_ann_file
 from models.research_settings import (ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS, REF_SOURCES,
-                                      check_research_settings, reads_decoder_queries)
+                                      check_research_settings, guidance_control, reads_decoder_queries)
 from models.backbone import tokens_of_square_image
 from models.stages import expand_stages, guided_encoder_layers, parse_stages
 from util.checkpoint import atomic_write_text
@@ -332,6 +332,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cli = list(argv) if argv is not None else None
     first = parser.parse_args(cli)
     file_values = load_yaml_config(first.config) if first.config else {}
+    for key in DERIVED_KEYS:  # a run's config.yaml: recomputed from the flags, never read back
+        file_values.pop(key, None)
     variant = first.variant if first.variant is not None else file_values.get("variant")
     preset_tokens: List[str] = []
     if variant is not None:
@@ -417,10 +419,21 @@ def config_dict(config: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+def derived_keys(config: argparse.Namespace) -> Dict[str, Any]:
+    """Keys ``config.yaml`` carries besides the flags, for readers of a run directory (scripts/summarize.py):
+    ``control: oracle`` when the encoder guidance reads the ground truth (a control, never a detector).
+    Derived from the flags, so ``--config`` drops them (``DERIVED_KEYS``) and derives them again."""
+    control = guidance_control(config.enc_ref_mode, config.ref_source)
+    return {"control": control} if control else {}
+
+
+DERIVED_KEYS = ("control",)
+
+
 def save_config(config: argparse.Namespace, path: str) -> None:
-    """``config.yaml``: the resolved configuration, written atomically."""
+    """``config.yaml``: the resolved configuration (and its ``derived_keys``), written atomically."""
     header = "# resolved configuration of this run (python main.py --config config.yaml reproduces it)\n"
-    atomic_write_text(path, header + yaml.safe_dump(config_dict(config), sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump({**config_dict(config), **derived_keys(config)}, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- validation

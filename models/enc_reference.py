@@ -21,6 +21,7 @@ which slot). Unset, it costs one attribute check per update.
 Candidates are the same in training and inference when the model keeps its one-to-many queries /
 stream running at inference for them (``reads_one2many``).
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -82,6 +83,13 @@ class GuidanceState:
         if generator.ranking.reads_seed and (inputs is None or inputs.seed is None):
             raise ValueError(f"--ref_rank {generator.ref_rank} draws random numbers: call the model with "
                              "guidance=guidance_inputs(config, targets, seed_parts) (models.guidance)")
+        if inputs is not None and inputs.gt_boxes is not None:
+            if inputs.gt_boxes.shape[0] != layout.valid_ratios.shape[0]:
+                raise ValueError(f"guidance inputs: ground truth of {inputs.gt_boxes.shape[0]} images for a batch of "
+                                 f"{layout.valid_ratios.shape[0]}")
+            device = layout.valid_ratios.device  # pictures and diagnostics may hand over CPU targets
+            inputs = dataclasses.replace(inputs, gt_boxes=inputs.gt_boxes.to(device),
+                                         gt_valid=inputs.gt_valid.to(device))
         self.generator = generator
         self.layout = layout
         self.valid_ratios = layout.valid_ratios

@@ -23,6 +23,7 @@ from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 from ..deformable_transformer import encoder_reference_points
 from ..enc_reference import GuidancePicks
+from ..guidance import guidance_inputs
 from ..level_layout import LevelLayout, valid_size
 from ..matcher import HungarianMatcher
 from ..stages import guided_encoder_layers
@@ -99,9 +100,12 @@ class ReferenceDiagnostics:
 
     model: the eager DeformableDETR. matcher: the one-to-one matcher of D3's matching instability
     (default: HungarianMatcher with the flags' default costs; pass the criterion's to use its costs).
+    seed: the run's --seed; a guidance that draws random numbers gets (seed, probe batch index).
+    A guidance that reads the ground truth (the oracle source) gets the probe images' targets.
     """
 
-    def __init__(self, model, matcher: Optional[HungarianMatcher] = None, match_threshold: float = 0.5):
+    def __init__(self, model, matcher: Optional[HungarianMatcher] = None, match_threshold: float = 0.5,
+                 seed: int = 0):
         self.model = model
         transformer = model.transformer
         self.generator = transformer.enc_reference_generator
@@ -111,6 +115,8 @@ class ReferenceDiagnostics:
         self.learned_queries = self.guided and not model.two_stage
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.match_threshold = match_threshold
+        self.seed = seed
+        self._batches = 0  # probe batches of this pass (the random ranking's seed)
         self._previous: Dict[int, dict] = {}  # image_id -> what the previous evaluation saw
         self._current: Dict[int, dict] = {}
         self._tally = Tally()
@@ -126,6 +132,7 @@ class ReferenceDiagnostics:
             self._previous = self._current
         self._current = {}
         self._tally = Tally()
+        self._batches = 0
 
     def finish(self) -> Dict[str, float]:
         """The pass's metrics: flat {key: float}; metrics without any item are absent."""
@@ -146,11 +153,13 @@ class ReferenceDiagnostics:
             samples = nested_tensor_from_tensor_list(list(samples))
         samples = samples.to(device)
         images = self._probe_images(samples, targets, device)
+        guidance = guidance_inputs(self.generator, targets, (self.seed, self._batches))
+        self._batches += 1
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
             with record_encoder(self.model, lambda record: self._encoder_layer(record, images)) as updates:
-                outputs = self.model(samples)
+                outputs = self.model(samples, guidance=guidance)
         finally:
             for module, mode in modes:
                 module.training = mode
