@@ -170,7 +170,7 @@ class GuidanceState:
         """(bs, T, 2) each token's own location in valid-region coordinates: its stock reference on
         its own level divided by that level's valid ratio."""
         stock = self._stock
-        sizes = torch.tensor([h * w for h, w in self.layout.shapes], device=stock.device)
+        sizes = self.layout.spatial_shapes.prod(1)  # on the device already: no host-to-device copy
         levels = torch.repeat_interleave(torch.arange(len(self.layout.shapes), device=stock.device), sizes,
                                          output_size=self.num_tokens)
         own = stock.gather(2, levels.view(1, -1, 1, 1).expand(stock.shape[0], -1, 1, 2))[:, :, 0]
