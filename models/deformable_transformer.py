@@ -280,8 +280,7 @@ class DeformableTransformer(nn.Module):
                 dec_lid += 1
                 if guidance is not None:
                     guidance.observe(out.sampling_locations, out.attention_weights,
-                                     self.enc_reference_generator.candidates(state, num_queries_one2one,
-                                                                             guidance_inputs))
+                                     guidance.candidates_from(state, num_queries_one2one))
         return state, enc_outputs
 
 

@@ -4,8 +4,8 @@ The generator composes two registered parts (``models/guidance``): a candidate s
 (``--ref_source``: the decoder's predictions, or the ground truth as an oracle control) and a
 ranking rule (``--ref_rank``: class score, map weight, map weight x score, random, distance).
 Per forward pass the transformer asks it for a ``GuidanceState``; after every decoder layer it
-calls ``state.observe(locations, weights, candidates)`` and before every guided encoder layer
-(``models.stages.guided_encoder_layers``) ``state.references(stock_references)``.
+calls ``state.observe(locations, weights, state.candidates_from(decoder_state, ...))`` and before
+every guided encoder layer (``models.stages.guided_encoder_layers``) ``state.references(stock)``.
 
 per_level (v3.0.1): the L best candidates by class score; candidate i's box centre is every
     token's reference on level i -> (bs, T, L, 2).
@@ -121,6 +121,10 @@ class GuidanceState:
         self.observed += 1
         self.candidates = candidates
         self._cache = None
+
+    def candidates_from(self, decoder_state, num_queries_one2one: int) -> CandidateSet:
+        """The source's candidates after the latest decoder layer, with this forward's inputs."""
+        return self.generator.candidates(decoder_state, num_queries_one2one, self.inputs)
 
     def references(self, stock_references: torch.Tensor) -> torch.Tensor:
         """stock_references (bs, T, L, 2), each token's own location per level (valid ratios applied).

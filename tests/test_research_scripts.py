@@ -178,7 +178,8 @@ def test_summarize_labels_controls(tmp_path, capsys):
                            "--out", "", "--plot", ""]) == 0
     tables = _tables(capsys.readouterr().out)
     assert "v3.0.4_gt (oracle control)" in tables["Variants over seeds"]
-    assert tables["Paired difference to cascade"]["v3.0.4_gt (oracle control)"][:3] == ["1", "0", "+10.0 ± n/a [+10.0]"]
+    paired = tables["Paired difference to cascade"]["v3.0.4_gt (oracle control)"]
+    assert paired[:3] == ["1", "0", "+10.0 ± n/a [+10.0]"]
 
 
 def test_summarize_resumed_log_keeps_the_last_record_per_epoch(tmp_path):
@@ -576,9 +577,10 @@ def test_ablation_runs_every_seed_of_every_variant(tmp_path):
 
 def test_ablation_runs_the_controls_when_asked(tmp_path):
     trains, summary = _ablation(tmp_path, VARIANTS="cascade v3.0.4", STAGE_MODES="single", CONTROLS="1")
-    assert [t[t.index("--output_dir") + 1] for t in trains] == [f"outputs/{v}" for v in ["cascade", "v3.0.4"] + CONTROLS]
+    rows = ["cascade", "v3.0.4"] + CONTROLS
+    assert [t[t.index("--output_dir") + 1] for t in trains] == [f"outputs/{v}" for v in rows]
     assert all(t[t.index("--config") + 1].endswith(f"configs/{v}.yaml")
-               for t, v in zip(trains, ["cascade", "v3.0.4"] + CONTROLS))
+               for t, v in zip(trains, rows))
     trains, _ = _ablation(tmp_path, VARIANTS="cascade", STAGE_MODES="single")
     assert len(trains) == 1
 
