@@ -27,7 +27,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 
 import util.dist as dist_utils
 from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
-from cli.config import Config, config_dict, parse_args, resolve_config, save_config, validate_paths
+from cli.config import Config, config_dict, derived_keys, parse_args, resolve_config, save_config, validate_paths
 from util.checkpoint import (CHECKPOINT_NAME, all_differences, atomic_copy, atomic_save,
                              check_resume_configuration, checkpoint_state, fault_point, find_latest_checkpoint,
                              load_checkpoint, numbered_checkpoint_paths, remove_stale_temp_files,
@@ -211,7 +211,8 @@ def run_evaluation(tail: EpochTail, epoch: Optional[int] = None) -> Dict[str, fl
 
     return evaluate(tail.model, tail.postprocessors, tail.val_loader, tail.base_ds, tail.ctx.device,
                     amp=tail.config.amp, print_freq=tail.config.print_freq, epoch=epoch,
-                    output_dir=tail.ctx.output_dir if tail.ctx.writes else None, stop=tail.stop)
+                    output_dir=tail.ctx.output_dir if tail.ctx.writes else None, stop=tail.stop,
+                    guidance=tail.config)
 
 
 def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional[DiagnosticsProbe]:
@@ -231,7 +232,8 @@ def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional
     indices, message = probe_indices(dataset_val, config.diag_images)
     if message:
         say(message, flush=True)
-    return DiagnosticsProbe(diagnostics=ReferenceDiagnostics(model), dataset=dataset_val, indices=indices)
+    return DiagnosticsProbe(diagnostics=ReferenceDiagnostics(model, seed=config.seed), dataset=dataset_val,
+                            indices=indices)
 
 
 def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
@@ -270,7 +272,7 @@ def log_pictures(tail: EpochTail, epoch: int) -> None:
     with rng_untouched(), modes_kept(tail.model):  # the evaluation transform draws from Python's random
         pictures = validation_pictures(tail.model, tail.postprocessors, tail.val_loader.dataset, indices,
                                        tail.ctx.device, amp=tail.config.amp, class_names=tail.class_names,
-                                       references=tail.config.enc_ref_mode != "none")
+                                       references=tail.config.enc_ref_mode != "none", guidance=tail.config)
     for index, picture in pictures:
         tail.tb_logger.image(f"val_images/{index}", picture, epoch + 1)
 
@@ -285,8 +287,8 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         latest = os.path.join(tail.ctx.output_dir, CHECKPOINT_NAME)
         for path in numbered_checkpoint_paths(tail.ctx.output_dir, epoch, tail.config):
             atomic_copy(latest, path)
-    record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-              "n_parameters": tail.trainable}
+    record = {"type": "epoch", "epoch": epoch, **derived_keys(tail.config),
+              **{f"train_{k}": v for k, v in train_stats.items()}, "n_parameters": tail.trainable}
     stats: Dict = {}
     if eval_due(epoch, tail.config):
         stats = run_evaluation(tail, epoch)
@@ -407,7 +409,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         stats = run_evaluation(tail)
         evaluated_epoch = checkpoint.get("epoch") if checkpoint is not None else None
         logger.write({"type": "eval", "epoch": evaluated_epoch, "checkpoint": ctx.resume or config.pretrained or None,
-                      **{f"test_{k}": v for k, v in stats.items()}})
+                      **derived_keys(config), **{f"test_{k}": v for k, v in stats.items()}})
         log_diagnostics(tail, evaluated_epoch)
         return stats
 
@@ -469,7 +471,7 @@ def train_epochs(tail: EpochTail, model, criterion, optimizer, lr_scheduler, sca
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, ctx.device, epoch, amp=config.amp,
                                       clip_max_norm=config.clip_max_norm, print_freq=config.print_freq,
                                       max_iters=config.max_iters_per_epoch, scaler=scaler, logger=tail.logger,
-                                      tb_logger=tail.tb_logger, stop=tail.stop)
+                                      tb_logger=tail.tb_logger, stop=tail.stop, guidance=config)
         lr_scheduler.step()
         if ctx.writes:
             atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config_dict(config),

@@ -12,10 +12,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from datasets.coco import resolve_ann_file
-from models.research_settings import (ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS,
-                                      check_research_settings)
+from models.research_settings import (ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS, REF_SOURCES,
+                                      check_research_settings, guidance_control, reads_decoder_queries)
 from models.backbone import tokens_of_square_image
-from models.stages import expand_stages, num_guided_encoder_layers, parse_stages
+from models.stages import expand_stages, guided_encoder_layers, parse_stages
 from util.checkpoint import atomic_write_text
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -32,7 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, type=str, help="YAML file whose keys are flag names")
     p.add_argument("--variant", default=None, type=str,
                    help="preset from configs/variants.yaml: baseline|cascade|v3.0.1|v3.0.2|v3.0.3|v3.0.4|"
-                        "v3.0.2_upstream_eval|v3.0.4_upstream_eval")
+                        "v3.0.2_upstream_eval|v3.0.4_upstream_eval; controls: v3.0.4_gt|v3.0.4_gt_distance "
+                        "(oracle: references from ground-truth boxes)|v3.0.4_random (candidates drawn at random)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", default=2e-4, type=float,
@@ -142,8 +143,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("cross-attention-guided encoder references (research)")
     g.add_argument("--enc_ref_mode", default="none", choices=("none",) + ENC_REF_MODES,
                    help="none: stock token grid; per_level: v3.0.1; per_point: v3.0.2-4")
+    g.add_argument("--ref_source", default="decoder", choices=REF_SOURCES,
+                   help="candidates for encoder references: the decoder's predictions, or the ground-truth "
+                        "boxes (gt: an oracle control that reads the targets, also at evaluation; never a detector)")
     g.add_argument("--ref_rank", default="attn", choices=REF_RANKS,
-                   help="how candidates are ranked for encoder references: class score, map weight, or both")
+                   help="how candidates are ranked per token: class score (v3.0.1), map weight, both, random "
+                        "(a control: uniform without the map, seeded per step), distance (own box, then nearest)")
     g.add_argument("--ref_queries", default="all", choices=REF_QUERY_SETS,
                    help="candidate queries for encoder references: all or one-to-one only")
     g.add_argument("--ref_keep_self", action=BOOL, default=False,
@@ -327,6 +332,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cli = list(argv) if argv is not None else None
     first = parser.parse_args(cli)
     file_values = load_yaml_config(first.config) if first.config else {}
+    for key in DERIVED_KEYS:  # a run's config.yaml: recomputed from the flags, never read back
+        file_values.pop(key, None)
     variant = first.variant if first.variant is not None else file_values.get("variant")
     preset_tokens: List[str] = []
     if variant is not None:
@@ -412,10 +419,21 @@ def config_dict(config: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+def derived_keys(config: argparse.Namespace) -> Dict[str, Any]:
+    """Keys ``config.yaml`` carries besides the flags, for readers of a run directory (scripts/summarize.py):
+    ``control: oracle`` when the encoder guidance reads the ground truth (a control, never a detector).
+    Derived from the flags, so ``--config`` drops them (``DERIVED_KEYS``) and derives them again."""
+    control = guidance_control(config.enc_ref_mode, config.ref_source)
+    return {"control": control} if control else {}
+
+
+DERIVED_KEYS = ("control",)
+
+
 def save_config(config: argparse.Namespace, path: str) -> None:
-    """``config.yaml``: the resolved configuration, written atomically."""
+    """``config.yaml``: the resolved configuration (and its ``derived_keys``), written atomically."""
     header = "# resolved configuration of this run (python main.py --config config.yaml reproduces it)\n"
-    atomic_write_text(path, header + yaml.safe_dump(config_dict(config), sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump({**config_dict(config), **derived_keys(config)}, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -568,7 +586,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
     guided_mode = args.enc_ref_mode != "none"
     if guided_mode:
-        if num_guided_encoder_layers(pairs) == 0:
+        if not guided_encoder_layers(pairs):
             fail(f"--enc_ref_mode {args.enc_ref_mode} guides encoder layers that run after a decoder layer, "
                  f"but --stages {args.stages} runs no encoder layer after a decoder layer")
         n_candidates = args.num_queries_one2one + (args.num_queries_one2many if args.ref_queries == "all" else 0)
@@ -577,7 +595,7 @@ def validate_args(args: argparse.Namespace) -> None:
                  "are candidates")
         try:  # the rules the generator itself enforces, written once in the research module
             check_research_settings(args.enc_ref_mode, args.ref_rank, args.ref_keep_self, args.attn_map_accum,
-                                    args.ref_queries, args.enc_n_points)
+                                    args.ref_queries, args.enc_n_points, args.ref_source, args.ref_grad)
         except ValueError as error:
             fail(str(error))
         if args.enc_ref_progressive:
@@ -587,6 +605,7 @@ def validate_args(args: argparse.Namespace) -> None:
                  "references (previous encoder layer's sampling vs the decoder's guidance); use one")
     else:
         for flag, value, default in (("--ref_keep_self", args.ref_keep_self, False), ("--ref_grad", args.ref_grad, False),
+                                     ("--ref_source", args.ref_source, "decoder"),
                                      ("--attn_map_accum", args.attn_map_accum, "none"),
                                      ("--ref_queries", args.ref_queries, "all"),
                                      ("--ref_eval_one2many", args.ref_eval_one2many, True)):
@@ -596,6 +615,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if not args.ref_eval_one2many and (args.ref_queries != "all" or not has_one2many):
         fail("--no-ref_eval_one2many drops one-to-many guidance candidates at inference, but there are none: "
              "it needs --ref_queries all and a one-to-many form (--num_queries_one2many > 0 or --use_ms_detr)")
+    if not args.ref_eval_one2many and guided_mode and not reads_decoder_queries(args.ref_source, args.ref_rank):
+        fail(f"--no-ref_eval_one2many drops one-to-many queries from the guidance at inference, but --ref_source "
+             f"{args.ref_source} with --ref_rank {args.ref_rank} reads no decoder query")
     if args.ref_queries == "o2o" and args.num_queries_one2many == 0 and not args.use_ms_detr:
         _warn("--ref_queries o2o without a one-to-many form: all queries are one-to-one already")
     if args.two_stage:

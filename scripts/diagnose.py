@@ -93,7 +93,7 @@ def diagnose(config, paths: Sequence[str], first: Dict) -> Tuple[int, List[Dict]
         print(message, flush=True)
     model, _, _ = models.build_model(config)
     model.to(device)
-    diagnostics = ReferenceDiagnostics(model)
+    diagnostics = ReferenceDiagnostics(model, seed=config.seed)
     evaluations = []
     for index, path in enumerate(paths):
         checkpoint = first if index == 0 else load_checkpoint(path)

@@ -93,11 +93,15 @@ def count_nodes(program, name: str) -> int:
 def export(checkpoint: str, out: str, image_size: Optional[Sequence[int]] = None, batch_size: int = 1,
            device: str = "cpu", topk: Optional[int] = None, check: bool = True, trusted: str = "") -> Dict:
     """Export, save and (``check``) reload and compare; returns a summary dict."""
+    from models.guidance import guidance_needs
     from models.inference import InferenceModel
     from predict import load_predictor
 
-    predictor = load_predictor(checkpoint, device, topk, trusted)
+    predictor = load_predictor(checkpoint, device, topk, trusted)  # refuses a model that reads the ground truth
     args = predictor.args
+    if guidance_needs(args)[1]:
+        raise InputError(f"--checkpoint {checkpoint}: --ref_rank {args.ref_rank} draws from a generator seeded per "
+                         "call, and an exported program has no seed input; export refuses it")
     size = tuple(image_size) if image_size else (args.eval_size or max(args.min_size),
                                                  max(args.eval_size or max(args.min_size), args.max_size))
     if min(size) < 32 or batch_size < 1:

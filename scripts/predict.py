@@ -177,6 +177,7 @@ def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = 
     contents = load_checkpoint(path, trusted=trust, flag="--checkpoint")
     saved = saved_config(contents)
     args = run_configuration(config_file, saved, path, resolve_device(device))
+    refuse_controls(args, path)
     args.eval = True  # compare the architecture only (not the optimiser's parameter groups)
     check_resume_configuration(saved, args, path, "--checkpoint")
     model, _, postprocessors = models.build_model(args)
@@ -186,20 +187,31 @@ def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = 
     return Predictor(model.to(device_).eval(), postprocess, args, device_, saved_class_names(contents), path)
 
 
+def refuse_controls(args, path: str) -> None:
+    """``InputError`` (one line) when the run's guidance reads the ground truth: such a model (the
+    oracle control, --ref_source gt) cannot run on images without annotations."""
+    from models.guidance import guidance_needs
+    if guidance_needs(args)[0]:
+        raise InputError(f"--checkpoint {path}: its encoder guidance reads the ground-truth boxes (--ref_source "
+                         f"{args.ref_source}): a control, not a detector; it cannot run on images alone")
+
+
 # ----------------------------------------------------------------------------- running
 
 @torch.no_grad()
-def predict_batch(predictor: Predictor, images: List, amp: str = "off") -> List[Dict[str, torch.Tensor]]:
+def predict_batch(predictor: Predictor, images: List, amp: str = "off", batch_index: int = 0
+                  ) -> List[Dict[str, torch.Tensor]]:
     """RGB PIL images -> per image {'scores' (K,), 'labels' (K,), 'boxes' (K, 4) xyxy in the image's
-    pixels}, through the run's evaluation transform, the model and its postprocessor (as evaluation)."""
+    pixels}, through the run's evaluation transform, the model and its postprocessor (as evaluation).
+    A random ranking (--ref_rank random) draws from (the run's --seed, ``batch_index``)."""
     from datasets.coco import transforms_from_args
-    from engine import autocast, outputs_to_float
+    from engine import autocast, outputs_to_float, step_guidance
     from util.nested_tensor import nested_tensor_from_tensor_list
     transform = transforms_from_args("val", predictor.args)
     tensors = [transform(image, None)[0] for image in images]
     samples = nested_tensor_from_tensor_list(tensors).to(predictor.device)
     with autocast(predictor.device, amp):
-        outputs = predictor.model(samples)
+        outputs = predictor.model(samples, guidance=step_guidance(predictor.args, None, batch_index))
     outputs = outputs_to_float(outputs)
     sizes = torch.tensor([[image.height, image.width] for image in images], device=predictor.device)
     return [{k: v.cpu() for k, v in r.items()} for r in predictor.postprocess(outputs, sizes)]
@@ -248,7 +260,7 @@ def predict(predictor: Predictor, paths: List[str], out_dir: str, score_thr: flo
                 skipped.append((paths[index], reason))
             else:
                 loaded.append((index, image))
-        results = predict_batch(predictor, [image for _, image in loaded], amp) if loaded else []
+        results = predict_batch(predictor, [image for _, image in loaded], amp, done - 1) if loaded else []
         for (index, image), result in zip(loaded, results):
             for det in to_coco_results(index + 1, result):
                 if det["score"] >= score_thr:

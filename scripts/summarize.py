@@ -226,8 +226,11 @@ def form_label(variant: str, two_stage: bool) -> str:
 
 
 def run_label(run_dir: str, config: Dict[str, Any]) -> str:
-    """'v3.0.4' or 'v3.0.4 +two-stage'; the directory name when the config names no variant."""
-    return form_label(run_identity(run_dir, config)[0], bool(config.get("two_stage")))
+    """'v3.0.4' or 'v3.0.4 +two-stage'; the directory name when the config names no variant; a control
+    (config.yaml's derived ``control``: the oracle reads the ground truth) says so:
+    'v3.0.4_gt (oracle control)'."""
+    label = form_label(run_identity(run_dir, config)[0], bool(config.get("two_stage")))
+    return f"{label} ({config['control']} control)" if config.get("control") else label
 
 
 def diagnose_output(run_dir: str) -> List[Tuple[float, Dict[str, float]]]:

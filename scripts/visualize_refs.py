@@ -100,10 +100,27 @@ def image_transform(args, resize: bool = True):
 
 def synthetic_image(args, index: int) -> torch.Tensor:
     """Image ``index`` of the synthetic validation split, as the evaluation pipeline yields it."""
+    return synthetic_sample(args, index)[0]
+
+
+def synthetic_sample(args, index: int) -> Tuple[torch.Tensor, Dict]:
+    """(image, target) ``index`` of the synthetic validation split, as the evaluation pipeline yields them."""
     from datasets import build_dataset
     dataset = build_dataset("val", args)
-    image = dataset[index][0]
-    return image.tensors[0] if hasattr(image, "tensors") else image
+    image, target = dataset[index]
+    return (image.tensors[0] if hasattr(image, "tensors") else image), target
+
+
+def load_target(spec: str, args) -> Optional[Dict]:
+    """The ground truth of ``--image`` (synthetic images have it, files do not) when the model's guidance
+    reads it (the oracle source); else None. ValueError (one line) when it is needed and absent."""
+    from models.guidance import guidance_needs
+    if not guidance_needs(args)[0]:
+        return None
+    if not spec.startswith("synthetic"):
+        raise ValueError(f"--ref_source {args.ref_source} reads the image's ground-truth boxes: use --image "
+                         "synthetic[:N] (an image file has none)")
+    return synthetic_sample(args, int(spec.split(":", 1)[1]) if ":" in spec else 0)[1]
 
 
 def display_image(tensor: torch.Tensor):
@@ -113,9 +130,12 @@ def display_image(tensor: torch.Tensor):
 
 # ----------------------------------------------------------------------------- capture
 
-def run_model(model, image: torch.Tensor, device) -> Tuple[Dict, Capture]:
-    """One inference pass on one image with the hooks attached; returns (outputs, capture)."""
-    return run_captured(model, [image.to(device)])
+def run_model(model, image: torch.Tensor, device, args=None, target: Optional[Dict] = None) -> Tuple[Dict, Capture]:
+    """One inference pass on one image with the hooks attached; returns (outputs, capture). ``args``,
+    ``target``: what the model's guidance reads beyond the image (the ground truth, a seed), if anything."""
+    from engine import step_guidance
+    guidance = step_guidance(args, None if target is None else [target], 0)
+    return run_captured(model, [image.to(device)], guidance=guidance)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -210,12 +230,13 @@ def _save(fig, path: str) -> None:
 
 def visualize(args, image: torch.Tensor, out_dir: str, tokens: int = 4, token_ids: Optional[List[int]] = None,
               score_thresh: float = 0.3, map_layer: int = -1, map_queries: str = "all", model=None,
-              postprocessors=None) -> List[str]:
-    """Run the model on ``image`` (normalised (3, H, W)) and write the PNGs; returns their paths."""
+              postprocessors=None, target: Optional[Dict] = None) -> List[str]:
+    """Run the model on ``image`` (normalised (3, H, W)) and write the PNGs; returns their paths.
+    ``target``: the image's ground truth, for a model whose guidance reads it (``load_target``)."""
     if model is None:
         model, postprocessors = load_model(args)
     os.makedirs(out_dir, exist_ok=True)
-    outputs, capture = run_model(model, image, args.device)
+    outputs, capture = run_model(model, image, args.device, args, target)
     shapes = level_shapes(capture)
     written = [os.path.join(out_dir, "predictions.png")]
     draw_predictions(image, outputs, postprocessors, score_thresh, written[-1])
@@ -238,9 +259,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(parser)
     own, main_argv = parser.parse_known_args(argv)
     args = build_args(main_argv)
+    try:
+        target = load_target(own.image, args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     image = load_image(own.image, args, resize=own.resize)
     paths = visualize(args, image, own.out, tokens=own.tokens, token_ids=own.token_ids,
-                      score_thresh=own.score_thresh, map_layer=own.map_layer, map_queries=own.map_queries)
+                      score_thresh=own.score_thresh, map_layer=own.map_layer, map_queries=own.map_queries,
+                      target=target)
     for path in paths:
         print(path)
     return 0

@@ -155,8 +155,8 @@ class _NaNBoxesAfter(torch.nn.Module):
         super().__init__()
         self.model, self.start, self.calls = model, start, 0
 
-    def forward(self, samples, targets=None):
-        out = self.model(samples, targets)
+    def forward(self, samples, targets=None, guidance=None):
+        out = self.model(samples, targets, guidance=guidance)
         self.calls += 1
         if self.calls > self.start:
             out["pred_boxes"] = out["pred_boxes"] * float("nan")

@@ -21,6 +21,7 @@ import visualize_refs  # noqa: E402
 from cli.config import expand_stages, load_variants, parse_args  # noqa: E402
 
 VARIANTS = ["baseline", "cascade", "v3.0.1", "v3.0.2", "v3.0.3", "v3.0.4"]
+CONTROLS = ["v3.0.4_gt", "v3.0.4_gt_distance", "v3.0.4_random"]
 
 # a small model whose cascade schedule has one guided encoder layer (the second)
 TINY_GUIDED = ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32",
@@ -165,6 +166,20 @@ def test_summarize_seeds_means_spreads_and_paired_differences(tmp_path, capsys):
     assert mean == pytest.approx([0.25, (0.33 + 0.36) / 2]) and low == pytest.approx([0.20, 0.33])
     assert high == pytest.approx([0.30, 0.36])
     assert out_png.stat().st_size > 1000
+
+
+def test_summarize_labels_controls(tmp_path, capsys):
+    """A run whose config.yaml says ``control: oracle`` (references from ground truth) reads as a control
+    in every table; it is still paired with the control variant by seed."""
+    _seeded(tmp_path, "cascade", 0, [0.30])
+    _write_run(tmp_path / "v3.0.4_gt" / "seed0", {"variant": "v3.0.4_gt", "seed": 0, "epochs": 1, "control": "oracle"},
+               [_epoch(0, 0.40)])
+    assert summarize.main([str(tmp_path / "cascade"), str(tmp_path / "v3.0.4_gt"), "--control", "cascade",
+                           "--out", "", "--plot", ""]) == 0
+    tables = _tables(capsys.readouterr().out)
+    assert "v3.0.4_gt (oracle control)" in tables["Variants over seeds"]
+    paired = tables["Paired difference to cascade"]["v3.0.4_gt (oracle control)"]
+    assert paired[:3] == ["1", "0", "+10.0 ± n/a [+10.0]"]
 
 
 def test_summarize_resumed_log_keeps_the_last_record_per_epoch(tmp_path):
@@ -344,6 +359,27 @@ def test_visualize_refs_on_synthetic_image(tmp_path):
     assert all((out / name).stat().st_size > 1000 for name in os.listdir(out))
 
 
+@pytest.mark.parametrize("variant", ["v3.0.4_gt", "v3.0.4_random"])
+def test_visualize_refs_runs_the_controls(tmp_path, capsys, variant):
+    """The oracle reads the synthetic image's ground truth (a file has none: one line, exit 2); the
+    random ranking gets its seed."""
+    data = ["--dataset_file", "synthetic", "--coco_path", str(tmp_path / "data"), "--synthetic_num_train", "1",
+            "--synthetic_num_val", "3", "--synthetic_image_size", "64", "--eval_size", "64", "--max_size", "96",
+            "--num_classes", "7"]
+    out = tmp_path / "vis"
+    argv = ["--image", "synthetic:1", "--out", str(out), "--tokens", "1"] + TINY_GUIDED + data + ["--variant", variant]
+    assert visualize_refs.main(argv) == 0
+    assert sorted(os.listdir(out)) == ["attn_map.png", "predictions.png", "refs_token_0.png"]
+    if variant == "v3.0.4_gt":
+        from PIL import Image
+        Image.new("RGB", (40, 30)).save(tmp_path / "img.png")
+        argv[1] = str(tmp_path / "img.png")
+        capsys.readouterr()
+        assert visualize_refs.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--image synthetic" in err[0]
+
+
 @pytest.mark.parametrize("height, width, expected", [
     # upstream's rule at eval_size 480, max_size 800 (see datasets.transforms.scaled_size)
     (100, 177, (452, 800)),   # 1.77 * 480 = 849.6 > 800: shorter side round(800 * 100 / 177) = round(451.98)
@@ -465,7 +501,7 @@ def test_config_file_parses(path):
     assert args.device == "cpu"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + CONTROLS)
 def test_variant_config_keeps_its_preset(variant):
     """The research base file must not override the knobs the variant preset sets."""
     args = parse_args(["--config", os.path.join(ROOT, "configs", f"{variant}.yaml"), "--device", "cpu",
@@ -539,6 +575,16 @@ def test_ablation_runs_every_seed_of_every_variant(tmp_path):
     assert summary == [["scripts/summarize.py"] + expected_dirs + ["--control", "cascade", "--out",
                                                                    "outputs/ablation.md", "--plot",
                                                                    "outputs/ablation.png"]]
+
+
+def test_ablation_runs_the_controls_when_asked(tmp_path):
+    trains, summary = _ablation(tmp_path, VARIANTS="cascade v3.0.4", STAGE_MODES="single", CONTROLS="1")
+    rows = ["cascade", "v3.0.4"] + CONTROLS
+    assert [t[t.index("--output_dir") + 1] for t in trains] == [f"outputs/{v}" for v in rows]
+    assert all(t[t.index("--config") + 1].endswith(f"configs/{v}.yaml")
+               for t, v in zip(trains, rows))
+    trains, _ = _ablation(tmp_path, VARIANTS="cascade", STAGE_MODES="single")
+    assert len(trains) == 1
 
 
 def test_ablation_without_seeds_runs_once_as_before(tmp_path):

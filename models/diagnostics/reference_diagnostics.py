@@ -14,7 +14,7 @@ chance-normalised FSR is a per-image ratio averaged over images. A metric with n
 boxes, no guidance, first evaluation for the across-evaluation ones) is absent, never NaN.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -23,8 +23,10 @@ from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 from ..deformable_transformer import encoder_reference_points
 from ..enc_reference import GuidancePicks
+from ..guidance import guidance_inputs
 from ..level_layout import LevelLayout, valid_size
 from ..matcher import HungarianMatcher
+from ..stages import guided_encoder_layers
 from . import metrics
 from .geometry import covered_area_fraction, inside_any_box, match_to_ground_truth, smallest_containing_box
 from .recording import EncoderLayerRecord, record_encoder
@@ -85,16 +87,6 @@ class _ProbeImage:
         return self.boxes.shape[0] > 0
 
 
-def _guides_some_layer(stages: Sequence[Tuple[int, int]]) -> bool:
-    """Whether an encoder layer runs after a decoder layer in the stage schedule."""
-    decoder_layers_run = 0
-    for n_enc, n_dec in stages:
-        if n_enc and decoder_layers_run:
-            return True
-        decoder_layers_run += n_dec
-    return False
-
-
 def _per_group(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """values (N, ...) and groups (N,) -> per group sums (num_groups,) and item counts (num_groups,)."""
     per_row = values.float().reshape(values.shape[0], -1)
@@ -108,18 +100,23 @@ class ReferenceDiagnostics:
 
     model: the eager DeformableDETR. matcher: the one-to-one matcher of D3's matching instability
     (default: HungarianMatcher with the flags' default costs; pass the criterion's to use its costs).
+    seed: the run's --seed; a guidance that draws random numbers gets (seed, probe batch index).
+    A guidance that reads the ground truth (the oracle source) gets the probe images' targets.
     """
 
-    def __init__(self, model, matcher: Optional[HungarianMatcher] = None, match_threshold: float = 0.5):
+    def __init__(self, model, matcher: Optional[HungarianMatcher] = None, match_threshold: float = 0.5,
+                 seed: int = 0):
         self.model = model
         transformer = model.transformer
         self.generator = transformer.enc_reference_generator
-        self.guided = self.generator is not None and _guides_some_layer(transformer.stages)
+        self.guided = self.generator is not None and bool(guided_encoder_layers(transformer.stages))
         # D3 describes guidance like D1, D2 and D6: a stock configuration reports D4-D5 only, the
         # comparison every variant is read against (issue 18); two-stage queries are not learned
         self.learned_queries = self.guided and not model.two_stage
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.match_threshold = match_threshold
+        self.seed = seed
+        self._batches = 0  # probe batches of this pass (the random ranking's seed)
         self._previous: Dict[int, dict] = {}  # image_id -> what the previous evaluation saw
         self._current: Dict[int, dict] = {}
         self._tally = Tally()
@@ -135,6 +132,7 @@ class ReferenceDiagnostics:
             self._previous = self._current
         self._current = {}
         self._tally = Tally()
+        self._batches = 0
 
     def finish(self) -> Dict[str, float]:
         """The pass's metrics: flat {key: float}; metrics without any item are absent."""
@@ -155,11 +153,13 @@ class ReferenceDiagnostics:
             samples = nested_tensor_from_tensor_list(list(samples))
         samples = samples.to(device)
         images = self._probe_images(samples, targets, device)
+        guidance = guidance_inputs(self.generator, targets, (self.seed, self._batches))
+        self._batches += 1
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
             with record_encoder(self.model, lambda record: self._encoder_layer(record, images)) as updates:
-                outputs = self.model(samples)
+                outputs = self.model(samples, guidance=guidance)
         finally:
             for module, mode in modes:
                 module.training = mode
