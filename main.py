@@ -27,11 +27,11 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 
 import util.dist as dist_utils
 from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
+from cli.checkpoint_config import configuration_for_checkpoint, differences_from_checkpoint
 from cli.config import Config, config_dict, parse_args, resolve_config, save_config, validate_paths
-from util.checkpoint import (CHECKPOINT_NAME, all_differences, atomic_copy, atomic_save,
-                             check_resume_configuration, checkpoint_state, fault_point, find_latest_checkpoint,
-                             load_checkpoint, numbered_checkpoint_paths, remove_stale_temp_files,
-                             resume_training_state, saved_config, schedule_from_checkpoint)
+from util.checkpoint import (CHECKPOINT_NAME, atomic_copy, atomic_save, checkpoint_state, fault_point,
+                             find_latest_checkpoint, load_checkpoint, numbered_checkpoint_paths,
+                             remove_stale_temp_files, resume_training_state, saved_config)
 from util.dist import DistInfo, say
 from util.errors import InputError, one_line_message
 from util.interrupt import RunInterrupted, StopSignals
@@ -178,7 +178,7 @@ def load_model_weights(model, path: str, strict: bool, flag: str = "--resume",
         raise InputError(f"{flag} {path} does not match this model's configuration: "
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-                         + (all_differences(saved, config) if saved is not None else ""))
+                         + differences_from_checkpoint(saved, config))
 
 
 def compile_if_asked(model: torch.nn.Module, config) -> torch.nn.Module:
@@ -372,9 +372,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     # every checkpoint is read (and checked) once, here, before the data and the model are built
     checkpoint = ctx.read(ctx.resume, resume_flag) if ctx.resume else None
     if checkpoint is not None:
-        check_resume_configuration(saved_config(checkpoint), config, ctx.resume, resume_flag)
-        if not config.eval:
-            config = config.replace(**schedule_from_checkpoint(saved_config(checkpoint), config, ctx.resume))
+        config = configuration_for_checkpoint(saved_config(checkpoint), config, ctx.resume, resume_flag)
     pretrained = ctx.read(config.pretrained, "--pretrained") if config.pretrained else None
     if pretrained is not None:
         models.read_state_dict(config.pretrained, loaded=pretrained)  # holds a state dict, or a one-line error
@@ -421,8 +419,9 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
     start_epoch, resumed_stats = config.start_epoch, {}
     if checkpoint is not None:
-        start_epoch, resumed_stats = resume_training_state(checkpoint, ctx.resume, optimizer, lr_scheduler, scaler,
-                                                           config)
+        start_epoch, resumed_stats = resume_training_state(
+            checkpoint, ctx.resume, optimizer, lr_scheduler, scaler,
+            differences_from_checkpoint(saved_config(checkpoint), config))
         say(f"resumed from {ctx.resume}: starting at epoch {start_epoch}", flush=True)
     del checkpoint  # every part is loaded: do not hold a second copy of the weights through training
     if ctx.writes:
