@@ -1,5 +1,5 @@
 """A resumed (or evaluated) checkpoint is the same experiment; upstream-style checkpoints resume and
-evaluate (issue 27, defects 1 and 4).
+evaluate; --eval keeps its files apart from the training run's (issue 27, defects 1, 4 and 12).
 
 Runs go through ``main.cli`` (exit code and stderr as a user sees them) with the demo's
 configuration shrunk to one iteration on 64 px images.
@@ -143,3 +143,55 @@ def test_an_upstream_checkpoint_that_does_not_fit_is_named_in_one_line(data_dir,
         code, err = cli(synthetic_flags(data_dir, tmp_path / "out", "--epochs", "2", *how), capsys)
         assert_one_line_error(code, err, "--hidden_dim 64 (checkpoint: 256)",
                               "--with_box_refine False (checkpoint: True)")
+
+
+# ----------------------------------------------------------------------------- defect 12
+
+def test_eval_into_a_training_run_leaves_its_files_alone(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = demo_flags(data_dir, out, "--variant", "v3.0.2", "--epochs", "1", "--diag_images", "1")
+    code, err = cli(flags, capsys)
+    assert code == 0, err
+    names = ("config.yaml", "log.jsonl", "detections_val.json")
+    before = {name: (out / name).read_bytes() for name in names}
+    code, err = cli(flags + ["--eval", "--resume", str(out / "checkpoint.pth")], capsys)
+    assert code == 0, err
+    assert {name: (out / name).read_bytes() for name in names} == before
+    # the evaluation's own files, its records typed as an evaluation's
+    evaluation = out / "eval"
+    assert yaml.safe_load((evaluation / "config.yaml").read_text())["eval"] is True
+    records = [r for r in read_log(evaluation / "log.jsonl") if r["type"] != "data"]
+    assert [(r["type"], r["epoch"]) for r in records] == [("eval", 0), ("eval_diag", 0)]
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import summarize
+
+    assert summarize.load_run(str(evaluation)).diag_curve[0]["epoch"] == 0  # an --eval run's own diagnostics
+
+
+def test_summaries_never_mix_eval_records_into_a_training_run(tmp_path):
+    """A training log with --eval records appended (an older main.py --eval into the run's directory,
+    or today's eval/ subfolder's types): the training's numbers count."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import summarize
+
+    def write(run, records):
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"variant": "v3.0.2", "seed": 0, "epochs": 1}))
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(run)
+
+    training = [{"type": "train", "epoch": 0, "iter": 0, "sec_per_iter": 1.0},
+                {"type": "epoch", "epoch": 0, "test_AP": 0.1, "test_AP50": 0.2},
+                {"type": "diag", "epoch": 0, "N": 4, "D4/fsr_in": 0.5}]
+    old_eval = [{"type": "data", "split": "val"}, {"type": "eval", "epoch": 0, "test_AP": 0.9, "test_AP50": 0.95},
+                {"type": "diag", "epoch": 0, "N": 4, "D4/fsr_in": 0.9}]
+    new_eval = [{"type": "eval", "epoch": 0, "test_AP": 0.9, "test_AP50": 0.95},
+                {"type": "eval_diag", "epoch": 0, "N": 4, "D4/fsr_in": 0.9}]
+    for name, appended in (("old", old_eval), ("new", new_eval)):
+        run = summarize.load_run(write(tmp_path / name, training + appended))
+        assert run.final["AP"] == 0.1 and run.final_diag["D4/fsr_in"] == 0.5, name
+        assert "2 --eval records ignored" in run.notes, (name, run.notes)
+    # an evaluation's own directory is summarised from its records
+    alone = summarize.load_run(write(tmp_path / "alone", new_eval))
+    assert alone.final["AP"] == 0.9 and alone.final_diag["D4/fsr_in"] == 0.9
