@@ -30,7 +30,7 @@ def check_checkpoint_configuration(saved: Dict[str, Any], config, path: str, fla
         advice = ("--eval evaluates the model the checkpoint is: use its values of these flags, or load its weights "
                   f"into this configuration with --pretrained {path} instead of --resume")
     elif advice is None:
-        advice = ("a resumed run continues the checkpoint's experiment: resume with its values, or start a new run "
+        advice = ("A resumed run continues the checkpoint's experiment: resume with its values, or start a new run "
                   f"in another --output_dir (with --pretrained {path} to start from its weights)")
     kind = "model" if evaluating else "experiment-defining"
     raise InputError(f"{flag} {path} was made with other {kind} flags: {describe_differences(different)}. {advice}")
