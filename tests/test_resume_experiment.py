@@ -82,6 +82,24 @@ def test_eval_resume_may_change_the_evaluation_flags(v302_run, data_dir, tmp_pat
     assert [r["type"] for r in read_log(out / "log.jsonl")][-1] == "eval"
 
 
+def test_predict_refuses_a_config_yaml_of_another_variant(v302_run, data_dir, tmp_path, capsys):
+    """The state a silent resume left behind (config.yaml says v3.0.4, the checkpoint is v3.0.2):
+    predict.py used to run the v3.0.2 weights as v3.0.4."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import predict
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pth").write_bytes((v302_run / "checkpoint.pth").read_bytes())
+    text = (v302_run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("variant: v3.0.2", "variant: v3.0.4")
+                                     .replace("ref_keep_self: false", "ref_keep_self: true"))
+    code = predict.main(["--checkpoint", str(run), "--images", str(data_dir / "val2017"), "--out", str(tmp_path / "p"),
+                         "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, "--checkpoint", "--ref_keep_self True (checkpoint: False)")
+
+
 def test_training_on_with_another_evaluation_flag_is_refused(v302_run, data_dir, tmp_path, capsys):
     code, err = cli(demo_flags(data_dir, tmp_path / "more", "--variant", "v3.0.2", "--no-ref_eval_one2many",
                                "--epochs", "2", "--resume", v302_run / "checkpoint.pth"), capsys)
