@@ -11,6 +11,10 @@ With ``--diag_images N`` (> 0) every evaluation is followed by the reference dia
 (docs/design.md §9) on the first N validation images, on the main process only: one ``diag``
 record in ``log.jsonl`` and TensorBoard scalars under ``diag/``.
 
+``--eval`` writes its own ``config.yaml``, ``log.jsonl`` (an ``eval`` record, and an ``eval_diag``
+record for the diagnostics) and detections; given a training run's output directory, it writes
+them to that directory's ``eval/`` subfolder, so the run's own files stay the training's.
+
 An epoch is one recoverable unit: training, then ``checkpoint.pth`` (which also holds the epoch's
 training statistics), then the epoch's tail -- numbered copy, evaluation, the ``epoch`` record in
 ``log.jsonl``. The record is written last, so its absence tells a resumed run (``--auto_resume``,
@@ -27,11 +31,11 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 
 import util.dist as dist_utils
 from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
+from cli.checkpoint_config import configuration_for_checkpoint, differences_from_checkpoint
 from cli.config import Config, config_dict, derived_keys, parse_args, resolve_config, save_config, validate_paths
-from util.checkpoint import (CHECKPOINT_NAME, all_differences, atomic_copy, atomic_save,
-                             check_resume_configuration, checkpoint_state, fault_point, find_latest_checkpoint,
-                             load_checkpoint, numbered_checkpoint_paths, remove_stale_temp_files,
-                             resume_training_state, saved_config, schedule_from_checkpoint)
+from util.checkpoint import (CHECKPOINT_NAME, atomic_copy, atomic_save, checkpoint_state, fault_point,
+                             find_latest_checkpoint, load_checkpoint, numbered_checkpoint_paths,
+                             remove_stale_temp_files, resume_training_state, saved_config)
 from util.dist import DistInfo, say
 from util.errors import InputError, one_line_message
 from util.interrupt import RunInterrupted, StopSignals
@@ -178,7 +182,7 @@ def load_model_weights(model, path: str, strict: bool, flag: str = "--resume",
         raise InputError(f"{flag} {path} does not match this model's configuration: "
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-                         + (all_differences(saved, config) if saved is not None else ""))
+                         + differences_from_checkpoint(saved, config))
 
 
 def compile_if_asked(model: torch.nn.Module, config) -> torch.nn.Module:
@@ -236,9 +240,10 @@ def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional
                             indices=indices)
 
 
-def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
+def log_diagnostics(tail: EpochTail, epoch: Optional[int], record_type: str = "diag") -> Dict[str, float]:
     """Measure the reference diagnostics once (when this process has a probe) and write the
-    ``diag`` record and TensorBoard scalars. Returns the metrics ({} when none were measured)."""
+    ``diag`` record (``record_type``: ``eval_diag`` under ``--eval``) and TensorBoard scalars.
+    Returns the metrics ({} when none were measured)."""
     from datasets.probe import probe_batches
     from engine import reference_diagnostics
 
@@ -250,7 +255,7 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
     batches = probe_batches(tail.probe.dataset, tail.probe.indices, tail.config.batch_size)
     metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device)
     seconds = time.time() - start
-    tail.logger.write({"type": "diag", "epoch": epoch, "N": len(tail.probe.indices), **metrics,
+    tail.logger.write({"type": record_type, "epoch": epoch, "N": len(tail.probe.indices), **metrics,
                        "diag_time": seconds})
     if epoch is not None:
         tail.tb_logger.scalars("diag", metrics, epoch + 1)
@@ -324,6 +329,36 @@ def unfinished_epoch(ctx: RunContext, logger: JsonlLogger, start_epoch: int) -> 
     return bool(dist_utils.broadcast_int(unfinished, ctx.device))
 
 
+def holds_training_run(output_dir: str) -> bool:
+    """Whether ``output_dir`` holds a training run's files: a checkpoint, or a config.yaml that is
+    not an ``--eval`` run's (an unreadable one counts: it is not ours to overwrite)."""
+    if find_latest_checkpoint(output_dir) is not None:
+        return True
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return False
+    import yaml
+
+    try:
+        with open(path) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return True
+    return not (isinstance(saved, dict) and saved.get("eval") is True)
+
+
+def evaluation_output_dir(config: Config) -> Config:
+    """``--eval`` into a training run's output directory writes to its ``eval/`` subfolder instead,
+    so that the run's config.yaml, log.jsonl and detections stay the run's (and summaries never
+    mix an evaluation's records with the training's). Other runs: ``config`` unchanged."""
+    if not (config.eval and config.output_dir and holds_training_run(config.output_dir)):
+        return config
+    folder = os.path.join(config.output_dir, "eval")
+    say(f"--eval: {config.output_dir} holds a training run; this evaluation writes to {folder} (config.yaml, "
+        "log.jsonl, detections_val.json)", flush=True)
+    return config.replace(output_dir=folder)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args) -> Dict:
@@ -335,10 +370,12 @@ def main(args) -> Dict:
 def run(args, config: Config) -> Dict:
     """Join the job, own the output directory, then train or evaluate. ``args``: the parsed flags
     (for --resume / --auto_resume); ``config``: their resolved configuration (``prepare``)."""
+    resume = resume_path(args, config.output_dir or None)  # --eval --auto_resume: the run's latest checkpoint
+    config = evaluation_output_dir(config)
     place = dist_utils.init_distributed_mode(config.device, config.local_rank)
     output_dir = config.output_dir or None
     ctx = RunContext(place=place, device=torch.device(place.device), output_dir=output_dir,
-                     resume=resume_path(args, output_dir), trusted_checkpoint=args.unsafe_trust_checkpoint)
+                     resume=resume, trusted_checkpoint=args.unsafe_trust_checkpoint)
     lock = OutputDirLock(output_dir) if dist_utils.is_main_process() and output_dir else None
     if lock is not None:
         os.makedirs(output_dir, exist_ok=True)
@@ -375,16 +412,14 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     # every checkpoint is read (and checked) once, here, before the data and the model are built
     checkpoint = ctx.read(ctx.resume, resume_flag) if ctx.resume else None
     if checkpoint is not None:
-        check_resume_configuration(saved_config(checkpoint), config, ctx.resume, resume_flag)
-        if not config.eval:
-            config = config.replace(**schedule_from_checkpoint(saved_config(checkpoint), config, ctx.resume))
+        config = configuration_for_checkpoint(saved_config(checkpoint), config, ctx.resume, resume_flag)
     pretrained = ctx.read(config.pretrained, "--pretrained") if config.pretrained else None
     if pretrained is not None:
         models.read_state_dict(config.pretrained, loaded=pretrained)  # holds a state dict, or a one-line error
     # annotation files are checked here, before the model is built and long before any training
     train_loader, val_loader, train_sampler, seeder, base_ds = build_data(config, ctx)
     if ctx.writes:
-        save_config(config, os.path.join(ctx.output_dir, "config.yaml"))
+        save_config(config, os.path.join(ctx.output_dir, "config.yaml"), evaluated=ctx.resume if config.eval else None)
     logger = JsonlLogger(os.path.join(ctx.output_dir, "log.jsonl") if ctx.writes else None)
     data_summaries([("train", train_loader), ("val", val_loader)], logger)
 
@@ -410,7 +445,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         evaluated_epoch = checkpoint.get("epoch") if checkpoint is not None else None
         logger.write({"type": "eval", "epoch": evaluated_epoch, "checkpoint": ctx.resume or config.pretrained or None,
                       **derived_keys(config), **{f"test_{k}": v for k, v in stats.items()}})
-        log_diagnostics(tail, evaluated_epoch)
+        log_diagnostics(tail, evaluated_epoch, record_type="eval_diag")
         return stats
 
     training_model = model
@@ -424,8 +459,9 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
     start_epoch, resumed_stats = config.start_epoch, {}
     if checkpoint is not None:
-        start_epoch, resumed_stats = resume_training_state(checkpoint, ctx.resume, optimizer, lr_scheduler, scaler,
-                                                           config)
+        start_epoch, resumed_stats = resume_training_state(
+            checkpoint, ctx.resume, optimizer, lr_scheduler, scaler,
+            differences_from_checkpoint(saved_config(checkpoint), config))
         say(f"resumed from {ctx.resume}: starting at epoch {start_epoch}", flush=True)
     del checkpoint  # every part is loaded: do not hold a second copy of the weights through training
     if ctx.writes:

@@ -169,7 +169,8 @@ def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = 
     import models
     from main import load_model_weights
     from models.postprocess import PostProcess
-    from util.checkpoint import check_resume_configuration, load_checkpoint, saved_class_names, saved_config
+    from util.checkpoint import load_checkpoint, saved_class_names, saved_config
+    from cli.checkpoint_config import check_checkpoint_configuration
     from cli.config import resolve_device
 
     path, config_file = checkpoint_files(checkpoint)
@@ -178,8 +179,11 @@ def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = 
     saved = saved_config(contents)
     args = run_configuration(config_file, saved, path, resolve_device(device))
     refuse_controls(args, path)
-    args.eval = True  # compare the architecture only (not the optimiser's parameter groups)
-    check_resume_configuration(saved, args, path, "--checkpoint")
+    args.eval = True
+    # what defines the experiment must be the checkpoint's; evaluation flags may differ, as for --eval
+    check_checkpoint_configuration(saved, args, path, "--checkpoint", evaluating=True,
+                                   advice=f"its configuration ({config_file or 'the one it records'}) is not the "
+                                          "one the checkpoint was made with")
     model, _, postprocessors = models.build_model(args)
     load_model_weights(model, path, strict=True, flag="--checkpoint", saved=saved, config=args, loaded=contents)
     device_ = torch.device(args.device)

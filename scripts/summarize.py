@@ -33,7 +33,10 @@ Runs still in progress, runs without any evaluation yet and half-written last li
 reported, not fatal: a summary is most useful exactly while the table is still being filled in.
 A resumed run may log an epoch (or a print window) more than once (the trainer is meant not to,
 but logs written before that, or by other trainers, do): the last record of each epoch (each
-window) counts, the earlier ones are dropped.
+window) counts, the earlier ones are dropped. ``main.py --eval`` writes ``eval`` and ``eval_diag``
+records: a directory holding only those (an evaluation's own ``--output_dir``) is summarised from
+them; in a training run's log (an ``--eval`` into the run's directory by an older main.py) they are
+ignored with a note, so an evaluation made another way never replaces the training's numbers.
 """
 import argparse
 import json
@@ -265,6 +268,23 @@ def _is_epoch_record(record: Dict[str, Any]) -> bool:
     return "epoch" in record and not any(k in record for k in ("iter", "iteration", "step"))
 
 
+def _is_training_record(record: Dict[str, Any]) -> bool:
+    """A record only training writes: a print window or an epoch (upstream logs: no type, an epoch)."""
+    kind = record.get("type") or record.get("kind")
+    return str(kind).lower() in ("train", "epoch") if kind is not None else "epoch" in record
+
+
+def evaluation_records(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The records ``main.py --eval`` wrote: ``eval`` and ``eval_diag``, and (logs written before
+    --eval had its own diagnostics type) a ``diag`` record directly after an ``eval`` record."""
+    found = []
+    for index, record in enumerate(records):
+        kind = record.get("type")
+        if kind in ("eval", "eval_diag") or (kind == "diag" and index > 0 and records[index - 1].get("type") == "eval"):
+            found.append(record)
+    return found
+
+
 def load_run(run_dir: str) -> Run:
     """Read one output directory; missing files become notes rather than errors.
 
@@ -285,8 +305,16 @@ def load_run(run_dir: str) -> Run:
     evaluations: Dict[float, Dict[str, float]] = {}      # epoch -> metrics, the last record wins
     windows: Dict[Tuple[float, float], float] = {}        # (epoch, iteration) -> seconds per iteration
     diagnosed: Dict[float, Dict[str, float]] = {}          # epoch -> overall diagnostics, the last record wins
-    for record in read_jsonl(log_path):
-        if record.get("type") == "diag":
+    records = list(read_jsonl(log_path))
+    if any(map(_is_training_record, records)):
+        # an --eval into the training run's own directory (main.py now writes it to eval/) measured
+        # the model in its own way: its records are not the training's evaluations
+        evaluated = {id(record) for record in evaluation_records(records)}
+        records = [record for record in records if id(record) not in evaluated]
+        if evaluated:
+            run.notes.append(f"{len(evaluated)} --eval records ignored")
+    for record in records:
+        if record.get("type") in ("diag", "eval_diag"):
             epoch = _as_number(record.get("epoch"))
             diagnosed[epoch if epoch is not None else float(len(diagnosed))] = overall_diagnostics(record)
             continue

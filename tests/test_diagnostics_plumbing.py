@@ -255,7 +255,7 @@ def test_eval_runs_the_diagnostics_when_asked(data_dir, run_root, tmp_path):
     trained, _ = _run(data_dir, run_root, "v3.0.4", 0)
     flags = one_epoch_smoke_flags(data_dir, tmp_path / "eval", num_val=NUM_VAL) + COMMON + VARIANTS["v3.0.4"]
     main_module.main(parse_args(flags + ["--eval", "--resume", str(trained / "checkpoint.pth"), "--diag_images", "2"]))
-    records = [r for r in _read_log(tmp_path / "eval" / "log.jsonl") if r["type"] == "diag"]
+    records = [r for r in _read_log(tmp_path / "eval" / "log.jsonl") if r["type"] == "eval_diag"]  # --eval's own type
     assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["N"] == 2
     assert "D6/coverage" in records[0]
 

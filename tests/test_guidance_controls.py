@@ -145,7 +145,7 @@ def test_oracle_eval_reads_the_targets(oracle_run, tmp_path):
     assert "AP" in stats
     records = _log(tmp_path / "eval" / "log.jsonl")
     assert [r["control"] for r in records if r["type"] == "eval"] == ["oracle"]
-    assert [r["type"] for r in records].count("diag") == 1
+    assert [r["type"] for r in records].count("eval_diag") == 1
 
 
 def test_predict_and_export_refuse_an_oracle_checkpoint(oracle_run, tmp_path, capsys):
