@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 from util.errors import InputError
 
 LOCK_NAME = ".lock"
+# lock files this process holds (real paths): a lock naming this process's id is ours only if listed
+_HELD_HERE = set()
 
 
 def _process_alive(pid: int) -> bool:
@@ -21,12 +23,15 @@ def _process_alive(pid: int) -> bool:
 class OutputDirLock:
     """Ownership of an output directory by one run: the file ``.lock`` holding "pid host [slurm job id]".
 
-    ``acquire`` creates it exclusively. If it exists: a lock of a process that is gone (same
-    host) is taken over with a message, and so is one left by the same SLURM job (a requeued job
-    restarts under its old job id, possibly on another node, after its first run was preempted);
-    any other lock is an ``InputError`` naming the owner. A lock from another host cannot be
-    checked, so it is an error too (delete the file if that run is known to be dead). ``release``
-    removes the file if it is still ours.
+    ``acquire`` creates it exclusively. If it exists, it is taken over (with a message) only when
+    its owner is known to be gone: on this host, a process id that no longer runs (or this
+    process's own id, not held by this process: a restart that got the same id, as in a
+    container); on another host, a lock of this SLURM job (a requeued job restarts under its old
+    job id on whichever node it gets, after its first run was preempted). A live process on this
+    host owns the directory even under the same SLURM job id (a second launch inside one
+    allocation), so that, and any lock from another host that is not this job's, is an
+    ``InputError`` naming the owner (delete the file if that run is known to be dead).
+    ``release`` removes the file if it is still ours.
     """
 
     def __init__(self, output_dir: str):
@@ -48,10 +53,14 @@ class OutputDirLock:
         """Why an existing lock may be taken over, or None when it belongs to a live (or unknown) run."""
         if pid is None:
             return None
+        if host == socket.gethostname():
+            if pid == os.getpid() and os.path.realpath(self.path) not in _HELD_HERE:
+                return f"of process {pid} (this process's id, reused: that run is gone)"
+            if not _process_alive(pid):
+                return f"of process {pid} (no longer running)"
+            return None
         if self.job and job == self.job:
             return f"left by this SLURM job's earlier run (job {job}, process {pid} on {host}; requeued)"
-        if host == socket.gethostname() and not _process_alive(pid):
-            return f"of process {pid} (no longer running)"
         return None
 
     def acquire(self) -> None:
@@ -70,12 +79,15 @@ class OutputDirLock:
                     continue
                 owner = f"process {pid} on host {host}" if pid is not None else "an unreadable owner"
                 owner += f" (SLURM job {job})" if job else ""
+                if pid is not None and self.job and job == self.job:
+                    owner += ", still running under this same SLURM job (a second launch in one allocation?)"
                 raise InputError(f"--output_dir {os.path.dirname(self.path)} is in use by {owner} (lock file "
                                  f"{self.path}); use another --output_dir, or delete the lock file if that run "
                                  "is dead") from None
             with os.fdopen(fd, "w") as f:
                 f.write(self.owner + "\n")
             self.held = True
+            _HELD_HERE.add(os.path.realpath(self.path))
             return
         raise InputError(f"could not take the lock {self.path}: other runs keep starting in the same --output_dir")
 
@@ -83,6 +95,7 @@ class OutputDirLock:
         if not self.held:
             return
         self.held = False
+        _HELD_HERE.discard(os.path.realpath(self.path))
         try:
             with open(self.path) as f:
                 if f.read().strip() != self.owner:
