@@ -45,13 +45,15 @@ from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everyt
 class RunContext:
     """What this process is in this run, next to the read-only configuration: its place in the job
     (rank, world size, local GPU, backend), its device, the output directory (None: write nothing)
-    and the checkpoint it continues from ('' when none: ``--resume``, or what ``--auto_resume`` found)."""
+    and the checkpoint it continues from ('' when none: ``--resume``, or what ``--auto_resume`` found),
+    with the flag that named it, as messages quote it."""
 
     place: DistInfo
     device: torch.device
     output_dir: Optional[str]
     resume: str
     trusted_checkpoint: str = ""
+    resume_flag: str = "--resume"
 
     def read(self, path: str, flag: str) -> Dict[str, Any]:
         """A checkpoint file's contents, loaded without running code from it unless it is the file
@@ -117,6 +119,13 @@ def resume_path(args, output_dir: Optional[str]) -> str:
     if latest:
         say(f"auto-resume: continuing from {latest}", flush=True)
     return latest or ""
+
+
+def resume_flag(args, config: Config) -> str:
+    """How the user named the checkpoint the run continues from, for messages: '--resume', or
+    '--auto_resume' when that found it; with '--eval ' in front under --eval."""
+    flag = "--auto_resume" if args.auto_resume and not args.resume else "--resume"
+    return f"--eval {flag}" if config.eval else flag
 
 
 def build_data(config: Config, ctx: RunContext):
@@ -336,7 +345,8 @@ def run(args, config: Config) -> Dict:
     place = dist_utils.init_distributed_mode(config.device, config.local_rank)
     output_dir = config.output_dir or None
     ctx = RunContext(place=place, device=torch.device(place.device), output_dir=output_dir,
-                     resume=resume_path(args, output_dir), trusted_checkpoint=args.unsafe_trust_checkpoint)
+                     resume=resume_path(args, output_dir), trusted_checkpoint=args.unsafe_trust_checkpoint,
+                     resume_flag=resume_flag(args, config))
     lock = OutputDirLock(output_dir) if dist_utils.is_main_process() and output_dir else None
     if lock is not None:
         os.makedirs(output_dir, exist_ok=True)
@@ -369,7 +379,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         if removed:
             say(f"removed {len(removed)} temporary files left by an interrupted save in {ctx.output_dir}",
                 flush=True)
-    resume_flag = "--eval --resume" if config.eval else "--resume"
+    resume_flag = ctx.resume_flag
     # every checkpoint is read (and checked) once, here, before the data and the model are built
     checkpoint = ctx.read(ctx.resume, resume_flag) if ctx.resume else None
     if checkpoint is not None:
@@ -423,7 +433,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     start_epoch, resumed_stats = config.start_epoch, {}
     if checkpoint is not None:
         start_epoch, resumed_stats = resume_training_state(checkpoint, ctx.resume, optimizer, lr_scheduler, scaler,
-                                                           config)
+                                                           config, flag=resume_flag)
         say(f"resumed from {ctx.resume}: starting at epoch {start_epoch}", flush=True)
     del checkpoint  # every part is loaded: do not hold a second copy of the weights through training
     if ctx.writes:

@@ -72,3 +72,101 @@ def test_same_job_locks_whose_process_is_gone_are_taken_over(tmp_path, monkeypat
             OutputDirLock(str(tmp_path)).acquire()  # held by this process now: not stale
         lock.release()
         assert not (tmp_path / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- 9: refusal messages, numpy, flag names
+
+class _RunsAShellCommand:
+    """Unpickling this calls ``os.system`` (torch names it 'posix.system', a blocked module)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_an_os_system_checkpoint_is_refused_naming_the_global(tmp_path, synthetic_dir, capsys):
+    import torch
+
+    path = tmp_path / "weights.pth"
+    torch.save({"model": {}, "payload": _RunsAShellCommand()}, str(path))
+    code, err = cli(synthetic_flags(synthetic_dir, tmp_path / "out", "--pretrained", path), capsys)
+    assert_one_line_error(code, err, f"--pretrained {path}", "refused", "'posix.system'", "--unsafe_trust_checkpoint")
+    assert "weights_only" not in err and "Re-running" not in err
+
+
+def _raw_pickle(kind):
+    """Raw pickles that torch's weights-only unpickler reads (protocol 2), one per message form."""
+    import pickle
+
+    import numpy as np
+
+    if kind == "build into a numpy scalar":  # 'Can only build ... but got <class 'numpy.int8'>'
+        return pickle.dumps(np.int8(1), protocol=2)[:-1] + b"}b."
+    if kind == "call an object":             # 'Trying to call reduce for unrecognized function OrderedDict()'
+        return b"\x80\x02ccollections\nOrderedDict\n)R)R."
+    if kind == "blocked module":             # 'Trying to load unsupported GLOBAL posix.system whose module ...'
+        return b"\x80\x02cposix\nsystem\n)R."
+    return pickle.dumps({"a": [1, 2]}, protocol=4)  # an opcode it does not know: no global to name
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind,named", [("build into a numpy scalar", "'numpy.int8'"),
+                                        ("call an object", "'OrderedDict()'"), ("blocked module", "'posix.system'"),
+                                        ("protocol 4", "Unsupported operand")])
+def test_every_refusal_form_names_what_was_refused_without_torchs_advice(tmp_path, kind, named):
+    from util.checkpoint import UnreadableCheckpointError, load_checkpoint
+
+    path = tmp_path / "file.pth"
+    path.write_bytes(_raw_pickle(kind))
+    with pytest.raises(UnreadableCheckpointError) as raised:
+        load_checkpoint(str(path), flag="--resume")
+    message = str(raised.value)
+    assert message.startswith(f"--resume {path}: refused to load") and named in message, message
+    assert "weights_only" not in message and "Re-running" not in message and "\n" not in message, message
+
+
+def _numpy_values():
+    import numpy as np
+
+    values = {}
+    for name in ("bool_", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16",
+                 "float32", "float64", "longdouble", "complex64", "complex128", "clongdouble"):
+        kind = getattr(np, name)
+        values[f"{name} scalar"] = kind(1)
+        values[f"{name} array"] = np.arange(3).astype(kind)
+    values.update({"str_ scalar": np.str_("abc"), "str array": np.array(["ab", "c"]),
+                   "bytes_ scalar": np.bytes_(b"ab"), "bytes array": np.array([b"ab", b"c"]),
+                   "datetime64 scalar": np.datetime64("2024-01-02"),
+                   "datetime64 array": np.array(["2024-01-02", "2025-03-04"], dtype="M8[D]"),
+                   "timedelta64 scalar": np.timedelta64(3, "s"), "timedelta64 array": np.array([1, 2], dtype="m8[s]"),
+                   "structured array": np.array([(1.5, 2)], dtype=[("a", "f4"), ("b", "i2")]),
+                   "structured scalar": np.array([(1.5, 2)], dtype=[("a", "f4"), ("b", "i2")])[0],
+                   "object array": np.array([1, "a", None], dtype=object)})
+    if hasattr(getattr(np, "dtypes", None), "StringDType"):
+        values["StringDType array"] = np.array(["a", "bc"], dtype=np.dtypes.StringDType())
+    return values
+
+
+@pytest.mark.parametrize("name", sorted(_numpy_values()))
+def test_numpy_scalars_and_arrays_of_every_dtype_load_weights_only(tmp_path, name):
+    import numpy as np
+    import torch
+
+    from util.checkpoint import load_checkpoint
+
+    value = _numpy_values()[name]
+    path = tmp_path / "state.pth"
+    torch.save({"value": value}, str(path))
+    loaded = load_checkpoint(str(path))["value"]
+    assert type(loaded) is type(value) and loaded.dtype == value.dtype
+    assert np.array_equal(np.asarray(loaded), np.asarray(value))
+
+
+def test_after_auto_resume_the_error_names_auto_resume(tmp_path, synthetic_dir, capsys):
+    from tests.test_reliability import tiny_checkpoint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    tiny_checkpoint(out / "checkpoint.pth", "--hidden_dim", "96")  # another model than the flags build
+    code, err = cli(synthetic_flags(synthetic_dir, out, "--epochs", "2", "--auto_resume"), capsys)
+    assert_one_line_error(code, err, f"--auto_resume {out / 'checkpoint.pth'}", "--hidden_dim 64 (checkpoint: 96)")
+    assert "--resume" not in err
