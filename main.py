@@ -41,6 +41,12 @@ from util.output_lock import OutputDirLock
 from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everything
 
 
+def same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same file or folder: compared as real paths (symlinks resolved),
+    since an output directory or a checkpoint is often reached through a link."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What this process is in this run, next to the read-only configuration: its place in the job
@@ -58,7 +64,7 @@ class RunContext:
     def read(self, path: str, flag: str) -> Dict[str, Any]:
         """A checkpoint file's contents, loaded without running code from it unless it is the file
         ``--unsafe_trust_checkpoint`` names."""
-        trusted = bool(self.trusted_checkpoint) and os.path.abspath(path) == os.path.abspath(self.trusted_checkpoint)
+        trusted = bool(self.trusted_checkpoint) and same_path(path, self.trusted_checkpoint)
         if trusted:
             say(f"warning: {flag} {path} is loaded with full pickle (--unsafe_trust_checkpoint): it can run code",
                 flush=True)
@@ -326,7 +332,7 @@ def unfinished_epoch(ctx: RunContext, logger: JsonlLogger, start_epoch: int) -> 
     """
     unfinished = 0
     if dist_utils.is_main_process() and ctx.resume and ctx.output_dir and start_epoch > 0:
-        own = os.path.dirname(os.path.abspath(ctx.resume)) == os.path.abspath(ctx.output_dir)
+        own = same_path(os.path.dirname(os.path.abspath(ctx.resume)), ctx.output_dir)
         unfinished = int(own and not logger.has_epoch_record(start_epoch - 1))
     return bool(dist_utils.broadcast_int(unfinished, ctx.device))
 

@@ -249,7 +249,7 @@ def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict
     """Read a YAML config, merging the files listed under ``_base_`` (paths relative to it) first."""
     path = os.path.abspath(path)
     _seen = _seen or ()
-    if path in _seen:
+    if os.path.realpath(path) in {os.path.realpath(seen) for seen in _seen}:  # a link to a file of the chain too
         raise ValueError(f"config {path}: circular _base_ chain {' -> '.join(_seen + (path,))}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")

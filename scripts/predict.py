@@ -91,8 +91,8 @@ def collect_images(specs: Sequence[str]) -> List[str]:
         else:
             raise InputError(f"--images {spec}: no such file or folder{_did_you_mean(spec)}")
         paths.extend(found)
-    seen = set()
-    return [p for p in paths if not (os.path.abspath(p) in seen or seen.add(os.path.abspath(p)))]
+    seen = set()  # real paths: a file reached twice (through a link, or a folder and a glob) is read once
+    return [p for p in paths if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
 
 
 def read_rgb(path: str):

@@ -11,6 +11,10 @@ import pytest
 
 from tests.test_reliability import assert_one_line_error, cli, synthetic_flags
 
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+
 
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
@@ -170,3 +174,53 @@ def test_after_auto_resume_the_error_names_auto_resume(tmp_path, synthetic_dir, 
     code, err = cli(synthetic_flags(synthetic_dir, out, "--epochs", "2", "--auto_resume"), capsys)
     assert_one_line_error(code, err, f"--auto_resume {out / 'checkpoint.pth'}", "--hidden_dim 64 (checkpoint: 96)")
     assert "--resume" not in err
+
+
+# ----------------------------------------------------------------------------- 6: paths compared as real paths
+
+def _drop_epoch_records(log):
+    """The log as a kill after the checkpoint leaves it: the epoch record (written last) missing."""
+    import json
+
+    lines = [line for line in log.read_text().splitlines() if json.loads(line).get("type") != "epoch"]
+    log.write_text("".join(line + "\n" for line in lines))
+
+
+def test_a_symlinked_output_dir_finishes_the_unfinished_epoch(tmp_path, synthetic_dir, capsys):
+    from util.logger import read_jsonl
+
+    real, link = tmp_path / "real", tmp_path / "link"
+    code, err = cli(synthetic_flags(synthetic_dir, real, "--epochs", "1", "--max_iters_per_epoch", "1"), capsys)
+    assert code == 0, err
+    _drop_epoch_records(real / "log.jsonl")
+    link.symlink_to(real, target_is_directory=True)
+    code, err = cli(synthetic_flags(synthetic_dir, link, "--epochs", "1", "--max_iters_per_epoch", "1",
+                                    "--resume", real / "checkpoint.pth"), capsys)
+    assert code == 0, err
+    epochs = [r["epoch"] for r in read_jsonl(str(real / "log.jsonl")) if r.get("type") == "epoch"]
+    assert epochs == [0]  # the tail of epoch 0 (evaluation, epoch record) was redone, once
+
+
+def test_unsafe_trust_checkpoint_names_the_file_through_a_link(tmp_path, synthetic_dir, capsys):
+    from tests.test_reliability_round3 import _code_running_checkpoint
+
+    real = tmp_path / "legacy.pth"
+    _code_running_checkpoint(real, tmp_path / "code_ran")
+    link = tmp_path / "trusted_link.pth"
+    link.symlink_to(real)
+    code, err = cli(synthetic_flags(synthetic_dir, tmp_path / "out", "--eval", "--num_classes", "7",
+                                    "--pretrained", real, "--unsafe_trust_checkpoint", link), capsys)
+    assert code == 0, err
+    assert (tmp_path / "code_ran").exists()  # loaded with full pickle, as the flag asked
+
+
+def test_predict_reads_an_image_reached_twice_once(tmp_path):
+    from PIL import Image
+
+    from predict import collect_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (tmp_path / "b.png").symlink_to(folder / "a.png")
+    assert collect_images([str(folder), str(tmp_path / "b.png")]) == [str(folder / "a.png")]
