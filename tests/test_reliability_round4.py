@@ -224,3 +224,20 @@ def test_predict_reads_an_image_reached_twice_once(tmp_path):
     Image.new("RGB", (8, 8)).save(folder / "a.png")
     (tmp_path / "b.png").symlink_to(folder / "a.png")
     assert collect_images([str(folder), str(tmp_path / "b.png")]) == [str(folder / "a.png")]
+
+
+# ----------------------------------------------------------------------------- 7: summarize reads logs as main.py does
+
+def test_summarize_skips_an_invalid_utf8_line_as_the_trainer_does(tmp_path, capsys):
+    import summarize
+
+    run = tmp_path / "v3.0.2"
+    run.mkdir()
+    (run / "config.yaml").write_text("variant: v3.0.2\nseed: 0\nepochs: 2\n")
+    (run / "log.jsonl").write_bytes(b'{"type": "epoch", "epoch": 0, "test_AP": 0.25, "test_AP50": 0.5}\n'
+                                    b'{"type": "train", "epoch": 1, "note": "\xff\xfe"}\n'
+                                    b'{"type": "epoch", "epoch": 1, "test_AP": 0.375, "test_AP50": 0.625}\n')
+    out = tmp_path / "results.md"
+    assert summarize.main([str(run), "--out", str(out), "--plot", "", "--control", ""]) == 0
+    table = out.read_text()
+    assert "37.5" in table or "0.375" in table, table  # the last epoch's AP, read past the bad line
