@@ -108,13 +108,17 @@ class EpochTail:
 
 def prepare(args) -> Config:
     """Check the files the run needs and resolve the parsed ``args`` into the read-only configuration
-    (device after the CPU fallback, classifier size from the dataset when unset). Raises ValueError
-    or FileNotFoundError, before any work."""
+    (device after the CPU fallback, classifier size from the dataset when unset); check that the
+    attention implementation ``MSDA_IMPL`` asks for runs on that device. Raises ValueError or
+    FileNotFoundError, before any work."""
     import datasets
+    import ops
 
     validate_paths(args)
     num_classes = args.num_classes if args.num_classes is not None else datasets.num_classes(args)
-    return resolve_config(args, num_classes)
+    config = resolve_config(args, num_classes)
+    ops.check_impl(config.device)
+    return config
 
 
 def resume_path(args, output_dir: Optional[str]) -> str:

@@ -382,9 +382,14 @@ def configuration_flags() -> List[str]:
 
 
 def resolve_device(device: str) -> str:
-    """The device the run gets: 'cuda...' falls back to 'cpu' (with a message) when CUDA is absent."""
+    """The device the run gets: 'cuda...' falls back to 'cpu' (with a message) when CUDA is absent.
+    ValueError (one line) for a name that is no torch device."""
     import torch
 
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"invalid configuration: --device {device} is not a device (cuda, cuda:N or cpu)") from None
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available: running on the CPU", flush=True)
         return "cpu"
