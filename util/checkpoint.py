@@ -366,6 +366,12 @@ def saved_class_names(checkpoint: Any) -> Dict[int, str]:
     return {int(k): str(v) for k, v in (names or {}).items()}
 
 
+def has_upstream_args(checkpoint: Any) -> bool:
+    """Whether the checkpoint's ``args`` is an argparse.Namespace, as in upstream Deformable-DETR /
+    H-DETR files: upstream's flags, not this project's configuration (its names and meanings differ)."""
+    return isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace)
+
+
 def _as_list(value):
     return list(value) if isinstance(value, tuple) else value
 
