@@ -255,7 +255,8 @@ def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional
 
 def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
     """Measure the reference diagnostics once (when this process has a probe) and write the
-    ``diag`` record and TensorBoard scalars. Returns the metrics ({} when none were measured)."""
+    ``diag`` record and TensorBoard scalars. Returns the metrics ({} when none were measured, or
+    when a stop signal cut the pass short: then nothing is written)."""
     from datasets.probe import probe_batches
     from engine import reference_diagnostics
 
@@ -265,7 +266,9 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
     # a generator: the images are read and transformed inside reference_diagnostics, whose
     # restored random state covers the evaluation transform's draw
     batches = probe_batches(tail.probe.dataset, tail.probe.indices, tail.config.batch_size)
-    metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device)
+    metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device, stop=tail.stop)
+    if metrics is None:  # a stop signal: no record; the caller's stop point ends the run
+        return {}
     seconds = time.time() - start
     tail.logger.write({"type": "diag", "epoch": epoch, "N": len(tail.probe.indices), **metrics,
                        "diag_time": seconds})
@@ -279,7 +282,8 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
 
 def log_pictures(tail: EpochTail, epoch: int) -> None:
     """``--vis_images`` fixed validation images with ground truth and predictions (and the guided
-    references) to TensorBoard, on the main process; the eager model runs them one by one."""
+    references) to TensorBoard, on the main process; the eager model runs them one by one (none is
+    written when a stop signal cuts the pass short)."""
     from engine import modes_kept, picture_indices, validation_pictures
     from util.seeding import rng_untouched
 
@@ -289,9 +293,17 @@ def log_pictures(tail: EpochTail, epoch: int) -> None:
     with rng_untouched(), modes_kept(tail.model):  # the evaluation transform draws from Python's random
         pictures = validation_pictures(tail.model, tail.postprocessors, tail.val_loader.dataset, indices,
                                        tail.ctx.device, amp=tail.config.amp, class_names=tail.class_names,
-                                       references=tail.config.enc_ref_mode != "none")
-    for index, picture in pictures:
+                                       references=tail.config.enc_ref_mode != "none", stop=tail.stop)
+    for index, picture in pictures or ():  # None: a stop signal cut the pass short (the caller stops)
         tail.tb_logger.image(f"val_images/{index}", picture, epoch + 1)
+
+
+def stop_point(tail: EpochTail, where: str) -> None:
+    """A safe point that every rank reaches (a collective when distributed): ``RunInterrupted`` if a
+    stop signal came, here or on any rank. The passes that run on rank 0 alone (reference
+    diagnostics, pictures) only end early on a signal; the stop point after them acts on it."""
+    if tail.stop is not None:
+        tail.stop.check(where, tail.ctx.device)
 
 
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
@@ -312,7 +324,11 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         record.update({f"test_{k}": v for k, v in stats.items()})
         tail.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
         log_diagnostics(tail, epoch)
+        if tail.config.diag_images > 0:
+            stop_point(tail, f"the reference diagnostics of epoch {epoch} (its checkpoint is written)")
         log_pictures(tail, epoch)
+        if tail.config.vis_images > 0:
+            stop_point(tail, f"the pictures of epoch {epoch} (its checkpoint is written)")
     record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation (+ diagnostics, pictures)
     fault_point("before_log")
     tail.logger.write(record)
@@ -371,6 +387,8 @@ def run(args, config: Config) -> Dict:
 
 def interrupted_message(exc: RunInterrupted, args, output_dir: Optional[str]) -> str:
     """One line: which signal stopped what, what was kept, how to continue."""
+    if args.eval:
+        return f"stopped by {exc}: the evaluation did not finish; run the same command again to evaluate"
     latest = find_latest_checkpoint(output_dir) if output_dir else None
     if latest is None:
         kept = "no checkpoint was written yet (nothing to continue from)"
@@ -429,6 +447,8 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         logger.write({"type": "eval", "epoch": evaluated_epoch, "checkpoint": ctx.resume or config.pretrained or None,
                       **{f"test_{k}": v for k, v in stats.items()}})
         log_diagnostics(tail, evaluated_epoch)
+        if config.diag_images > 0:
+            stop_point(tail, "the reference diagnostics of the evaluation")
         return stats
 
     training_model = model
@@ -496,8 +516,8 @@ def train_epochs(tail: EpochTail, model, criterion, optimizer, lr_scheduler, sca
                                          train_stats, class_names=tail.class_names),
                         os.path.join(ctx.output_dir, CHECKPOINT_NAME))
         fault_point("after_checkpoint")
-        if tail.stop is not None:  # a signal during the save: the checkpoint is complete, stop before evaluating
-            tail.stop.check(f"the end of epoch {epoch} (its checkpoint is written)", ctx.device)
+        # a signal during the save: the checkpoint is complete, stop before evaluating
+        stop_point(tail, f"the end of epoch {epoch} (its checkpoint is written)")
         stats = finish_epoch(tail, epoch, train_stats, epoch_start)
     tail.tb_logger.close()
     say(f"training time {format_seconds(time.time() - run_start)}", flush=True)

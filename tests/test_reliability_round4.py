@@ -39,10 +39,11 @@ def test_a_live_run_of_the_same_slurm_job_keeps_its_lock(tmp_path, monkeypatch, 
     from util.output_lock import OutputDirLock
 
     monkeypatch.setenv("SLURM_JOB_ID", "777")
-    (tmp_path / ".lock").write_text(f"{sleeping_child} {socket.gethostname()} 777\n")
-    with pytest.raises(InputError, match=f"in use by process {sleeping_child} on host .*SLURM job 777.*still running"):
-        OutputDirLock(str(tmp_path)).acquire()
-    assert (tmp_path / ".lock").read_text().split()[0] == str(sleeping_child)  # untouched
+    for live in (sleeping_child, os.getpid()):
+        (tmp_path / ".lock").write_text(f"{live} {socket.gethostname()} 777\n")
+        with pytest.raises(InputError, match=f"in use by process {live} on host .*SLURM job 777.*still running"):
+            OutputDirLock(str(tmp_path)).acquire()
+        assert (tmp_path / ".lock").read_text().split()[0] == str(live)  # untouched
 
 
 def test_main_refuses_a_directory_locked_by_a_live_run_of_the_same_job(tmp_path, synthetic_dir, capsys, monkeypatch,
@@ -64,9 +65,8 @@ def test_same_job_locks_whose_process_is_gone_are_taken_over(tmp_path, monkeypat
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = socket.gethostname()
-    # same host, dead process (a requeue onto the same node); another host (a requeue elsewhere);
-    # this process's own id, not held here (a restart in a container that got the same id)
-    for owner in (f"{dead.pid} {host} 777", "4242 node017 777", f"{os.getpid()} {host} 777"):
+    # same host, dead process (a requeue onto the same node); another host (a requeue elsewhere)
+    for owner in (f"{dead.pid} {host} 777", "4242 node017 777"):
         (tmp_path / ".lock").write_text(owner + "\n")
         lock = OutputDirLock(str(tmp_path))
         lock.acquire()
@@ -124,7 +124,8 @@ def test_every_refusal_form_names_what_was_refused_without_torchs_advice(tmp_pat
     with pytest.raises(UnreadableCheckpointError) as raised:
         load_checkpoint(str(path), flag="--resume")
     message = str(raised.value)
-    assert message.startswith(f"--resume {path}: refused to load") and named in message, message
+    what = "cannot read checkpoint: UnpicklingError" if kind == "protocol 4" else "refused to load"
+    assert message.startswith(f"--resume {path}: {what}") and named in message, message
     assert "weights_only" not in message and "Re-running" not in message and "\n" not in message, message
 
 
@@ -458,3 +459,74 @@ def test_export_batch_size_zero_blames_batch_size(tmp_path, predict_checkpoint, 
                                               "--batch_size", "0"])
     assert_one_line_error(code, err, "--batch_size 0 must be >= 1")
     assert "--image_size" not in err
+
+
+# ----------------------------------------------------------------------------- 11: a stop signal in the tail's passes
+
+def _signal_on_first_call(monkeypatch, owner, name):
+    """Replace ``owner.name`` by a wrapper that sends this process SIGTERM on its first call (as
+    preemption would, in the middle of the pass), then runs the original."""
+    import signal
+
+    original, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def _records(out, kind):
+    from util.logger import read_jsonl
+
+    return [r for r in read_jsonl(str(out / "log.jsonl")) if r.get("type") == kind]
+
+
+@pytest.mark.parametrize("stage", ["diagnostics", "pictures"])
+def test_sigterm_in_the_last_epochs_diagnostics_or_pictures_stops_there(tmp_path, synthetic_dir, capsys,
+                                                                         monkeypatch, stage):
+    """In the last epoch: exit 143, the checkpoint complete, no epoch record; the resumed run redoes
+    the tail, so the log ends with one epoch and one diag record."""
+    import models.capture
+    from models.diagnostics import ReferenceDiagnostics
+    from util.checkpoint import load_checkpoint
+
+    out = tmp_path / "out"
+    flags = synthetic_flags(synthetic_dir, out, "--epochs", "1", "--max_iters_per_epoch", "1", "--diag_images", "2")
+    if stage == "pictures":
+        flags += ["--vis_images", "1", "--tensorboard"]
+        calls = _signal_on_first_call(monkeypatch, models.capture, "run_captured")
+    else:
+        calls = _signal_on_first_call(monkeypatch, ReferenceDiagnostics, "update")
+    code, err = cli(flags, capsys)
+    assert calls and code == 143, err
+    last = err.strip().splitlines()[-1]
+    what = "reference diagnostics" if stage == "diagnostics" else stage
+    assert last.startswith(f"stopped by SIGTERM during the {what} of epoch 0 (its checkpoint is written)"), last
+    assert load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 0
+    assert _records(out, "epoch") == []
+    # the diagnostics ran before the pictures; cut short, they are not recorded
+    assert len(_records(out, "diag")) == (1 if stage == "pictures" else 0)
+    assert not (out / ".lock").exists()
+    monkeypatch.undo()
+    code, err = cli([*flags, "--auto_resume"], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in _records(out, "epoch")] == [0] and [r["epoch"] for r in _records(out, "diag")] == [0]
+
+
+def test_sigterm_in_the_diagnostics_of_eval_exits_143(tmp_path, synthetic_dir, capsys, monkeypatch):
+    from models.diagnostics import ReferenceDiagnostics
+    from tests.test_reliability import tiny_checkpoint
+
+    ckpt = tmp_path / "model.pth"
+    tiny_checkpoint(ckpt, *_synthetic_model_flags(synthetic_dir))
+    calls = _signal_on_first_call(monkeypatch, ReferenceDiagnostics, "update")
+    code, err = cli(synthetic_flags(synthetic_dir, tmp_path / "eval", "--eval", "--num_classes", "7", "--resume", ckpt,
+                                    "--diag_images", "2"), capsys)
+    assert calls and code == 143, err
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM during the reference diagnostics"), err
+    assert _records(tmp_path / "eval", "diag") == []

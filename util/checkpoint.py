@@ -270,12 +270,10 @@ def load_checkpoint(path: str, trusted: bool = False, flag: str = "checkpoint") 
                 f"{flag} {path}: refused to load: unpickling it would import or call '{refused}', which can run "
                 "code; nothing from it was executed. If you trust this file, pass --unsafe_trust_checkpoint "
                 f"{path}") from None
-        if "Weights only load failed" in str(exc):
-            raise UnreadableCheckpointError(
-                f"{flag} {path}: refused to load: the safe (weights-only) loader cannot read it "
-                f"({_unpickler_reason(str(exc))}); nothing from it was executed. If you trust this file, pass "
-                f"--unsafe_trust_checkpoint {path}") from None
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        if "Weights only load failed" in str(exc):  # no global named: not a pickle it reads (garbage, a new opcode)
+            first_line = _unpickler_reason(str(exc))
+        else:
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise UnreadableCheckpointError(f"{flag} {path}: cannot read checkpoint: {type(exc).__name__}: "
                                         f"{first_line}") from exc
 

@@ -7,8 +7,6 @@ from typing import Optional, Tuple
 from util.errors import InputError
 
 LOCK_NAME = ".lock"
-# lock files this process holds (real paths): a lock naming this process's id is ours only if listed
-_HELD_HERE = set()
 
 
 def _process_alive(pid: int) -> bool:
@@ -24,13 +22,12 @@ class OutputDirLock:
     """Ownership of an output directory by one run: the file ``.lock`` holding "pid host [slurm job id]".
 
     ``acquire`` creates it exclusively. If it exists, it is taken over (with a message) only when
-    its owner is known to be gone: on this host, a process id that no longer runs (or this
-    process's own id, not held by this process: a restart that got the same id, as in a
-    container); on another host, a lock of this SLURM job (a requeued job restarts under its old
-    job id on whichever node it gets, after its first run was preempted). A live process on this
-    host owns the directory even under the same SLURM job id (a second launch inside one
-    allocation), so that, and any lock from another host that is not this job's, is an
-    ``InputError`` naming the owner (delete the file if that run is known to be dead).
+    its owner is known to be gone: on this host, a process id that no longer runs; on another host,
+    a lock of this SLURM job (a requeued job restarts under its old job id on whichever node it
+    gets, after its first run was preempted). A live process on this host owns the directory even
+    under the same SLURM job id (a second launch inside one allocation), so that, and any lock from
+    another host that is not this job's, is an ``InputError`` naming the owner (delete the file if
+    that run is known to be dead).
     ``release`` removes the file if it is still ours.
     """
 
@@ -54,8 +51,6 @@ class OutputDirLock:
         if pid is None:
             return None
         if host == socket.gethostname():
-            if pid == os.getpid() and os.path.realpath(self.path) not in _HELD_HERE:
-                return f"of process {pid} (this process's id, reused: that run is gone)"
             if not _process_alive(pid):
                 return f"of process {pid} (no longer running)"
             return None
@@ -87,7 +82,6 @@ class OutputDirLock:
             with os.fdopen(fd, "w") as f:
                 f.write(self.owner + "\n")
             self.held = True
-            _HELD_HERE.add(os.path.realpath(self.path))
             return
         raise InputError(f"could not take the lock {self.path}: other runs keep starting in the same --output_dir")
 
@@ -95,7 +89,6 @@ class OutputDirLock:
         if not self.held:
             return
         self.held = False
-        _HELD_HERE.discard(os.path.realpath(self.path))
         try:
             with open(self.path) as f:
                 if f.read().strip() != self.owner:
