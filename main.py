@@ -131,7 +131,7 @@ def resume_path(args, output_dir: Optional[str]) -> str:
     return latest or ""
 
 
-def resume_flag(args, config: Config) -> str:
+def resume_flag_name(args, config: Config) -> str:
     """How the user named the checkpoint the run continues from, for messages: '--resume', or
     '--auto_resume' when that found it; with '--eval ' in front under --eval."""
     flag = "--auto_resume" if args.auto_resume and not args.resume else "--resume"
@@ -372,7 +372,7 @@ def run(args, config: Config) -> Dict:
     output_dir = config.output_dir or None
     ctx = RunContext(place=place, device=torch.device(place.device), output_dir=output_dir,
                      resume=resume_path(args, output_dir), trusted_checkpoint=args.unsafe_trust_checkpoint,
-                     resume_flag=resume_flag(args, config))
+                     resume_flag=resume_flag_name(args, config))
     lock = OutputDirLock(output_dir) if dist_utils.is_main_process() and output_dir else None
     if lock is not None:
         os.makedirs(output_dir, exist_ok=True)
@@ -516,8 +516,8 @@ def train_epochs(tail: EpochTail, model, criterion, optimizer, lr_scheduler, sca
                                          train_stats, class_names=tail.class_names),
                         os.path.join(ctx.output_dir, CHECKPOINT_NAME))
         fault_point("after_checkpoint")
-        # a signal during the save: the checkpoint is complete, stop before evaluating
-        stop_point(tail, f"the end of epoch {epoch} (its checkpoint is written)")
+        if tail.stop is not None:  # a signal during the save: the checkpoint is complete, stop before evaluating
+            tail.stop.check(f"the end of epoch {epoch} (its checkpoint is written)", ctx.device)
         stats = finish_epoch(tail, epoch, train_stats, epoch_start)
     tail.tb_logger.close()
     say(f"training time {format_seconds(time.time() - run_start)}", flush=True)
