@@ -381,10 +381,11 @@ def _reference_panel(base, capture, tokens: int):
 @torch.no_grad()
 def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices: List[int], device: torch.device,
                         *, amp: str = "off", class_names: Optional[Dict[int, str]] = None, score_thr: float = 0.3,
-                        references: bool = False, tokens: int = 3, guidance=None) -> List[Tuple[int, "object"]]:
+                        references: bool = False, tokens: int = 3, guidance=None,
+                        stop: Optional[StopSignals] = None) -> Optional[List[Tuple[int, "object"]]]:
     """One picture (PIL image) per validation image ``indices``: ground truth | predictions above
     ``score_thr`` [| with ``references``, the encoder references of ``tokens`` tokens of the last
-    encoder layer]. Returns [(index, picture)].
+    encoder layer]. Returns [(index, picture)]; None when a stop signal (``stop``) cut it short.
 
     Each image runs alone through the eager model in eval mode at its evaluation-transform size, so
     the boxes are those the evaluation scores (up to batch padding). ``guidance``: as in ``evaluate``
@@ -411,6 +412,8 @@ def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices
         if references and capture.encoder_refs:
             panels.append(_reference_panel(base, capture, tokens))
         pictures.append((index, draw.side_by_side(panels)))
+        if stop is not None and stop.requested:
+            return None
     return pictures
 # ----------------------------------------------------------------------------- reference diagnostics
 
@@ -425,10 +428,11 @@ def modes_kept(model: nn.Module):
             module.training = training
 
 
-def reference_diagnostics(model: nn.Module, diagnostics, batches: Iterable, device: torch.device
-                          ) -> Dict[str, float]:
+def reference_diagnostics(model: nn.Module, diagnostics, batches: Iterable, device: torch.device,
+                          stop: Optional[StopSignals] = None) -> Optional[Dict[str, float]]:
     """One pass of ``diagnostics`` (a ``models.diagnostics.ReferenceDiagnostics`` of ``model``) over
-    the probe ``batches`` ((NestedTensor (B, 3, H, W), targets) on the CPU); returns its flat metrics.
+    the probe ``batches`` ((NestedTensor (B, 3, H, W), targets) on the CPU); returns its flat metrics,
+    or None when a stop signal (``stop``) arrived during it: the pass ends after that batch, unfinished.
 
     Training cannot notice it: every random generator is restored afterwards (the evaluation
     transform draws from Python's ``random``), and so is every module's train/eval flag. No
@@ -441,4 +445,6 @@ def reference_diagnostics(model: nn.Module, diagnostics, batches: Iterable, devi
         for samples, targets in batches:
             samples, targets = move_to_device(samples, targets, device)
             diagnostics.update(samples, targets)
+            if stop is not None and stop.requested:
+                return None
         return diagnostics.finish()

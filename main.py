@@ -45,22 +45,30 @@ from util.output_lock import OutputDirLock
 from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everything
 
 
+def same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same file or folder: compared as real paths (symlinks resolved),
+    since an output directory or a checkpoint is often reached through a link."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What this process is in this run, next to the read-only configuration: its place in the job
     (rank, world size, local GPU, backend), its device, the output directory (None: write nothing)
-    and the checkpoint it continues from ('' when none: ``--resume``, or what ``--auto_resume`` found)."""
+    and the checkpoint it continues from ('' when none: ``--resume``, or what ``--auto_resume`` found),
+    with the flag that named it, as messages quote it."""
 
     place: DistInfo
     device: torch.device
     output_dir: Optional[str]
     resume: str
     trusted_checkpoint: str = ""
+    resume_flag: str = "--resume"
 
     def read(self, path: str, flag: str) -> Dict[str, Any]:
         """A checkpoint file's contents, loaded without running code from it unless it is the file
         ``--unsafe_trust_checkpoint`` names."""
-        trusted = bool(self.trusted_checkpoint) and os.path.abspath(path) == os.path.abspath(self.trusted_checkpoint)
+        trusted = bool(self.trusted_checkpoint) and same_path(path, self.trusted_checkpoint)
         if trusted:
             say(f"warning: {flag} {path} is loaded with full pickle (--unsafe_trust_checkpoint): it can run code",
                 flush=True)
@@ -104,13 +112,17 @@ class EpochTail:
 
 def prepare(args) -> Config:
     """Check the files the run needs and resolve the parsed ``args`` into the read-only configuration
-    (device after the CPU fallback, classifier size from the dataset when unset). Raises ValueError
-    or FileNotFoundError, before any work."""
+    (device after the CPU fallback, classifier size from the dataset when unset); check that the
+    attention implementation ``MSDA_IMPL`` asks for runs on that device. Raises ValueError or
+    FileNotFoundError, before any work."""
     import datasets
+    import ops
 
     validate_paths(args)
     num_classes = args.num_classes if args.num_classes is not None else datasets.num_classes(args)
-    return resolve_config(args, num_classes)
+    config = resolve_config(args, num_classes)
+    ops.check_impl(config.device)
+    return config
 
 
 def resume_path(args, output_dir: Optional[str]) -> str:
@@ -121,6 +133,13 @@ def resume_path(args, output_dir: Optional[str]) -> str:
     if latest:
         say(f"auto-resume: continuing from {latest}", flush=True)
     return latest or ""
+
+
+def resume_flag_name(args, config: Config) -> str:
+    """How the user named the checkpoint the run continues from, for messages: '--resume', or
+    '--auto_resume' when that found it; with '--eval ' in front under --eval."""
+    flag = "--auto_resume" if args.auto_resume and not args.resume else "--resume"
+    return f"--eval {flag}" if config.eval else flag
 
 
 def build_data(config: Config, ctx: RunContext):
@@ -243,7 +262,8 @@ def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional
 def log_diagnostics(tail: EpochTail, epoch: Optional[int], record_type: str = "diag") -> Dict[str, float]:
     """Measure the reference diagnostics once (when this process has a probe) and write the
     ``diag`` record (``record_type``: ``eval_diag`` under ``--eval``) and TensorBoard scalars.
-    Returns the metrics ({} when none were measured)."""
+    Returns the metrics ({} when none were measured, or when a stop signal cut the pass short: then
+    nothing is written)."""
     from datasets.probe import probe_batches
     from engine import reference_diagnostics
 
@@ -253,7 +273,9 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int], record_type: str = "d
     # a generator: the images are read and transformed inside reference_diagnostics, whose
     # restored random state covers the evaluation transform's draw
     batches = probe_batches(tail.probe.dataset, tail.probe.indices, tail.config.batch_size)
-    metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device)
+    metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device, stop=tail.stop)
+    if metrics is None:  # a stop signal: no record; the caller's stop point ends the run
+        return {}
     seconds = time.time() - start
     tail.logger.write({"type": record_type, "epoch": epoch, "N": len(tail.probe.indices), **metrics,
                        "diag_time": seconds})
@@ -267,7 +289,8 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int], record_type: str = "d
 
 def log_pictures(tail: EpochTail, epoch: int) -> None:
     """``--vis_images`` fixed validation images with ground truth and predictions (and the guided
-    references) to TensorBoard, on the main process; the eager model runs them one by one."""
+    references) to TensorBoard, on the main process; the eager model runs them one by one (none is
+    written when a stop signal cuts the pass short)."""
     from engine import modes_kept, picture_indices, validation_pictures
     from util.seeding import rng_untouched
 
@@ -277,9 +300,18 @@ def log_pictures(tail: EpochTail, epoch: int) -> None:
     with rng_untouched(), modes_kept(tail.model):  # the evaluation transform draws from Python's random
         pictures = validation_pictures(tail.model, tail.postprocessors, tail.val_loader.dataset, indices,
                                        tail.ctx.device, amp=tail.config.amp, class_names=tail.class_names,
-                                       references=tail.config.enc_ref_mode != "none", guidance=tail.config)
-    for index, picture in pictures:
+                                       references=tail.config.enc_ref_mode != "none", guidance=tail.config,
+                                       stop=tail.stop)
+    for index, picture in pictures or ():  # None: a stop signal cut the pass short (the caller stops)
         tail.tb_logger.image(f"val_images/{index}", picture, epoch + 1)
+
+
+def stop_point(tail: EpochTail, where: str) -> None:
+    """A safe point that every rank reaches (a collective when distributed): ``RunInterrupted`` if a
+    stop signal came, here or on any rank. The passes that run on rank 0 alone (reference
+    diagnostics, pictures) only end early on a signal; the stop point after them acts on it."""
+    if tail.stop is not None:
+        tail.stop.check(where, tail.ctx.device)
 
 
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
@@ -300,7 +332,11 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         record.update({f"test_{k}": v for k, v in stats.items()})
         tail.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
         log_diagnostics(tail, epoch)
+        if tail.config.diag_images > 0:
+            stop_point(tail, f"the reference diagnostics of epoch {epoch} (its checkpoint is written)")
         log_pictures(tail, epoch)
+        if tail.config.vis_images > 0:
+            stop_point(tail, f"the pictures of epoch {epoch} (its checkpoint is written)")
     record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation (+ diagnostics, pictures)
     fault_point("before_log")
     tail.logger.write(record)
@@ -324,7 +360,7 @@ def unfinished_epoch(ctx: RunContext, logger: JsonlLogger, start_epoch: int) -> 
     """
     unfinished = 0
     if dist_utils.is_main_process() and ctx.resume and ctx.output_dir and start_epoch > 0:
-        own = os.path.dirname(os.path.abspath(ctx.resume)) == os.path.abspath(ctx.output_dir)
+        own = same_path(os.path.dirname(os.path.abspath(ctx.resume)), ctx.output_dir)
         unfinished = int(own and not logger.has_epoch_record(start_epoch - 1))
     return bool(dist_utils.broadcast_int(unfinished, ctx.device))
 
@@ -375,7 +411,8 @@ def run(args, config: Config) -> Dict:
     place = dist_utils.init_distributed_mode(config.device, config.local_rank)
     output_dir = config.output_dir or None
     ctx = RunContext(place=place, device=torch.device(place.device), output_dir=output_dir,
-                     resume=resume, trusted_checkpoint=args.unsafe_trust_checkpoint)
+                     resume=resume, trusted_checkpoint=args.unsafe_trust_checkpoint,
+                     resume_flag=resume_flag_name(args, config))
     lock = OutputDirLock(output_dir) if dist_utils.is_main_process() and output_dir else None
     if lock is not None:
         os.makedirs(output_dir, exist_ok=True)
@@ -390,6 +427,8 @@ def run(args, config: Config) -> Dict:
 
 def interrupted_message(exc: RunInterrupted, args, output_dir: Optional[str]) -> str:
     """One line: which signal stopped what, what was kept, how to continue."""
+    if args.eval:
+        return f"stopped by {exc}: the evaluation did not finish; run the same command again to evaluate"
     latest = find_latest_checkpoint(output_dir) if output_dir else None
     if latest is None:
         kept = "no checkpoint was written yet (nothing to continue from)"
@@ -408,7 +447,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         if removed:
             say(f"removed {len(removed)} temporary files left by an interrupted save in {ctx.output_dir}",
                 flush=True)
-    resume_flag = "--eval --resume" if config.eval else "--resume"
+    resume_flag = ctx.resume_flag
     # every checkpoint is read (and checked) once, here, before the data and the model are built
     checkpoint = ctx.read(ctx.resume, resume_flag) if ctx.resume else None
     if checkpoint is not None:
@@ -446,6 +485,8 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         logger.write({"type": "eval", "epoch": evaluated_epoch, "checkpoint": ctx.resume or config.pretrained or None,
                       **derived_keys(config), **{f"test_{k}": v for k, v in stats.items()}})
         log_diagnostics(tail, evaluated_epoch, record_type="eval_diag")
+        if config.diag_images > 0:
+            stop_point(tail, "the reference diagnostics of the evaluation")
         return stats
 
     training_model = model
@@ -461,7 +502,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     if checkpoint is not None:
         start_epoch, resumed_stats = resume_training_state(
             checkpoint, ctx.resume, optimizer, lr_scheduler, scaler,
-            differences_from_checkpoint(saved_config(checkpoint), config))
+            differences_from_checkpoint(saved_config(checkpoint), config), flag=resume_flag)
         say(f"resumed from {ctx.resume}: starting at epoch {start_epoch}", flush=True)
     del checkpoint  # every part is loaded: do not hold a second copy of the weights through training
     if ctx.writes:

@@ -275,7 +275,7 @@ def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict
     """Read a YAML config, merging the files listed under ``_base_`` (paths relative to it) first."""
     path = os.path.abspath(path)
     _seen = _seen or ()
-    if path in _seen:
+    if os.path.realpath(path) in {os.path.realpath(seen) for seen in _seen}:  # a link to a file of the chain too
         raise ValueError(f"config {path}: circular _base_ chain {' -> '.join(_seen + (path,))}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
@@ -417,9 +417,14 @@ def configuration_flags() -> List[str]:
 
 
 def resolve_device(device: str) -> str:
-    """The device the run gets: 'cuda...' falls back to 'cpu' (with a message) when CUDA is absent."""
+    """The device the run gets: 'cuda...' falls back to 'cpu' (with a message) when CUDA is absent.
+    ValueError (one line) for a name that is no torch device."""
     import torch
 
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"invalid configuration: --device {device} is not a device (cuda, cuda:N or cpu)") from None
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available: running on the CPU", flush=True)
         return "cpu"

@@ -50,6 +50,12 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from util.jsonl import read_jsonl  # noqa: E402  (main.py's reader: unreadable lines are skipped, as it skips them)
+
 # COCO's 12 summary numbers come in this order (pycocotools COCOeval.stats); we report the first six.
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # the numbers compared across seeds (APl is often undefined on small-image data)
@@ -122,21 +128,6 @@ class Group:
 
 
 # ----------------------------------------------------------------------------- reading
-
-def read_jsonl(path: str) -> Iterable[Dict[str, Any]]:
-    """Records of a log.jsonl; a truncated or garbled line (a run being written) is skipped."""
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                yield record
-
 
 def _as_number(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

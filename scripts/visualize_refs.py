@@ -25,10 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli.config import parse_args  # noqa: E402
+import ops  # noqa: E402
+from cli.config import parse_args, resolve_device  # noqa: E402
 from models.capture import (Capture, choose_tokens, level_shapes, reference_entries, run_captured,  # noqa: E402,F401
                             token_map, token_position, top_queries)
 from util import draw  # noqa: E402
+from util.errors import InputError  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +59,8 @@ def build_args(main_argv: Sequence[str]) -> argparse.Namespace:
             args.num_classes = int(num_classes(args))
         except (ImportError, AttributeError, FileNotFoundError):
             args.num_classes = 91  # COCO's id range
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        args.device = "cpu"
+    args.device = resolve_device(args.device)
+    ops.check_impl(args.device)  # MSDA_IMPL against the device: one line now, not a traceback later
     return args
 
 
@@ -66,11 +68,15 @@ def load_model(args):
     """(model in eval mode on args.device, postprocessors); weights from --resume/--pretrained if given."""
     from models import build_model
     from models.weights import load_pretrained
+    from util.checkpoint import load_checkpoint
     torch.manual_seed(args.seed)  # a random-init picture is reproducible
     model, _, postprocessors = build_model(args)
     weights = args.resume or args.pretrained
     if weights:
-        load_pretrained(model, weights)
+        flag = "--resume" if args.resume else "--pretrained"
+        trusted = bool(args.unsafe_trust_checkpoint) and (os.path.realpath(args.unsafe_trust_checkpoint)
+                                                          == os.path.realpath(weights))
+        load_pretrained(model, weights, loaded=load_checkpoint(weights, trusted=trusted, flag=flag))
     return model.to(args.device).eval(), postprocessors
 
 
@@ -84,7 +90,10 @@ def load_image(spec: str, args, resize: bool = True) -> torch.Tensor:
     if spec.startswith("synthetic"):
         return synthetic_image(args, int(spec.split(":", 1)[1]) if ":" in spec else 0)
     from PIL import Image
-    image = Image.open(spec).convert("RGB")
+    try:
+        image = Image.open(spec).convert("RGB")
+    except OSError as exc:  # missing, unreadable or not an image
+        raise InputError(f"--image {spec}: cannot read it as an image ({exc})") from None
     tensor, _ = image_transform(args, resize)(image, None)
     return tensor
 
@@ -258,16 +267,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     add_arguments(parser)
     own, main_argv = parser.parse_known_args(argv)
-    args = build_args(main_argv)
     try:
+        args = build_args(main_argv)
         target = load_target(own.image, args)
-    except ValueError as exc:
+        image = load_image(own.image, args, resize=own.resize)
+        paths = visualize(args, image, own.out, tokens=own.tokens, token_ids=own.token_ids,
+                          score_thresh=own.score_thresh, map_layer=own.map_layer, map_queries=own.map_queries,
+                          target=target)
+    except (InputError, ValueError, FileNotFoundError) as exc:  # bad input: one line (exit 2), as main.py
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    image = load_image(own.image, args, resize=own.resize)
-    paths = visualize(args, image, own.out, tokens=own.tokens, token_ids=own.token_ids,
-                      score_thresh=own.score_thresh, map_layer=own.map_layer, map_queries=own.map_queries,
-                      target=target)
     for path in paths:
         print(path)
     return 0

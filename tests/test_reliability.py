@@ -404,7 +404,7 @@ def test_resume_with_another_architecture_names_the_flag(tmp_path, synthetic_dir
     assert code == 0, err
     code, err = cli(synthetic_flags(synthetic_dir, out, "--epochs", "2", "--max_iters_per_epoch", "1",
                                     "--with_box_refine", "--auto_resume"), capsys)
-    assert_one_line_error(code, err, "--resume", "checkpoint.pth", "--with_box_refine True (checkpoint: False)")
+    assert_one_line_error(code, err, "--auto_resume", "checkpoint.pth", "--with_box_refine True (checkpoint: False)")
     # freezing the backbone would change the optimiser's parameter groups: like every schedule flag,
     # the checkpoint's value continues (issue 27: roles), with a warning, and config.yaml says so
     code, printed = cli(synthetic_flags(synthetic_dir, out, "--epochs", "2", "--max_iters_per_epoch", "1",

@@ -171,26 +171,65 @@ class UnreadableCheckpointError(InputError, RuntimeError):
     """A checkpoint file that torch cannot load (a RuntimeError, and bad input: exit 2)."""
 
 
+def _numpy_globals(core) -> List[Any]:
+    """What numpy arrays and scalars of every built-in dtype unpickle through: the array and dtype
+    classes, the two reconstructors, and the class of each dtype (bool, every int and uint size,
+    float16-longdouble, complex, bytes, str, void / structured, object, datetime64, timedelta64;
+    numpy 2's variable-width StringDType through its constructor helper). Object arrays are safe
+    here: their elements are unpickled by the same restricted unpickler. Not included: subclasses
+    such as masked arrays (``numpy.ma``), which unpickle through their own functions."""
+    allowed: List[Any] = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    allowed += sorted({type(np.dtype(code)) for code in np.typecodes["All"]}, key=lambda cls: cls.__name__)
+    string_dtype = getattr(getattr(np, "dtypes", None), "StringDType", None)
+    internal = getattr(core, "_internal", None)
+    if string_dtype is not None and hasattr(internal, "_convert_to_stringdtype_kwargs"):
+        allowed += [string_dtype, internal._convert_to_stringdtype_kwargs]
+    return allowed
+
+
 def _safe_globals() -> List[Any]:
     """What this project's and upstream Deformable-DETR / H-DETR checkpoints hold beyond tensors and
-    containers: the argparse.Namespace of upstream's ``args``, numpy arrays / scalars (numpy's RNG
-    state in ours). Each entry is a class or function the unpickler may name; nothing else loads.
-    numpy 1.x pickles name the same functions under ``numpy.core``; both spellings are allowed."""
+    containers: the argparse.Namespace of upstream's ``args``, numpy arrays / scalars of any built-in
+    dtype (numpy's RNG state in ours). Each entry is a class or function the unpickler may name;
+    nothing else loads. numpy 1.x pickles name the same functions under ``numpy.core``; both
+    spellings are allowed."""
     core = np._core if hasattr(np, "_core") else np.core
-    allowed: List[Any] = [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct,
-                          core.multiarray.scalar]
-    allowed += [type(np.dtype(kind)) for kind in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64,
-                                                  np.bool_)]
+    allowed: List[Any] = [argparse.Namespace, *_numpy_globals(core)]
     if core is not getattr(np, "core", None):
         allowed += [(core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
                     (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
     return allowed
 
 
+# how torch's weights-only unpickler names what it refused, one pattern per message form:
+# a global off the allowlist; one in a blocked module (os, posix, sys, nt); older torch's form;
+# an object of a class it may not build or create; a function it may not call
+_REFUSAL_FORMS = (r"GLOBAL (\S+) was not an allowed global", r"unsupported GLOBAL (\S+) whose module",
+                  r"Unsupported class (\S+)", r"but got <class '([^']+)'>",
+                  r"unrecognized function (.+?)(?: which belongs to .*)?$")
+
+
 def _refused_global(exc: Exception) -> Optional[str]:
-    """The global a weights-only load refused ('os.system'), from torch's message; None if not that."""
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-    return match.group(1) if match else None
+    """The global a weights-only load refused ('posix.system', 'io.open'), from torch's message in
+    any of its forms; None if the failure was not such a refusal."""
+    text = str(exc)
+    for form in _REFUSAL_FORMS:
+        match = re.search(form, text, flags=re.MULTILINE)
+        if match:
+            return match.group(1).rstrip(".")
+    return None
+
+
+def _unpickler_reason(text: str) -> str:
+    """What torch's weights-only loader says went wrong, without its advice to load with full
+    pickle (``weights_only=False``: the opposite of what is wanted here) or its documentation link."""
+    kept = []
+    for line in text.splitlines():
+        line = re.sub(r"^Weights only load failed\.\s*", "", line.strip())
+        line = line.split("WeightsUnpickler error:")[-1].strip()
+        if line and "weights_only" not in line and not line.startswith(("Check the documentation", "(1)", "(2)")):
+            kept.append(line)
+    return " ".join(kept)
 
 
 def load_checkpoint(path: str, trusted: bool = False, flag: str = "checkpoint") -> Dict[str, Any]:
@@ -219,7 +258,10 @@ def load_checkpoint(path: str, trusted: bool = False, flag: str = "checkpoint") 
                 f"{flag} {path}: refused to load: unpickling it would import or call '{refused}', which can run "
                 "code; nothing from it was executed. If you trust this file, pass --unsafe_trust_checkpoint "
                 f"{path}") from None
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        if "Weights only load failed" in str(exc):  # no global named: not a pickle it reads (garbage, a new opcode)
+            first_line = _unpickler_reason(str(exc))
+        else:
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise UnreadableCheckpointError(f"{flag} {path}: cannot read checkpoint: {type(exc).__name__}: "
                                         f"{first_line}") from exc
 
@@ -331,6 +373,12 @@ def saved_class_names(checkpoint: Any) -> Dict[int, str]:
     return {int(k): str(v) for k, v in (names or {}).items()}
 
 
+def has_upstream_args(checkpoint: Any) -> bool:
+    """Whether the checkpoint's ``args`` is an argparse.Namespace, as in upstream Deformable-DETR /
+    H-DETR files: upstream's flags, not this project's configuration (its names and meanings differ)."""
+    return isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace)
+
+
 def differing_flags(saved: Dict, config, names: Iterable[str]) -> List[Tuple[str, Any, Any]]:
     """(flag, value now, the checkpoint's value) for each flag in ``names`` that ``saved`` (a
     ``saved_config``) records with another value; flags it does not record are not compared."""
@@ -350,19 +398,19 @@ def describe_differences(differences: Sequence[Tuple[str, Any, Any]]) -> str:
 
 
 def resume_training_state(checkpoint: Dict, path: str, optimizer, lr_scheduler, scaler,
-                          differences: str = "") -> Tuple[int, Dict]:
+                          differences: str = "", flag: str = "--resume") -> Tuple[int, Dict]:
     """Load optimiser, scheduler, scaler and RNG state from the read ``checkpoint`` (of file
-    ``path``); returns (epoch to start from, the training statistics of the checkpoint's epoch).
-    ``differences``: added to the error when the optimiser's parameter groups do not fit (which
-    flags differ from the checkpoint's)."""
+    ``path``, named by ``flag``: --resume or --auto_resume); returns (epoch to start from, the
+    training statistics of the checkpoint's epoch). ``differences``: added to the error when the
+    optimiser's parameter groups do not fit (which flags differ from the checkpoint's)."""
     missing = [k for k in ("optimizer", "lr_scheduler", "epoch") if k not in checkpoint]
     if missing:
-        raise InputError(f"--resume {path}: not a training checkpoint (no {', '.join(missing)}); "
+        raise InputError(f"{flag} {path}: not a training checkpoint (no {', '.join(missing)}); "
                          "use --pretrained to start from its weights")
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as exc:  # torch: "loaded state dict contains a parameter group that doesn't match..."
-        raise InputError(f"--resume {path}: the optimiser's parameter groups do not match this run's ({exc})"
+        raise InputError(f"{flag} {path}: the optimiser's parameter groups do not match this run's ({exc})"
                          + differences) from None
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
