@@ -284,7 +284,8 @@ def test_multiset_signature():
 
 
 def test_tally_leaves_out_keys_without_items_and_scopes():
-    assert scoped_keys("D4/fsr_in", "enc0", "lvl1") == ["D4/fsr_in", "D4/fsr_in/enc0", "D4/fsr_in/enc0/lvl1"]
+    assert scoped_keys("D4/off_image", "enc0", "lvl1") == ["D4/off_image", "D4/off_image/enc0",
+                                                           "D4/off_image/enc0/lvl1"]
     tally = Tally()
     tally.add(["a", "a/x"], torch.tensor(3.0), torch.tensor(2.0))
     tally.add(["a"], 1.0, 2)
