@@ -252,8 +252,8 @@ def diagnose_output(run_dir: str) -> List[Tuple[float, Dict[str, float]]]:
 
 
 def overall_diagnostics(record: Dict[str, Any]) -> Dict[str, float]:
-    """The overall reference diagnostics ('D4/fsr_in', ...) and D2 per update ('D2/in_box/dec0') of a
-    ``diag`` record, finite numbers only."""
+    """The overall reference diagnostics ('D4/fg_in_img', ...), D2 per update ('D2/in_box/dec0') and the
+    per-level means over the layers ('D6/coverage/lvl0') of a ``diag`` record, finite numbers only."""
     found = {}
     for key, value in record.items():
         number = _as_number(value)
