@@ -9,7 +9,9 @@ file ``.lock`` (pid and host of the run that owns the directory).
 
 With ``--diag_images N`` (> 0) every evaluation is followed by the reference diagnostics
 (docs/design.md §9) on the first N validation images, on the main process only: one ``diag``
-record in ``log.jsonl`` and TensorBoard scalars under ``diag/``.
+record in ``log.jsonl`` and TensorBoard scalars under ``diag/``. A training run that starts from
+initialisation (no checkpoint resumed) also measures them once before its first training step:
+the ``diag`` record of epoch -1 (TensorBoard step 0), what geometry and initialisation alone give.
 
 ``--eval`` writes its own ``config.yaml``, ``log.jsonl`` (an ``eval`` record, and an ``eval_diag``
 record for the diagnostics) and detections; given a training run's output directory, it writes
@@ -39,7 +41,7 @@ from util.checkpoint import (CHECKPOINT_NAME, atomic_copy, atomic_save, checkpoi
 from util.dist import DistInfo, say
 from util.errors import InputError, one_line_message
 from util.interrupt import RunInterrupted, StopSignals
-from util.logger import JsonlLogger, TensorboardLogger, format_seconds
+from util.logger import INIT_EPOCH, JsonlLogger, TensorboardLogger, format_seconds
 from util.optim import build_lr_scheduler, build_optimizer
 from util.output_lock import OutputDirLock
 from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everything
@@ -287,6 +289,20 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int], record_type: str = "d
     return metrics
 
 
+def log_initial_diagnostics(tail: EpochTail) -> None:
+    """The ``diag`` record of the model before its first training step (epoch ``INIT_EPOCH``, -1),
+    once per run: called only when no checkpoint was resumed, and skipped when the log already
+    holds it (a run restarted before its first checkpoint). Training cannot notice the pass, as
+    after an evaluation (generators and train/eval flags restored, nothing collective)."""
+    if tail.probe is None:
+        return
+    if any(r.get("type") == "diag" and r.get("epoch") == INIT_EPOCH for r in tail.logger.records()):
+        say("log.jsonl already holds the reference diagnostics at initialisation (epoch -1): not measured again",
+            flush=True)
+        return
+    log_diagnostics(tail, INIT_EPOCH)
+
+
 def log_pictures(tail: EpochTail, epoch: int) -> None:
     """``--vis_images`` fixed validation images with ground truth and predictions (and the guided
     references) to TensorBoard, on the main process; the eager model runs them one by one (none is
@@ -499,6 +515,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     lr_scheduler = build_lr_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
     start_epoch, resumed_stats = config.start_epoch, {}
+    at_initialisation = checkpoint is None  # the weights are the initialisation (or --pretrained's)
     if checkpoint is not None:
         start_epoch, resumed_stats = resume_training_state(
             checkpoint, ctx.resume, optimizer, lr_scheduler, scaler,
@@ -515,6 +532,10 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
                 "JSON)", flush=True)
     tail.tb_logger = TensorboardLogger(os.path.join(ctx.output_dir, "tensorboard") if ctx.writes else None,
                                        config.tensorboard)
+    if at_initialisation:
+        log_initial_diagnostics(tail)
+        if config.diag_images > 0:
+            stop_point(tail, "the reference diagnostics at initialisation")
     stats: Dict = {}
     if unfinished_epoch(ctx, logger, start_epoch):
         say(f"epoch {start_epoch - 1} was interrupted after its checkpoint: finishing it (numbered copy, "

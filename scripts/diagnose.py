@@ -174,13 +174,13 @@ def _natural(text: str):
 
 
 def split_key(key: str) -> Tuple[str, Tuple[str, ...]]:
-    """'D4/fsr_in/enc0/lvl1' -> ('D4/fsr_in', ('enc0', 'lvl1')); 'D4/fsr_in' -> ('D4/fsr_in', ())."""
+    """'D4/fg_in_img/enc0/lvl1' -> ('D4/fg_in_img', ('enc0', 'lvl1')); 'D4/fg_in_img' -> ('D4/fg_in_img', ())."""
     parts = key.split("/")
     return "/".join(parts[:2]), tuple(parts[2:])
 
 
 def panels(metrics: Dict[str, float]) -> Dict[str, Dict[Tuple[str, ...], float]]:
-    """{metric name: {scopes: value}} in family order, e.g. {'D4/fsr_in': {(): 1.3, ('enc0',): ...}}."""
+    """{metric name: {scopes: value}} in family order, e.g. {'D4/fg_in_img': {(): 0.4, ('enc0',): ...}}."""
     grouped: Dict[str, Dict[Tuple[str, ...], float]] = {}
     for key in sorted(metrics, key=_natural):
         name, scopes = split_key(key)

@@ -463,17 +463,17 @@ def test_export_batch_size_zero_blames_batch_size(tmp_path, predict_checkpoint, 
 
 # ----------------------------------------------------------------------------- 11: a stop signal in the tail's passes
 
-def _signal_on_first_call(monkeypatch, owner, name):
-    """Replace ``owner.name`` by a wrapper that sends this process SIGTERM on its first call (as
-    preemption would, in the middle of the pass), then runs the original."""
+def _signal_on_first_call(monkeypatch, owner, name, when=lambda args, kwargs: True):
+    """Replace ``owner.name`` by a wrapper that sends this process SIGTERM on its first call for which
+    ``when(args, kwargs)`` holds (as preemption would, in the middle of the pass), then runs the original."""
     import signal
 
     original, calls = getattr(owner, name), []
 
     def wrapper(*args, **kwargs):
-        if not calls:
+        if not calls and when(args, kwargs):
             os.kill(os.getpid(), signal.SIGTERM)
-        calls.append(1)
+            calls.append(1)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, wrapper)
@@ -490,9 +490,9 @@ def _records(out, kind):
 def test_sigterm_in_the_last_epochs_diagnostics_or_pictures_stops_there(tmp_path, synthetic_dir, capsys,
                                                                          monkeypatch, stage):
     """In the last epoch: exit 143, the checkpoint complete, no epoch record; the resumed run redoes
-    the tail, so the log ends with one epoch and one diag record."""
+    the tail, so the log ends with one epoch record and the diag records of initialisation and epoch 0."""
+    import main as main_module
     import models.capture
-    from models.diagnostics import ReferenceDiagnostics
     from util.checkpoint import load_checkpoint
 
     out = tmp_path / "out"
@@ -501,7 +501,8 @@ def test_sigterm_in_the_last_epochs_diagnostics_or_pictures_stops_there(tmp_path
         flags += ["--vis_images", "1", "--tensorboard"]
         calls = _signal_on_first_call(monkeypatch, models.capture, "run_captured")
     else:
-        calls = _signal_on_first_call(monkeypatch, ReferenceDiagnostics, "update")
+        # the signal comes as epoch 0's diagnostics start (not in the pass at initialisation)
+        calls = _signal_on_first_call(monkeypatch, main_module, "log_diagnostics", lambda args, kwargs: args[1] == 0)
     code, err = cli(flags, capsys)
     assert calls and code == 143, err
     last = err.strip().splitlines()[-1]
@@ -509,13 +510,33 @@ def test_sigterm_in_the_last_epochs_diagnostics_or_pictures_stops_there(tmp_path
     assert last.startswith(f"stopped by SIGTERM during the {what} of epoch 0 (its checkpoint is written)"), last
     assert load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 0
     assert _records(out, "epoch") == []
-    # the diagnostics ran before the pictures; cut short, they are not recorded
-    assert len(_records(out, "diag")) == (1 if stage == "pictures" else 0)
+    # the record at initialisation; epoch 0's diagnostics ran before the pictures; cut short, they are not recorded
+    assert [r["epoch"] for r in _records(out, "diag")] == ([-1, 0] if stage == "pictures" else [-1])
     assert not (out / ".lock").exists()
     monkeypatch.undo()
     code, err = cli([*flags, "--auto_resume"], capsys)
     assert code == 0, err
-    assert [r["epoch"] for r in _records(out, "epoch")] == [0] and [r["epoch"] for r in _records(out, "diag")] == [0]
+    assert [r["epoch"] for r in _records(out, "epoch")] == [0] and [r["epoch"] for r in _records(out, "diag")] == [-1, 0]
+
+
+def test_sigterm_in_the_diagnostics_at_initialisation_stops_before_training(tmp_path, synthetic_dir, capsys,
+                                                                            monkeypatch):
+    """The pass before the first training step: exit 143, no diag record (cut short), no training;
+    --auto_resume then starts the run from initialisation and measures it."""
+    from models.diagnostics import ReferenceDiagnostics
+
+    out = tmp_path / "out"
+    flags = synthetic_flags(synthetic_dir, out, "--epochs", "1", "--max_iters_per_epoch", "1", "--diag_images", "2")
+    calls = _signal_on_first_call(monkeypatch, ReferenceDiagnostics, "update")
+    code, err = cli(flags, capsys)
+    assert calls and code == 143, err
+    assert "stopped by SIGTERM during the reference diagnostics at initialisation" in err.strip().splitlines()[-1], err
+    assert _records(out, "diag") == [] and _records(out, "train") == []
+    assert not (out / "checkpoint.pth").exists() and not (out / ".lock").exists()
+    monkeypatch.undo()
+    code, err = cli([*flags, "--auto_resume"], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in _records(out, "diag")] == [-1, 0]
 
 
 def test_sigterm_in_the_diagnostics_of_eval_exits_143(tmp_path, synthetic_dir, capsys, monkeypatch):
@@ -529,4 +550,4 @@ def test_sigterm_in_the_diagnostics_of_eval_exits_143(tmp_path, synthetic_dir, c
                                     "--diag_images", "2"), capsys)
     assert calls and code == 143, err
     assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM during the reference diagnostics"), err
-    assert _records(tmp_path / "eval", "diag") == []
+    assert _records(tmp_path / "eval", "eval_diag") == [] and _records(tmp_path / "eval", "diag") == []

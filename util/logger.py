@@ -178,6 +178,8 @@ class LogCleanup(NamedTuple):
 # record types that belong to one training epoch; a rerun of that epoch writes them again
 # ('diag': the reference diagnostics of the epoch's evaluation)
 EPOCH_RECORD_TYPES = ("train", "epoch", "diag")
+# the epoch of the diag record measured before the first training step (the model at initialisation)
+INIT_EPOCH = -1
 
 
 class JsonlLogger:
@@ -211,7 +213,8 @@ class JsonlLogger:
 
         Called at start-up, so an epoch interrupted and redone is in the log once. A ``diag``
         record of an epoch without its epoch record belongs to a tail cut short, which is redone,
-        so it goes too. Other records (errors, evaluations, data summaries) are history and stay.
+        so it goes too, except the one at initialisation (epoch ``INIT_EPOCH``), which has no epoch
+        record and is never redone. Other records (errors, evaluations, data summaries) are history and stay.
         """
         if not self.path or not os.path.isfile(self.path):
             return LogCleanup(0, 0)
@@ -228,7 +231,7 @@ class JsonlLogger:
             if record.get("type") in EPOCH_RECORD_TYPES and isinstance(record.get("epoch"), int):
                 if record["epoch"] >= first_epoch:
                     continue
-                if record["type"] == "diag" and record["epoch"] not in finished:
+                if record["type"] == "diag" and record["epoch"] not in finished and record["epoch"] != INIT_EPOCH:
                     continue
                 if record["type"] == "epoch":
                     if record["epoch"] in seen_epochs:
