@@ -134,6 +134,9 @@ def resume_path(args, output_dir: Optional[str]) -> str:
     latest = find_latest_checkpoint(output_dir)
     if latest:
         say(f"auto-resume: continuing from {latest}", flush=True)
+    elif args.eval and not args.pretrained:
+        say(f"warning: --eval --auto_resume found no checkpoint in {output_dir}: evaluates an untrained model",
+            flush=True)
     return latest or ""
 
 

@@ -625,7 +625,8 @@ def validate_args(args: argparse.Namespace) -> None:
         fail(f"--pretrained {args.pretrained}: file not found")
     if args.resume and not args.resume.startswith("https://") and not os.path.isfile(args.resume):
         fail(f"--resume {args.resume}: file not found")
-    if args.eval and not (args.resume or args.pretrained):
+    if args.eval and not (args.resume or args.pretrained or args.auto_resume):
+        # with --auto_resume the checkpoint is looked up later (main.resume_path warns if none is found)
         _warn("--eval without --resume/--pretrained evaluates an untrained model")
     if args.batch_size < 1 or args.epochs < 0:
         fail("--batch_size must be >= 1 and --epochs >= 0")

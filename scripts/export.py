@@ -9,7 +9,9 @@ The program is models.inference.InferenceModel (the model in eval mode + its pos
                                                                 target_sizes (B, 2))
 
 images: the run's evaluation transform (resize, ImageNet normalisation) padded at the bottom/right to
-the exported H x W (default: eval_size x max_size, which every evaluation-size image fits), mask True
+the exported H x W (default: eval_size x max_size: a landscape image resized with upstream's rounding
+can come out a pixel or two wider than max_size, and a portrait one is max_size tall -- pass
+--image_size H W for the largest image you will feed), mask True
 on that padding, target_sizes (h, w) the pixels the boxes are wanted in. Shapes are fixed at export.
 The multi-scale deformable attention stays one node per attention call (``torch.ops.msda.ms_deform_attn``),
 so to load the file elsewhere this repository's ``ops`` package must be imported first (it registers

@@ -104,6 +104,19 @@ def test_eval_resume_of_another_model_is_an_error(tmp_path, synthetic_dir, capsy
         r for r in read_jsonl(str(tmp_path / "eval2" / "log.jsonl")) if r["type"] == "eval"]
 
 
+def test_eval_auto_resume_warns_of_an_untrained_model_only_when_it_finds_no_checkpoint(tmp_path, synthetic_dir,
+                                                                                      capsys):
+    out = tmp_path / "run"
+    code, err, printed = cli(synthetic_flags(synthetic_dir, out, "--eval", "--auto_resume"), capsys, with_stdout=True)
+    assert code == 0, err
+    assert "found no checkpoint" in printed and "untrained model" in printed + err
+    code, err = cli(synthetic_flags(synthetic_dir, out, "--epochs", "1", "--max_iters_per_epoch", "1"), capsys)
+    assert code == 0, err
+    code, err, printed = cli(synthetic_flags(synthetic_dir, out, "--eval", "--auto_resume"), capsys, with_stdout=True)
+    assert code == 0, err
+    assert "untrained" not in printed + err and "auto-resume: continuing from" in printed
+
+
 def test_pretrained_stays_lenient_and_lists_what_it_skipped(tmp_path, synthetic_dir, capsys):
     ckpt = tmp_path / "other.pth"
     tiny_checkpoint(ckpt, "--hidden_dim", "96")
