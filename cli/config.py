@@ -553,6 +553,9 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("--k_one2many must be >= 1 with --num_queries_one2many > 0")
     if args.use_ms_detr and (args.o2m_matcher_k < 1 or not 0.0 <= args.o2m_matcher_threshold <= 1.0):
         fail("--o2m_matcher_k must be >= 1 and --o2m_matcher_threshold in [0, 1]")
+    if args.use_ms_detr and args.set_cost_bbox == 0 and args.set_cost_giou == 0:
+        fail("--use_ms_detr matches encoder proposals by box costs alone (no class cost, as MS-DETR): "
+             "--set_cost_bbox and --set_cost_giou cannot both be 0")
     if args.topk_eval < 1:
         fail("--topk_eval must be >= 1")
     if args.backbone_weights not in (None, "none") and not os.path.isfile(args.backbone_weights):

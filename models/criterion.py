@@ -13,6 +13,10 @@ the logging-only ``class_error``); the engine weights them with
 One-to-many supervision comes in two forms:
     'hybrid' (H-DETR): extra queries, targets repeated k_one2many times, Hungarian matching.
     'mixed'  (MS-DETR): the same queries' one-to-many head, ``TopkIoUAssigner``.
+
+The encoder proposals are matched to class-agnostic targets as the form's upstream does: the
+one-to-one matcher on the refined proposal boxes (Deformable DETR, H-DETR), or, in the 'mixed'
+form, ``ProposalAnchorMatcher`` on the proposals' anchors without class cost (MS-DETR).
 """
 import copy
 from typing import Dict, List, Optional
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from util.dist import all_reduce_sum, get_world_size
 
-from .matcher import TopkIoUAssigner, build_matcher
+from .matcher import TopkIoUAssigner, build_matcher, build_proposal_matcher
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 
@@ -92,11 +96,15 @@ class SetCriterion(nn.Module):
         o2m_matcher: assigner for the one-to-many branch: ``HungarianMatcher`` on
             repeated targets for 'hybrid', ``TopkIoUAssigner`` for 'mixed'.
         k_one2many: target repetition for 'hybrid'.
+        enc_matcher: matcher of the two-stage encoder proposals ('enc_outputs') to the class-agnostic
+            targets; None: ``matcher`` (on the refined proposal boxes). The losses always train the
+            refined boxes and scores of the matched proposals.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
                  focal_alpha: float = 0.25, aux_loss: bool = True, one2many: Optional[str] = None,
-                 o2m_matcher: Optional[nn.Module] = None, k_one2many: int = 6):
+                 o2m_matcher: Optional[nn.Module] = None, k_one2many: int = 6,
+                 enc_matcher: Optional[nn.Module] = None):
         super().__init__()
         if one2many not in (None, "hybrid", "mixed"):
             raise ValueError(f"SetCriterion: one2many must be None, 'hybrid' or 'mixed', got {one2many!r}")
@@ -110,6 +118,7 @@ class SetCriterion(nn.Module):
         self.one2many = one2many
         self.o2m_matcher = o2m_matcher
         self.k_one2many = k_one2many
+        self.enc_matcher = matcher if enc_matcher is None else enc_matcher
 
     # ----- individual losses -------------------------------------------------
 
@@ -217,7 +226,8 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """Args:
             outputs: model output dict ('pred_logits' (B, Q, K), 'pred_boxes' (B, Q, 4), optional
-                'aux_outputs', 'enc_outputs', 'pred_logits_one2many', 'pred_boxes_one2many',
+                'aux_outputs', 'enc_outputs' (with 'anchors' for the 'mixed' form's proposal matching),
+                'pred_logits_one2many', 'pred_boxes_one2many',
                 'aux_outputs_one2many', 'dn_outputs').
             targets: B dicts with 'labels' (N_b,) int64 and 'boxes' (N_b, 4) cxcywh in [0, 1].
         Returns:
@@ -228,7 +238,7 @@ class SetCriterion(nn.Module):
         losses = self._decoder_losses(main, outputs.get("aux_outputs", []), targets, self.matcher,
                                       num_boxes, suffix="", log=True)
         if "enc_outputs" in outputs:
-            enc = self._match_and_loss(outputs["enc_outputs"], _class_agnostic(targets), self.matcher, num_boxes)
+            enc = self._match_and_loss(outputs["enc_outputs"], _class_agnostic(targets), self.enc_matcher, num_boxes)
             losses.update({k + "_enc": v for k, v in enc.items()})
         if self.one2many is not None and "pred_logits_one2many" in outputs:
             losses.update(self._one2many_losses(outputs, targets, num_boxes))
@@ -295,14 +305,19 @@ def one2many_mode(args) -> Optional[str]:
 
 
 def build_criterion(args, num_classes: int) -> SetCriterion:
-    """SetCriterion (with ``.weight_dict``) configured from parsed flags."""
+    """SetCriterion (with ``.weight_dict``) configured from parsed flags.
+
+    Every choice follows the form's upstream: the 'mixed' form (MS-DETR) matches the encoder
+    proposals with ``ProposalAnchorMatcher``, the others with the one-to-one matcher.
+    """
     matcher = build_matcher(args)
     mode = one2many_mode(args)
-    o2m_matcher = None
+    o2m_matcher, enc_matcher = None, None
     if mode == "hybrid":
         o2m_matcher = copy.deepcopy(matcher)
     elif mode == "mixed":
         o2m_matcher = TopkIoUAssigner(k=args.o2m_matcher_k, threshold=args.o2m_matcher_threshold)
+        enc_matcher = build_proposal_matcher(args)
     return SetCriterion(num_classes, matcher, build_weight_dict(args), focal_alpha=args.focal_alpha,
                         aux_loss=args.aux_loss, one2many=mode, o2m_matcher=o2m_matcher,
-                        k_one2many=args.k_one2many)
+                        k_one2many=args.k_one2many, enc_matcher=enc_matcher)

@@ -1,6 +1,8 @@
 """Assignment of predictions to ground-truth boxes.
 
 * ``HungarianMatcher``: one-to-one bipartite matching (DETR / Deformable DETR).
+* ``ProposalAnchorMatcher``: MS-DETR's one-to-one matching of two-stage encoder proposals, on
+  their anchors and by box costs alone.
 * ``TopkIoUAssigner``: one-to-many assignment used by MS-DETR's mixed supervision.
 
 Both return, per image, a pair ``(index_i, index_j)`` of int64 tensors of equal
@@ -76,7 +78,8 @@ class HungarianMatcher(nn.Module):
         pred_boxes = pred_boxes.float()
         tgt_boxes = tgt_boxes.float()
         cost = self.cost_bbox * torch.cdist(pred_boxes, tgt_boxes, p=1)
-        cost = cost + self.cost_class * focal_class_cost(prob, tgt_labels, self.focal_alpha, self.focal_gamma)
+        if self.cost_class != 0:  # a box-only matcher skips the class term (and any non-finite logit in it)
+            cost = cost + self.cost_class * focal_class_cost(prob, tgt_labels, self.focal_alpha, self.focal_gamma)
         giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))
         return cost - self.cost_giou * giou
 
@@ -108,6 +111,29 @@ class HungarianMatcher(nn.Module):
             rows, cols = linear_sum_assignment(block[b].numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
+
+
+class ProposalAnchorMatcher(nn.Module):
+    """MS-DETR's matching of the two-stage encoder proposals to the (class-agnostic) targets.
+
+    Each proposal is matched by where it started, its anchor, not by where the head moved it, and
+    by box costs alone: Hungarian matching with ``cost_class = 0`` on ``outputs['anchors']``
+    (B, P, 4) cxcywh, the generated proposal boxes before refinement. The criterion then trains the
+    matched proposals' refined boxes and scores. (Deformable DETR and H-DETR instead match the
+    refined boxes with the full one-to-one cost.)
+    """
+
+    def __init__(self, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+        super().__init__()
+        self.hungarian = HungarianMatcher(cost_class=0.0, cost_bbox=cost_bbox, cost_giou=cost_giou)
+
+    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> Indices:
+        """Args: 'pred_logits' (B, P, K) and 'anchors' (B, P, 4) cxcywh; targets as ``HungarianMatcher``.
+        Returns B pairs (index_i, index_j), CPU int64."""
+        if "anchors" not in outputs:
+            raise KeyError("ProposalAnchorMatcher: the encoder outputs have no 'anchors' (the proposals "
+                           "before refinement), which MS-DETR's proposal matching needs")
+        return self.hungarian({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["anchors"]}, targets)
 
 
 def _empty_pair(device=None) -> Tuple[Tensor, Tensor]:
@@ -212,6 +238,11 @@ class TopkIoUAssigner(nn.Module):
             self.assign_one(outputs["pred_logits"][b], outputs["pred_boxes"][b], t["labels"], t["boxes"])
             for b, t in enumerate(targets)
         ]
+
+
+def build_proposal_matcher(args) -> ProposalAnchorMatcher:
+    """MS-DETR's encoder-proposal matcher: the one-to-one box costs (``--set_cost_bbox/giou``), no class cost."""
+    return ProposalAnchorMatcher(cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou)
 
 
 def build_matcher(args) -> HungarianMatcher:

@@ -86,6 +86,8 @@ def _fake_outputs(one2many_queries):
     out = _leaf_prediction(g, 2, NUM_QUERIES)
     out["aux_outputs"] = [_leaf_prediction(g, 2, NUM_QUERIES) for _ in range(DEC_LAYERS - 1)]
     out["enc_outputs"] = _leaf_prediction(g, 2, 30)
+    # the proposals before refinement (the model returns them; MS-DETR matches on them)
+    out["enc_outputs"]["anchors"] = _leaf_prediction(g, 2, 30)["pred_boxes"].detach()
     if one2many_queries:
         o2m = _leaf_prediction(g, 2, one2many_queries)
         out["pred_logits_one2many"], out["pred_boxes_one2many"] = o2m["pred_logits"], o2m["pred_boxes"]
