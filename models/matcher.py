@@ -15,7 +15,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from util.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from util.box_ops import box_cxcywh_to_xyxy, box_dtype, box_iou, generalized_box_iou
 
 Indices = List[Tuple[Tensor, Tensor]]
 
@@ -71,12 +71,14 @@ class HungarianMatcher(nn.Module):
             tgt_labels: (T,) int64.
             tgt_boxes: (T, 4) cxcywh.
         Returns:
-            (P, T) float32 cost.
+            (P, T) cost in ``box_dtype(pred_boxes.dtype)``: float32, or float64 for a float64 model.
         """
-        # float32 even under autocast: the assignment is sensitive to small differences
-        prob = pred_logits.float().sigmoid()
-        pred_boxes = pred_boxes.float()
-        tgt_boxes = tgt_boxes.float()
+        # float32 even under autocast: the assignment is sensitive to small differences (and a
+        # float64 model keeps float64, so its assignment breaks ties as a float64 upstream does)
+        dtype = box_dtype(pred_boxes.dtype)
+        prob = pred_logits.to(dtype).sigmoid()
+        pred_boxes = pred_boxes.to(dtype)
+        tgt_boxes = tgt_boxes.to(dtype)
         cost = self.cost_bbox * torch.cdist(pred_boxes, tgt_boxes, p=1)
         if self.cost_class != 0:  # a box-only matcher skips the class term (and any non-finite logit in it)
             cost = cost + self.cost_class * focal_class_cost(prob, tgt_labels, self.focal_alpha, self.focal_gamma)
@@ -179,9 +181,10 @@ class TopkIoUAssigner(nn.Module):
         self.unique_predictions = unique_predictions
 
     def score_matrix(self, pred_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
-        """Match quality, (T, Q): coef_box * IoU + coef_cls * class probability."""
-        iou, _ = box_iou(box_cxcywh_to_xyxy(tgt_boxes.float()), box_cxcywh_to_xyxy(pred_boxes.float()))
-        prob = pred_logits.float().sigmoid()[:, tgt_labels].t()
+        """Match quality, (T, Q): coef_box * IoU + coef_cls * class probability (float32 or wider)."""
+        dtype = box_dtype(pred_boxes.dtype)
+        iou, _ = box_iou(box_cxcywh_to_xyxy(tgt_boxes.to(dtype)), box_cxcywh_to_xyxy(pred_boxes.to(dtype)))
+        prob = pred_logits.to(dtype).sigmoid()[:, tgt_labels].t()
         return self.coef_box * iou + self.coef_cls * prob
 
     def _candidate_counts(self, scores: Tensor) -> Tensor:

@@ -237,3 +237,17 @@ def test_topk_assigner_random_invariants():
         assert len(set(rows.tolist())) == len(rows)  # each prediction at most once
         assert torch.bincount(cols, minlength=len(targets[b]["labels"])).max() <= 4
         assert len(rows) <= 4 * len(targets[b]["labels"])
+
+
+def test_costs_run_in_float32_or_wider():
+    """Half predictions are scored in float32; float64 ones stay float64, so a float64 model breaks
+    exact ties (as these two boxes, mirror images around the target, are) as float64 upstream does."""
+    boxes = torch.tensor([[0.375, 0.375, 0.4, 0.4], [0.625, 0.625, 0.4, 0.4]])
+    labels, targets = torch.tensor([0]), torch.tensor([[0.5, 0.5, 0.5, 0.6]])
+    matcher = HungarianMatcher(cost_class=0.0)
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                            (torch.float64, torch.float64)):
+        cost = matcher.cost_matrix(torch.zeros(2, 1, dtype=dtype), boxes.to(dtype), labels, targets)
+        assert cost.dtype == expected
+        score = TopkIoUAssigner().score_matrix(torch.zeros(2, 1, dtype=dtype), boxes.to(dtype), labels, targets)
+        assert score.dtype == expected
