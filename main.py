@@ -8,7 +8,7 @@ Only the main process (rank 0) writes files: ``checkpoint.pth`` (every epoch, at
 file ``.lock`` (pid and host of the run that owns the directory).
 
 With ``--diag_images N`` (> 0) every evaluation is followed by the reference diagnostics
-(DESIGN.md section 9) on the first N validation images, on the main process only: one ``diag``
+(docs/design.md §9) on the first N validation images, on the main process only: one ``diag``
 record in ``log.jsonl`` and TensorBoard scalars under ``diag/``.
 
 An epoch is one recoverable unit: training, then ``checkpoint.pth`` (which also holds the epoch's
@@ -187,16 +187,17 @@ def compile_if_asked(model: torch.nn.Module, config) -> torch.nn.Module:
 
 
 def data_summaries(loaders, logger: JsonlLogger) -> None:
-    """One line per split (images, annotations, clipped and dropped boxes), printed and logged."""
+    """One line per split (images, annotations in the file, boxes training targets clip and drop), printed
+    and logged."""
     import datasets
 
     for split, loader in loaders:
         if loader is None:
             continue
         summary = datasets.data_summary(loader.dataset, split)
-        say(f"data {split}: {summary['images']} images, {summary['annotations']} annotations; boxes clipped to "
-            f"their image: {summary['clipped_boxes']}, dropped as degenerate: {summary['dropped_boxes']} "
-            f"({summary['ann_file']})", flush=True)
+        say(f"data {split}: {summary['images']} images, {summary['annotations']} annotations; as training "
+            f"targets {summary['clipped_boxes']} boxes are clipped to their image and {summary['dropped_boxes']} "
+            f"dropped as degenerate; evaluation scores the file as given ({summary['ann_file']})", flush=True)
         logger.write({"type": "data", **summary})
 
 

@@ -22,7 +22,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 VARIANTS_FILE = os.path.join(CONFIG_DIR, "variants.yaml")
 
 BOOL = argparse.BooleanOptionalAction
-# probe images of the reference diagnostics when unset; see README "Reference diagnostics" for its cost
+# probe images of the reference diagnostics when unset; their cost: docs/research.md "Reference diagnostics"
 DIAG_IMAGES_DEFAULT = 0
 
 
@@ -191,7 +191,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", default=2, type=int,
                    help="data-loading worker processes per training process")
 
-    g = p.add_argument_group("reference diagnostics (DESIGN.md section 9)")
+    g = p.add_argument_group("reference diagnostics (docs/design.md §9)")
     g.add_argument("--diag_images", default=DIAG_IMAGES_DEFAULT, type=int,
                    help="probe set of the reference diagnostics (D1-D6): the first N validation images by "
                         "image id, measured once per evaluation on the main process (log.jsonl 'diag' "

@@ -5,7 +5,7 @@ Entry points used by the training code:
     collate_fn(batch)              -> (NestedTensor (B, 3, H, W) + mask (B, H, W) True on padding, [targets])
     num_classes(args)              -> classifier size (max category id + 1)
     get_coco_api(dataset)          -> the pycocotools COCO object of a dataset (Subset unwrapped)
-    data_summary(dataset, split)   -> counts of images, annotations and sanitised boxes of a split
+    data_summary(dataset, split)   -> counts of images, annotations and cleaned training boxes of a split
     class_names(dataset)           -> {category id: name} of a dataset's annotation file
 """
 import os
@@ -79,8 +79,10 @@ def class_names(dataset) -> Dict[int, str]:
 def data_summary(dataset, split: str) -> Dict:
     """{'split', 'images', 'annotations', 'clipped_boxes', 'dropped_boxes', 'ann_file'} of a loaded split.
 
-    Clipped/dropped boxes are counted when the annotation file is sanitised; images skipped as
-    unreadable are only known while reading them, so epoch and evaluation records count those.
+    'annotations' counts the file's annotations (all of them are evaluation ground truth);
+    clipped/dropped count the boxes that become clipped or are left out as training targets, when
+    the file is loaded. Images skipped as unreadable are only known while reading them, so epoch
+    and evaluation records count those.
     """
     coco = get_coco_api(dataset)
     return {"split": split, "images": len(coco.imgs), "annotations": len(coco.anns),

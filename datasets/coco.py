@@ -4,10 +4,12 @@ Layout under the data root (``--coco_path``)::
 
     train2017/  val2017/  annotations/instances_{train,val,minitrain}2017.json
 
-Annotations are sanitised once when the file is loaded (in the pycocotools object itself, so
-training targets and evaluation see the same ground truth): boxes are clipped to their image
-and dropped when they are degenerate (non-positive width or height, non-finite, or outside the
-image); missing ``area`` / ``iscrowd`` fields get the COCO defaults.
+The pycocotools object holds the annotation file as given, and evaluation scores against it,
+as upstream Deformable-DETR's evaluator (and every published COCO number) does; only missing
+``area`` / ``iscrowd`` fields get the COCO defaults (box width x height, 0), which COCOeval needs.
+Training targets are cleaned per image as upstream's are (crowd regions left out, boxes clipped to
+their image and dropped where that leaves no width or height); a box with a non-finite coordinate
+is dropped as well. ``load_coco`` counts how many boxes of the file that clips and drops.
 """
 import contextlib
 import io
@@ -40,13 +42,9 @@ class AnnotationError(InputError):
 # ----------------------------------------------------------------------------- annotations
 
 def _clean_box(bbox, width: Optional[float], height: Optional[float]) -> Optional[List[float]]:
-    """COCO xywh ``bbox`` clipped to the image ([0, width] x [0, height]); None when degenerate or malformed."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return None
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        return None
+    """COCO xywh ``bbox`` (four numbers) clipped to the image ([0, width] x [0, height]); None when
+    degenerate or not finite."""
+    x, y, w, h = (float(v) for v in bbox)
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
         return None
     x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), x + w, y + h
@@ -59,35 +57,28 @@ def _clean_box(bbox, width: Optional[float], height: Optional[float]) -> Optiona
     return [x0, y0, x1 - x0, y1 - y0]
 
 
-def sanitize_annotations(coco: COCO) -> Tuple[int, int]:
-    """Clip every box of ``coco`` to its image, drop degenerate ones, fill defaults; rebuild the index.
+def count_cleaned_boxes(coco: COCO) -> Tuple[int, int]:
+    """(boxes clipped, boxes dropped) when the annotations of ``coco`` become training targets.
 
-    Returns (number clipped, number dropped).
+    Counted against each image's listed width and height; the annotations are not changed.
     """
-    kept, clipped, dropped = [], 0, 0
+    clipped = dropped = 0
     for ann in coco.dataset.get("annotations", []):
-        image = coco.imgs.get(ann.get("image_id"))
-        if image is None:
-            dropped += 1
-            continue
-        box = _clean_box(ann.get("bbox"), image.get("width"), image.get("height"))
+        image = coco.imgs[ann["image_id"]]
+        box = _clean_box(ann["bbox"], image.get("width"), image.get("height"))
         if box is None:
             dropped += 1
-            continue
-        box_area = box[2] * box[3]
-        if box != [float(v) for v in ann["bbox"]]:
+        elif box != [float(v) for v in ann["bbox"]]:
             clipped += 1
-            # the original area covered the part now cut away as well
-            ann["area"] = min(float(ann.get("area", box_area)), box_area)
-        ann["bbox"] = box
-        ann.setdefault("area", box_area)
-        ann.setdefault("iscrowd", 0)
-        kept.append(ann)
-    if dropped or clipped:
-        coco.dataset["annotations"] = kept
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
     return clipped, dropped
+
+
+def fill_defaults(coco: COCO) -> None:
+    """Give annotations without ``area`` the box's width x height and those without ``iscrowd`` 0,
+    the values COCO assumes (COCOeval reads both); no value the file states is changed."""
+    for ann in coco.dataset.get("annotations", []):
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
 
 
 def read_annotation_json(ann_file: str) -> Dict:
@@ -114,13 +105,29 @@ def _entry_id(entry, ann_file: str, what: str, index: int):
     return entry["id"]
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_box_fields(annotation: Dict, ann_file: str, ann_id) -> None:
+    """``bbox`` must be four numbers and ``area``, when given, a number: COCOeval reads them as they are."""
+    bbox = annotation["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise AnnotationError(f"annotation file {ann_file}: annotation id {ann_id} has bbox {bbox!r}; "
+                              "it must be four numbers [x, y, width, height]")
+    if "area" in annotation and not _is_number(annotation["area"]):
+        raise AnnotationError(f"annotation file {ann_file}: annotation id {ann_id} has area "
+                              f"{annotation['area']!r}; it must be a number")
+
+
 def check_annotation_json(data: Dict, ann_file: str, num_classes: Optional[int] = None) -> None:
     """Structural checks, before any training, of a COCO annotation dict; raises ``AnnotationError``.
 
     'images', 'categories' and 'annotations' are required (an empty annotation list is allowed, with a
     warning); image ids are unique and every image names its file; every annotation refers to a listed
-    image and a listed category, and (given ``num_classes``) its category id is a valid classifier index
-    in 0..num_classes-1 (a negative id would silently index from the end).
+    image and a listed category, its bbox is four numbers and its area (if given) a number, and (given
+    ``num_classes``) its category id is a valid classifier index in 0..num_classes-1 (a negative id
+    would silently index from the end).
     """
     for key in ("images", "categories", "annotations"):
         if key not in data:
@@ -158,6 +165,7 @@ def check_annotation_json(data: Dict, ann_file: str, num_classes: Optional[int] 
         if annotation["image_id"] not in image_ids:
             raise AnnotationError(f"annotation file {ann_file}: annotation id {ann_id} refers to image id "
                                   f"{annotation['image_id']}, which is not in 'images'")
+        _check_box_fields(annotation, ann_file, ann_id)
         category_id = annotation["category_id"]
         if category_id not in category_ids:
             raise AnnotationError(f"annotation file {ann_file}: annotation id {ann_id} has category_id "
@@ -169,38 +177,42 @@ def check_annotation_json(data: Dict, ann_file: str, num_classes: Optional[int] 
 
 
 def load_coco(ann_file: str, num_classes: Optional[int] = None) -> COCO:
-    """The pycocotools object of ``ann_file``, checked (``check_annotation_json``) and sanitised
-    (``sanitize_annotations``; the counts are ``num_clipped`` / ``num_dropped``)."""
+    """The pycocotools object of ``ann_file`` as given (``check_annotation_json`` first; missing area /
+    iscrowd filled by ``fill_defaults``); ``num_clipped`` / ``num_dropped`` count the boxes that
+    training-target cleaning clips and drops (``count_cleaned_boxes``)."""
     data = read_annotation_json(ann_file)
     check_annotation_json(data, ann_file, num_classes)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines, once per process
         coco.createIndex()
-    coco.num_clipped, coco.num_dropped = sanitize_annotations(coco)
+    fill_defaults(coco)
+    coco.num_clipped, coco.num_dropped = count_cleaned_boxes(coco)
     return coco
 
 
 def coco_target(image_id: int, annotations: List[Dict], width: int, height: int) -> Dict[str, torch.Tensor]:
-    """The target dict of one image before transforms (boxes absolute xyxy, clipped to (width, height)).
+    """The training target of one image before transforms: boxes (N, 4) absolute xyxy, cleaned.
 
-    Crowd regions are dropped, as in DETR: they are not objects to match one-to-one.
+    Crowd regions are dropped, as in DETR: they are not objects to match one-to-one. Boxes are
+    clipped to (width, height) and dropped where that leaves no area or a coordinate is not finite
+    (the boxes ``count_cleaned_boxes`` counts); ``area`` is the file's.
     """
     anns = [a for a in annotations if not a.get("iscrowd", 0)]
-    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    boxes = T.clip_boxes_xyxy(boxes, width, height)
+    raw = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    raw[:, 2:] += raw[:, :2]
+    boxes = T.clip_boxes_xyxy(raw, width, height)
     target = {
         "boxes": boxes,
         "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
-        "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
-        "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
+        "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32),
+        "iscrowd": torch.tensor([int(a["iscrowd"]) for a in anns], dtype=torch.int64),
         "image_id": torch.tensor(image_id, dtype=torch.int64),
         "orig_size": torch.tensor([height, width], dtype=torch.int64),
         "size": torch.tensor([height, width], dtype=torch.int64),
     }
-    # a file smaller than its annotation says can still make boxes empty here
-    return T.filter_boxes(target, T.non_degenerate(boxes))
+    # clamping turns an infinite side into the image edge: such a box is malformed, not clipped
+    return T.filter_boxes(target, T.non_degenerate(boxes) & torch.isfinite(raw).all(dim=1))
 
 
 # ----------------------------------------------------------------------------- images

@@ -95,26 +95,29 @@ def hflip(image, target: Optional[dict]):
 
 
 def scaled_size(image_wh: Tuple[int, int], size: int, max_size: Optional[int]) -> Tuple[int, int]:
-    """(h, w) after scaling the shorter side to ``size``, shrunk so the longer side stays <= ``max_size``.
+    """(h, w) after scaling the shorter side to ``size``, with upstream Deformable-DETR's rounding.
 
-    The aspect ratio is kept (up to rounding); an image already at that size keeps its size exactly.
+    When the longer side would pass ``max_size``, the shorter side becomes round(max_size * short / long)
+    instead (Python's round, half to even). The longer side is then int(size * long / short), floored,
+    so it can end a pixel or two past ``max_size``, as upstream's does. An image whose shorter side
+    already has that size keeps its size exactly. The float expressions are upstream's, in its order,
+    so every size is bit-for-bit the one upstream trains and evaluates on.
+
+    One difference: where upstream's shorter side rounds to 0 pixels (the longer side at least
+    2 * max_size times the shorter, e.g. 1 x 5000, on which upstream fails), it is one pixel and the
+    longer side is ``max_size``; the aspect ratio gives way, not max_size.
     """
     w, h = image_wh
-    if max_size is not None:
-        short, long = float(min(w, h)), float(max(w, h))
-        if long / short * size > max_size:
-            # round down so the rounded longer side never exceeds max_size; at least one pixel, so an
-            # image thinner than long / max_size (a 1 x 5000 strip) still has a side
-            size = max(1, int(max_size * short / long))
+    short, long = float(min(w, h)), float(max(w, h))
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+        if size == 0:
+            return (max_size, 1) if w < h else (1, max_size)
     if min(w, h) == size:
-        new_h, new_w = h, w
-    elif w < h:
-        new_h, new_w = int(round(size * h / w)), size
-    else:
-        new_h, new_w = size, int(round(size * w / h))
-    if max_size is not None:  # only such a strip reaches this: its aspect ratio gives way, not max_size
-        new_h, new_w = min(new_h, max_size), min(new_w, max_size)
-    return new_h, new_w
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
 
 
 def resize(image, target: Optional[dict], size, max_size: Optional[int] = None):

@@ -26,7 +26,7 @@ def build_transformer(args) -> DeformableTransformer:
 
 
 def guidance_reads_one2many_at_eval(args) -> bool:
-    """Whether inference must run the one-to-many queries / stream for the encoder guidance (DESIGN §6)."""
+    """Whether inference must run the one-to-many queries / stream for the encoder guidance (docs/design.md §6)."""
     has_one2many = args.num_queries_one2many > 0 or args.use_ms_detr
     return (args.enc_ref_mode != "none" and args.ref_queries == "all" and args.ref_eval_one2many
             and has_one2many)

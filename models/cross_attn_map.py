@@ -5,7 +5,7 @@ s with weight a reads the four pixels around s by bilinear interpolation. Spread
 those four pixels, with the operator's own convention (grid_sample, zero padding,
 align_corners=False: pixel x = s_x * W_l - 0.5), and flattening all levels gives
 
-    M[b, t, q] = sum_{h, l, p} a(q, h, l, p) * bilinear(s(q, h, l, p), t)        (DESIGN §5)
+    M[b, t, q] = sum_{h, l, p} a(q, h, l, p) * bilinear(s(q, h, l, p), t)        (docs/design.md §5)
 
 Three forms live here:
   * ``attention_footprint``: the sparse form, (token index, weight) for every corner of every

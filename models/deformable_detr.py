@@ -41,7 +41,7 @@ class DeformableDETR(nn.Module):
     group in self-attention). ``use_ms_detr`` makes every query also give a one-to-many
     prediction from the decoder's auxiliary FFN. Both one-to-many forms run in training only,
     unless ``one2many_at_eval``: then they also run at inference because the encoder guidance
-    reads them (DESIGN §6: the same candidates in training and inference); their predictions
+    reads them (docs/design.md §6: the same candidates in training and inference); their predictions
     are never returned at inference, so detections always come from the one-to-one queries.
     ``denoising`` (DINO's CDN) adds noised ground-truth queries in training when ``forward`` is
     given the targets; its only parameter is ``label_enc`` (num_classes + 1 rows, as DINO).

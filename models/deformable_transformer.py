@@ -49,7 +49,7 @@ def fp32_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
     ``box_dtype(features.dtype)`` (float32; float64 for a float64 model).
 
     Boxes are refined additively over every decoder layer in logit space; in bf16 each step
-    would round the box to ~2^-9 of the image, so the box path (DESIGN §6, Precision) stays fp32.
+    would round the box to ~2^-9 of the image, so the box path (docs/design.md §6, Precision) stays fp32.
     """
     with torch.autocast(device_type=features.device.type, enabled=False):
         return head(features.to(box_dtype(features.dtype)))

@@ -1,4 +1,4 @@
-"""Encoder reference points generated from the decoder (DESIGN §6, seed versions v3.0.1-v3.0.4).
+"""Encoder reference points generated from the decoder (docs/design.md §6, seed versions v3.0.1-v3.0.4).
 
 Per forward pass the transformer asks the generator for a ``GuidanceState``; after every
 decoder layer it calls ``state.observe(locations, weights, candidates)`` and before every
@@ -72,7 +72,7 @@ def _class_scores(logits: torch.Tensor) -> torch.Tensor:
 def make_candidates(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, num_queries_one2one: int,
                     ref_queries: str = "all", one2many_logits: Optional[torch.Tensor] = None,
                     one2many_boxes: Optional[torch.Tensor] = None, per_query: bool = True) -> CandidateSet:
-    """Candidates from one decoder layer's predictions (DESIGN §6).
+    """Candidates from one decoder layer's predictions (docs/design.md §6).
 
     Hybrid form (H-DETR): pred_logits (bs, Q, classes) and pred_boxes (bs, Q, 4) hold all
     queries, one-to-one group first; 'o2o' keeps the first ``num_queries_one2one``.
@@ -299,7 +299,7 @@ class GuidanceState:
 
 
 class EncoderReferenceGenerator(nn.Module):
-    """Reference-point generator of DESIGN §6 (no parameters, so no state-dict keys).
+    """Reference-point generator of docs/design.md §6 (no parameters, so no state-dict keys).
 
     Parameters carry their flags' names (``--enc_ref_mode`` -> ``enc_ref_mode``; rules in
     ``models/research_settings.py``): enc_ref_mode 'per_level' (v3.0.1, ref_rank 'cls') or

@@ -1,4 +1,4 @@
-"""Allowed values and combination rules of the encoder-guidance research settings (DESIGN §6).
+"""Allowed values and combination rules of the encoder-guidance research settings (docs/design.md §6).
 
 Each setting has one name from flag to constructor (``--enc_ref_mode`` -> ``enc_ref_mode``, ...).
 The parser (``cli/config.py``) takes its ``choices`` from here and ``validate_args`` and

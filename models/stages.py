@@ -1,4 +1,4 @@
-"""The stage schedule: how encoder and decoder layers interleave (``--stages``, DESIGN §4).
+"""The stage schedule: how encoder and decoder layers interleave (``--stages``, docs/design.md §4).
 
 A schedule is a list of (E, D) pairs: each stage runs E encoder layers, then D decoder layers on
 the memory as it stands. The rules live here, with the model that runs them; the command line

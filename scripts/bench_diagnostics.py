@@ -8,7 +8,7 @@ repeat times one evaluation ("off") and right after it the diagnostics of the fi
 images for each N, so each diagnostics pass sees the machine load of the evaluation it is
 compared with; "on" = that evaluation + the pass, which is what main.py does once per evaluation.
 Prints one JSON object per line: each measurement, then per variant and N the medians over
-repeats, ``ratio`` = the median of the repeats' on / off (DESIGN.md budget: <= 1.10). Medians, because a shared
+repeats, ``ratio`` = the median of the repeats' on / off (docs/design.md §8 budget: <= 1.10). Medians, because a shared
 machine's load changes from one run to the next. pycocotools' tables go to stderr. Random init
 unless ``--resume``.
 """

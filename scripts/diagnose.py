@@ -1,4 +1,4 @@
-"""The reference diagnostics (DESIGN.md section 9, README "Reference diagnostics") of checkpoints.
+"""The reference diagnostics (docs/design.md §9, docs/research.md "Reference diagnostics") of checkpoints.
 
 usage: python scripts/diagnose.py --resume CKPT [CKPT ...] --out DIR [--diag_images N] [--config FILE]
            [any main.py flag, e.g. --coco_path DATA --device cpu]

@@ -1,10 +1,11 @@
-"""Markdown table of every main.py flag, generated from the parser so the README stays true.
+"""Markdown table of every main.py flag, generated from the parser so the flags page stays true.
 
 usage:
     python scripts/flags_table.py                 print the table
-    python scripts/flags_table.py --write README.md   replace the table between the markers
-    python scripts/flags_table.py --check README.md   exit 1 if the README's table is stale
-The README holds the table between the lines ``<!-- flags:start -->`` and ``<!-- flags:end -->``.
+    python scripts/flags_table.py --write         replace the table in docs/flags.md
+    python scripts/flags_table.py --check         exit 1 if docs/flags.md's table is stale
+    (--write FILE / --check FILE: another markdown file)
+The page holds the table between the lines ``<!-- flags:start -->`` and ``<!-- flags:end -->``.
 """
 import argparse
 import math
@@ -18,6 +19,7 @@ if ROOT not in sys.path:
 from cli.config import get_args_parser  # noqa: E402
 
 START, END = "<!-- flags:start -->", "<!-- flags:end -->"
+FLAGS_PAGE = os.path.join(ROOT, "docs", "flags.md")
 
 def _default(action: argparse.Action) -> str:
     value = action.default
@@ -72,9 +74,10 @@ def flags_table() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def replace_block(text: str, table: str) -> str:
+def replace_block(text: str, table: str, path: str) -> str:
+    """``text`` with the table between the markers replaced by ``table``; ``path`` names it in the error."""
     if START not in text or END not in text:
-        raise SystemExit(f"README has no {START} ... {END} block")
+        raise SystemExit(f"{path} has no {START} ... {END} block")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{table}{END}{tail}"
@@ -82,20 +85,22 @@ def replace_block(text: str, table: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write", metavar="README", help="replace the table in this file")
-    parser.add_argument("--check", metavar="README", help="exit 1 if this file's table is stale")
+    parser.add_argument("--write", metavar="FILE", nargs="?", const=FLAGS_PAGE,
+                        help="replace the table in FILE (default docs/flags.md)")
+    parser.add_argument("--check", metavar="FILE", nargs="?", const=FLAGS_PAGE,
+                        help="exit 1 if FILE's table (default docs/flags.md) is stale")
     opts = parser.parse_args()
     table = flags_table()
     if opts.write:
         with open(opts.write) as f:
             text = f.read()
         with open(opts.write, "w") as f:
-            f.write(replace_block(text, table))
+            f.write(replace_block(text, table, opts.write))
         return 0
     if opts.check:
         with open(opts.check) as f:
             text = f.read()
-        if replace_block(text, table) != text:
+        if replace_block(text, table, opts.check) != text:
             print(f"{opts.check}: the flags table is stale; run python scripts/flags_table.py --write {opts.check}",
                   file=sys.stderr)
             return 1

@@ -556,7 +556,7 @@ def diagnostics_table(groups: List[Group]) -> str:
     for key in keys:
         rows.append([key] + [_mean_std_cell([run.final_diag[key] for run in group.runs if key in run.final_diag],
                                             1.0, 3, 3) for group in diagnosed])
-    intro = ("Reference diagnostics (README \"Reference diagnostics\") of the last diagnosed epoch, mean ± "
+    intro = ("Reference diagnostics (docs/research.md, \"Reference diagnostics\") of the last diagnosed epoch, mean ± "
              "sample std (ddof=1; n/a when n=1) over seeds, n runs; AP is the final box AP of the same runs. "
              "A diagnostic a configuration cannot have (D1-D3, D6 without guidance) shows –.")
     return "\n".join([intro, ""] + _table(["metric"] + [group.label for group in diagnosed], rows)) + "\n"

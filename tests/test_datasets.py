@@ -110,25 +110,70 @@ def test_hflip_keeps_box_on_pixels():
     assert np.array_equal(np.asarray(back_image), np.asarray(image))
 
 
-@pytest.mark.parametrize("size,max_size", [(60, None), (17, None), (64, 70), ((45, 20), None)])
-def test_resize_keeps_box_on_pixels(size, max_size):
+@pytest.mark.parametrize("size,max_size,expected_hw", [
+    (60, None, (60, 80)),       # 40 x 30: h = 60, w = int(60 * 40 / 30) = 80
+    (17, None, (17, 22)),       # w = int(17 * 40 / 30) = int(22.67) = 22 (floored, not rounded to 23)
+    (64, 70, (52, 69)),         # 40 / 30 * 64 = 85.3 > 70: h = round(70 * 30 / 40) = round(52.5) = 52
+                                # (half to even), w = int(52 * 40 / 30) = int(69.33) = 69
+    ((45, 20), None, (45, 20)),  # an explicit (h, w)
+])
+def test_resize_keeps_box_on_pixels(size, max_size, expected_hw):
     image, target = rectangle_image(40, 30, (8, 6, 28, 22)), xyxy_target([[8, 6, 28, 22]])
     out_image, out_target = T.resize(image, target, size, max_size)
     w, h = out_image.size
-    assert out_target["size"].tolist() == [h, w]
-    if max_size is not None:
-        assert max(w, h) <= max_size
+    assert (h, w) == expected_hw and out_target["size"].tolist() == [h, w]
     # interpolation blurs the edges by up to about a pixel
     assert_box_bounds_pixels(out_image, out_target, tol=1.0)
     sx, sy = w / 40, h / 30
     assert out_target["area"][0].item() == pytest.approx(20 * 16 * sx * sy, rel=1e-5)
 
 
-def test_scaled_size_respects_max_size_and_aspect():
-    assert T.scaled_size((400, 300), 600, 1000) == (600, 800)
-    h, w = T.scaled_size((1000, 200), 400, 1333)  # very wide image: the longer side is the limit
-    assert w <= 1333 and h == int(1333 * 200 / 1000)
-    assert T.scaled_size((40, 30), 30, None) == (30, 40)  # already that size
+# Upstream Deformable-DETR's rule, worked by hand. With max_size, if long / short * size > max_size the
+# shorter side becomes round(max_size * short / long) (Python's round: half to even); then the shorter
+# side is that size and the longer side int(size * long / short) (floored). An image whose shorter side
+# already equals the size keeps its size. Only where the shorter side would round to 0 pixels does this
+# codebase differ: one pixel across and max_size along.
+UPSTREAM_SIZES = [
+    # (w, h, size, max_size) -> (h, w)
+    ((640, 480, 800, 1333), (800, 1066)),   # 640/480*800 = 1066.7 <= 1333; w = int(800*640/480) = int(1066.67)
+    ((480, 640, 800, 1333), (1066, 800)),   # the same, portrait
+    ((640, 424, 800, 1333), (800, 1207)),   # w = int(800*640/424) = int(1207.55) = 1207
+    ((500, 375, 600, 1000), (600, 800)),    # w = int(600*500/375) = int(800.0) = 800 exactly
+    ((40, 30, 30, None), (30, 40)),         # shorter side already 30: unchanged
+    ((640, 200, 800, 1333), (417, 1334)),   # 3.2*800 = 2560 > 1333: h = round(1333*200/640) = round(416.56)
+                                            # = 417, w = int(417*640/200) = int(1334.4) = 1334 (past max_size)
+    ((1000, 200, 400, 1333), (267, 1335)),  # 5*400 = 2000 > 1333: h = round(266.6) = 267, w = int(267*5) = 1335
+    ((400, 200, 800, 1333), (666, 1332)),   # 2*800 > 1333: h = round(1333*200/400) = round(666.5) = 666
+                                            # (half to even), w = int(666*2) = 1332
+    ((400, 200, 800, 1335), (668, 1336)),   # h = round(1335*200/400) = round(667.5) = 668 (even), w = 1336
+    ((100, 100, 800, 600), (600, 600)),     # 1*800 > 600: size = round(600*100/100) = 600, square
+    ((1333, 400, 800, 1333), (400, 1333)),  # 1333/400*800 = 2666 > 1333: h = round(400.0) = 400 = the
+                                            # shorter side already: unchanged
+    ((1, 2000, 800, 1333), (2000, 1)),      # round(1333*1/2000) = round(0.67) = 1 = the shorter side: unchanged
+    ((1, 5000, 800, 1333), (1333, 1)),      # round(1333*1/5000) = round(0.27) = 0: guard, 1 across, 1333 along
+    ((5000, 1, 800, 1333), (1, 1333)),      # the same, landscape
+]
+
+
+@pytest.mark.parametrize("case,expected_hw", UPSTREAM_SIZES)
+def test_scaled_size_follows_upstream_rounding(case, expected_hw):
+    w, h, size, max_size = case
+    assert T.scaled_size((w, h), size, max_size) == expected_hw
+
+
+@pytest.mark.parametrize("image_set", ["train", "val"])
+def test_training_and_evaluation_resize_to_the_same_sizes(image_set):
+    """Both pipelines resize a 640 x 200 image at 800 / 1333 to upstream's 1334 x 417, boxes scaled to match."""
+    random.seed(0)
+    image, target = rectangle_image(640, 200, (64, 20, 320, 100)), xyxy_target([[64, 20, 320, 100]])
+    pipeline = T.make_coco_transforms(image_set, min_size=[800], max_size=1333, eval_size=800, random_crop=False)
+    if image_set == "train":
+        pipeline.transforms[0] = T.RandomHorizontalFlip(p=0.0)  # keep the box where it is, to check it by hand
+    out_image, out_target = pipeline(image, target)
+    assert tuple(out_image.shape) == (3, 417, 1334) and out_target["size"].tolist() == [417, 1334]
+    # (64, 20, 320, 100) * (1334 / 640, 417 / 200) = (133.4, 41.7, 667, 208.5) -> cxcywh / (1334, 417)
+    expected = torch.tensor([400.2 / 1334, 125.1 / 417, 533.6 / 1334, 166.8 / 417])
+    torch.testing.assert_close(out_target["boxes"][0], expected)
 
 
 def test_crop_shifts_clips_and_drops_boxes():
@@ -297,15 +342,17 @@ def test_degenerate_and_outside_annotations(tmp_path):
             ann(1, (10, 10, 0, 5)),            # zero width: dropped
             ann(1, (10, 10, 5, -3)),           # negative height: dropped
             ann(1, (45, 5, 5, 5)),             # entirely outside: dropped
+            ann(1, (2, 2, float("inf"), 3)),   # not finite (JSON Infinity): dropped, not clipped to the edge
             ann(1, (1, 1, 30, 20), iscrowd=1)]  # crowd: kept for evaluation, not a training target
     write_coco(tmp_path, [(1, rectangle_image(40, 30, (0, 0, 0, 0)), (40, 30))], anns)
     dataset = CocoDetection(str(tmp_path / "val2017"), str(tmp_path / "annotations" / "instances_val2017.json"))
     coco = datasets.get_coco_api(dataset)
-    assert (coco.num_clipped, coco.num_dropped) == (2, 3)
-    assert sorted(tuple(a["bbox"]) for a in coco.dataset["annotations"]) == sorted(
-        [(5.0, 5.0, 10.0, 10.0), (30.0, 20.0, 10.0, 10.0), (0.0, 0.0, 4.0, 4.0), (1.0, 1.0, 30.0, 20.0)])
-    clipped = [a for a in coco.dataset["annotations"] if a["bbox"] == [30.0, 20.0, 10.0, 10.0]][0]
-    assert clipped["area"] == 100.0
+    assert (coco.num_clipped, coco.num_dropped) == (2, 4)
+    # the evaluation ground truth is the file's: every box and area as written
+    assert [(a["bbox"], a["area"]) for a in coco.dataset["annotations"]] == [
+        (list(a["bbox"]), a["area"]) for a in anns]
+    assert [a["bbox"] for a in coco.loadAnns(coco.getAnnIds(imgIds=[1]))] == [list(a["bbox"]) for a in anns]
+    # the training target is cleaned
     _, target = dataset.load(0)
     torch.testing.assert_close(target["boxes"], torch.tensor([[5.0, 5, 15, 15], [30, 20, 40, 30], [0, 0, 4, 4]]))
     assert target["labels"].tolist() == [1, 2, 1] and target["iscrowd"].tolist() == [0, 0, 0]
@@ -377,3 +424,50 @@ def test_evaluator_wrong_class_and_partial_images(tmp_path):
     assert evaluator.summarize()["AP50"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="bbox"):
         CocoEvaluator(coco, ("segm",))
+
+
+
+def pycocotools_stats(ann_file, detections):
+    """The 12 COCOeval numbers of ``detections`` (COCO result dicts) scored by pycocotools alone, on the
+    annotation file as it is (what upstream Deformable-DETR's evaluator and published numbers do)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(ann_file)
+        evaluator = COCOeval(gt, gt.loadRes([dict(d) for d in detections]), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats]
+
+
+def test_evaluation_scores_against_the_annotation_file_as_given(tmp_path):
+    """Out-of-image and degenerate ground truth is scored as the file gives it, as pycocotools does on
+    the raw file; the clipped/dropped counts are still reported and training targets still cleaned."""
+    anns = [ann(1, (10, 10, 30, 20)),   # inside the 100 x 80 image
+            ann(1, (80, 50, 40, 40)),   # reaches to (120, 90): clipping would leave (80, 50, 20, 30)
+            ann(1, (50, 20, 0, 10))]    # zero width: no detection can overlap it
+    path = write_coco(str(tmp_path), [(1, rectangle_image(100, 80, (0, 0, 0, 0)), (100, 80))], anns)
+    xywh = [(10, 10, 30, 20, 0.9), (80, 50, 40, 40, 0.8), (50, 20, 1, 10, 0.7)]  # one per ground-truth box
+    detections = {1: {"boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _ in xywh], dtype=torch.float32),
+                      "scores": torch.tensor([s for *_, s in xywh]), "labels": torch.ones(3, dtype=torch.int64)}}
+    dataset = datasets.build_dataset("val", make_args(tmp_path))  # what main.py builds; engine.evaluate's path:
+    evaluator = CocoEvaluator(datasets.get_coco_api(dataset), ("bbox",))
+    evaluator.update(detections)
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    stats = evaluator.summarize()
+    assert [stats[name] for name in STAT_NAMES] == pycocotools_stats(path, evaluator.coco_results())
+    # by hand: the first two detections hit their boxes exactly (IoU 1), the third misses the zero-width
+    # box; 3 ground-truth boxes -> recall 1/3, 2/3 at precision 1, so precision 1 at the recall points
+    # 0, 0.01, ..., 0.66 and 0 above: AP = 67 / 101 at every IoU threshold. (Against clipped ground truth
+    # the second detection would miss (IoU 600 / 1600) and the third box be gone: AP 51 / 101.)
+    assert stats["AP"] == pytest.approx(67 / 101) and stats["AP50"] == pytest.approx(67 / 101)
+    summary = datasets.data_summary(dataset, "val")
+    assert (summary["annotations"], summary["clipped_boxes"], summary["dropped_boxes"]) == (3, 1, 1)
+    _, target = dataset.load(0)
+    torch.testing.assert_close(target["boxes"], torch.tensor([[10.0, 10, 40, 30], [80, 50, 100, 80]]))

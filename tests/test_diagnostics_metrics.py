@@ -1,4 +1,4 @@
-"""Reference-diagnostics metrics (DESIGN §9, D1-D6) on hand-worked cases."""
+"""Reference-diagnostics metrics (docs/design.md §9, D1-D6) on hand-worked cases."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The box path runs in float32 or wider (DESIGN §6, Precision): a float64 model stays float64.
+"""The box path runs in float32 or wider (docs/design.md §6, Precision): a float64 model stays float64.
 
 Half types go up to float32 on the box path (the bf16 / fp16 autocast checks are in
 tests/test_research_semantics.py); float64 must not come down, because upstream-equivalence

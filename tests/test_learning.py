@@ -1,7 +1,7 @@
 """The detector learns: a handful of synthetic images are overfitted to AP50 >= 0.9.
 
 The budget is a number of epochs (about 2 minutes on an idle 2-core CPU), not a wall-clock limit:
-timings belong to benchmarks (DESIGN section 8), and a loaded machine must not fail the test.
+timings belong to benchmarks (docs/design.md §8), and a loaded machine must not fail the test.
 """
 import time
 

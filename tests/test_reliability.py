@@ -249,6 +249,10 @@ def _rewrite(path, change):
     (lambda d: d["images"].append(dict(d["images"][0])), "image id 1 is listed twice"),
     (lambda d: d["annotations"][0].pop("bbox"), "annotation id 1 has no 'bbox'"),
     (lambda d: d["annotations"][0].update(image_id=99), "refers to image id 99"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "annotation id 1 has bbox [1, 2, 3]; it must be four"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, "3", 4]), "annotation id 1 has bbox [1, 2, '3', 4]"),
+    (lambda d: d["annotations"][0].update(bbox={"x": 1}), "annotation id 1 has bbox {'x': 1}"),
+    (lambda d: d["annotations"][0].update(area="big"), "annotation id 1 has area 'big'; it must be a number"),
 ])
 def test_annotation_file_structure_is_checked_before_training(tmp_path, capsys, change, expected):
     train, _ = small_coco(str(tmp_path / "data"))
@@ -307,7 +311,7 @@ def test_data_summary_and_skipped_images_are_reported(tmp_path, capsys):
     assert code == 0
     records = read_jsonl(str(out / "log.jsonl"))
     data = {r["split"]: r for r in records if r["type"] == "data"}
-    assert (data["train"]["images"], data["train"]["annotations"]) == (3, 2)
+    assert (data["train"]["images"], data["train"]["annotations"]) == (3, 4)  # all four are in the file
     assert (data["train"]["clipped_boxes"], data["train"]["dropped_boxes"]) == (1, 2)
     assert (data["val"]["clipped_boxes"], data["val"]["dropped_boxes"]) == (0, 0)
     epoch = [r for r in records if r["type"] == "epoch"][0]

@@ -209,7 +209,8 @@ def test_a_thin_strip_resizes_to_a_usable_image(tmp_path):
 
     assert scaled_size((1, 5000), 800, 1333) == (1333, 1)
     assert scaled_size((5000, 1), 800, 1333) == (1, 1333)
-    assert scaled_size((640, 480), 800, 1333) == (800, 1067)  # ordinary images as before
+    # ordinary images as upstream: 800 * 640 / 480 = 1066.67, floored
+    assert scaled_size((640, 480), 800, 1333) == (800, 1066)
 
 
 # ----------------------------------------------------------------------------- one-line errors

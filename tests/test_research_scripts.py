@@ -345,12 +345,14 @@ def test_visualize_refs_on_synthetic_image(tmp_path):
 
 
 @pytest.mark.parametrize("height, width, expected", [
-    (100, 177, (451, 798)),   # max_size binds: shorter side int(800 * 100 / 177) = 451, longer round(451 * 1.77)
-    (177, 100, (798, 451)),
-    (300, 400, (480, 640)),   # shorter side binds: 480, 400 * 480 / 300
-    (37, 61, (480, 791)),     # round(480 * 61 / 37) = 791.35 -> 791, under max_size
-    (480, 333, (692, 480)),
-    (50, 500, (80, 800)),     # int(800 * 50 / 500) = 80
+    # upstream's rule at eval_size 480, max_size 800 (see datasets.transforms.scaled_size)
+    (100, 177, (452, 800)),   # 1.77 * 480 = 849.6 > 800: shorter side round(800 * 100 / 177) = round(451.98)
+                              # = 452, longer int(452 * 177 / 100) = int(800.04) = 800
+    (177, 100, (800, 452)),
+    (300, 400, (480, 640)),   # shorter side binds: 480, int(480 * 400 / 300) = 640
+    (37, 61, (480, 791)),     # int(480 * 61 / 37) = int(791.35) = 791, under max_size
+    (480, 333, (691, 480)),   # int(480 * 480 / 333) = int(691.89) = 691
+    (50, 500, (80, 800)),     # round(800 * 50 / 500) = 80, int(80 * 500 / 50) = 800
 ])
 def test_visualize_refs_input_matches_evaluation_transform(tmp_path, height, width, expected):
     """A file image reaches the model at the size (and with the values) evaluation gives it."""

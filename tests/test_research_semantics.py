@@ -1,4 +1,4 @@
-"""The research variants compute what the notes mean, identically in training and inference (DESIGN §6).
+"""The research variants compute what the notes mean, identically in training and inference (docs/design.md §6).
 
 Every check runs the whole detector on two padded images: the references the encoder layers are
 handed are captured with forward pre-hooks, and train-mode and eval-mode forwards of the same

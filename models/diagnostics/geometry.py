@@ -1,4 +1,4 @@
-"""Points, boxes and ground truth for the reference diagnostics (DESIGN §9).
+"""Points, boxes and ground truth for the reference diagnostics (docs/design.md §9).
 
 Everything is in normalised coordinates of an image's valid region (x right, y down, the image is
 [0, 1] x [0, 1]); boxes are xyxy unless a name says cxcywh. IoU comes from ``util.box_ops``.
@@ -71,7 +71,7 @@ def covered_area_fraction(boxes: torch.Tensor) -> torch.Tensor:
 
 def match_to_ground_truth(boxes: torch.Tensor, gt_boxes: torch.Tensor, threshold: float = 0.5
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each box's best ground-truth box (DESIGN §9: a box matches when its best IoU is >= threshold).
+    """Each box's best ground-truth box (docs/design.md §9: a box matches when its best IoU is >= threshold).
 
     boxes (N, 4) cxcywh, gt_boxes (G, 4) cxcywh.
     Returns matched GT index (N,) int64 (argmax IoU, -1 below the threshold or without GT) and the

@@ -1,4 +1,4 @@
-"""The numbers of the reference diagnostics (DESIGN §9, D1-D6) as pure functions of one image's tensors.
+"""The numbers of the reference diagnostics (docs/design.md §9, D1-D6) as pure functions of one image's tensors.
 
 Shapes: T tokens (padding already removed), H heads, L levels, P points, S reference slots per
 token, G ground-truth boxes. Coordinates are normalised to the image's valid region unless a

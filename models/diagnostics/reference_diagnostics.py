@@ -1,4 +1,4 @@
-"""Reference diagnostics (DESIGN §9): how the encoder's references and sampling relate to the objects.
+"""Reference diagnostics (docs/design.md §9): how the encoder's references and sampling relate to the objects.
 
     diag = ReferenceDiagnostics(model)   # the eager DeformableDETR (unwrapped)
     diag.start()                         # each evaluation
@@ -104,7 +104,7 @@ def _per_group(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> T
 
 
 class ReferenceDiagnostics:
-    """D1-D6 of DESIGN §9 on a fixed probe set (see the module doc for the protocol and the keys).
+    """D1-D6 of docs/design.md §9 on a fixed probe set (see the module doc for the protocol and the keys).
 
     model: the eager DeformableDETR. matcher: the one-to-one matcher of D3's matching instability
     (default: HungarianMatcher with the flags' default costs; pass the criterion's to use its costs).
