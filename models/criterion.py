@@ -176,11 +176,16 @@ class SetCriterion(nn.Module):
     # ----- normalisation -----------------------------------------------------
 
     @staticmethod
-    def num_boxes(targets: List[Dict[str, Tensor]], device) -> Tensor:
-        """Average number of targets per process, >= 1, as a 0-dim tensor (no host sync)."""
+    def boxes_per_process(targets: List[Dict[str, Tensor]], device) -> Tensor:
+        """Average number of targets per process (summed over all processes), 0-dim, no host sync."""
         local = float(sum(len(t["labels"]) for t in targets))
         total = all_reduce_sum(torch.tensor(local, dtype=torch.float32, device=device))
-        return (total / get_world_size()).clamp(min=1.0)
+        return total / get_world_size()
+
+    @staticmethod
+    def num_boxes(targets: List[Dict[str, Tensor]], device) -> Tensor:
+        """The losses' normaliser: ``boxes_per_process``, at least 1."""
+        return SetCriterion.boxes_per_process(targets, device).clamp(min=1.0)
 
     # ----- groups of outputs ---------------------------------------------------
 
@@ -196,14 +201,15 @@ class SetCriterion(nn.Module):
                     losses[f"{k}{suffix}_{i}"] = v
         return losses
 
-    def _one2many_losses(self, outputs, targets, num_boxes) -> Dict[str, Tensor]:
+    def _one2many_losses(self, outputs, targets, num_boxes, boxes_per_process) -> Dict[str, Tensor]:
         main = {"pred_logits": outputs["pred_logits_one2many"], "pred_boxes": outputs["pred_boxes_one2many"]}
         aux = outputs.get("aux_outputs_one2many", [])
         if self.one2many == "hybrid":
-            # H-DETR runs the criterion again on k-times repeated targets, so its
-            # normaliser is the repeated count too
+            # H-DETR runs the criterion again on k-times repeated targets, so its normaliser is
+            # the repeated count's average, clamped to >= 1 after the repetition (a batch without
+            # boxes divides by 1, not by k)
             targets = repeat_targets(targets, self.k_one2many)
-            num_boxes = num_boxes * self.k_one2many
+            num_boxes = (boxes_per_process * self.k_one2many).clamp(min=1.0)
         return self._decoder_losses(main, aux, targets, self.o2m_matcher, num_boxes, "_one2many", log=False)
 
     def _denoising_losses(self, dn_outputs: Dict, targets, num_boxes) -> Dict[str, Tensor]:
@@ -233,7 +239,8 @@ class SetCriterion(nn.Module):
         Returns:
             dict of unweighted 0-dim losses (+ 'class_error' for logging).
         """
-        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        boxes_per_process = self.boxes_per_process(targets, outputs["pred_logits"].device)
+        num_boxes = boxes_per_process.clamp(min=1.0)
         main = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
         losses = self._decoder_losses(main, outputs.get("aux_outputs", []), targets, self.matcher,
                                       num_boxes, suffix="", log=True)
@@ -241,7 +248,7 @@ class SetCriterion(nn.Module):
             enc = self._match_and_loss(outputs["enc_outputs"], _class_agnostic(targets), self.enc_matcher, num_boxes)
             losses.update({k + "_enc": v for k, v in enc.items()})
         if self.one2many is not None and "pred_logits_one2many" in outputs:
-            losses.update(self._one2many_losses(outputs, targets, num_boxes))
+            losses.update(self._one2many_losses(outputs, targets, num_boxes, boxes_per_process))
         if "dn_outputs" in outputs:
             losses.update(self._denoising_losses(outputs["dn_outputs"], targets, num_boxes))
         return losses

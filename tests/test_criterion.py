@@ -212,6 +212,20 @@ def test_hybrid_normaliser_uses_repeated_count():
     assert losses["loss_bbox"].item() == pytest.approx(0.05)
 
 
+def test_hybrid_normaliser_of_a_batch_without_boxes_is_one():
+    # H-DETR clamps the repeated count to >= 1 after repeating it: with no box anywhere the
+    # one-to-many focal loss is divided by 1, not by k. One query, logit 0 (p = 1/2), negative:
+    # (1 - alpha) p^2 * -log(1 - p) = 0.75 * 0.25 * log 2, times Q = 1, divided by 1
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    logits, box = torch.zeros(1, 1, 1), torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])
+    outputs = {"pred_logits": logits, "pred_boxes": box, "pred_logits_one2many": logits, "pred_boxes_one2many": box}
+    criterion = SetCriterion(1, HungarianMatcher(), {}, one2many="hybrid", o2m_matcher=HungarianMatcher(),
+                             k_one2many=6)
+    losses = criterion(outputs, targets)
+    assert losses["loss_ce_one2many"].item() == pytest.approx(0.75 * 0.25 * math.log(2))
+    assert losses["loss_ce"].item() == pytest.approx(0.75 * 0.25 * math.log(2))
+
+
 def test_encoder_losses_are_class_agnostic():
     # encoder logits with a single class: a target of class 4 must still be matched as class 0
     criterion = build_criterion(_args(), NUM_CLASSES)
