@@ -83,6 +83,14 @@ def _src_index(indices):
     return batch, query
 
 
+def _last_pair_of_each_query(batch_idx: Tensor, query_idx: Tensor, shape) -> Tensor:
+    """(M,) bool: True on the last of the M (batch, query) pairs that name each query of a (B, Q) grid."""
+    key = batch_idx * shape[1] + query_idx
+    position = torch.arange(len(key), device=key.device)
+    last = torch.full((shape[0] * shape[1],), -1, dtype=torch.int64, device=key.device)
+    return position == last.scatter_reduce(0, key, position, reduce="amax")[key]
+
+
 class SetCriterion(nn.Module):
     """Matches predictions to targets and computes focal / L1 / GIoU losses.
 
@@ -125,13 +133,18 @@ class SetCriterion(nn.Module):
     def loss_labels(self, outputs, targets, indices, num_boxes, log: bool = False) -> Dict[str, Tensor]:
         """Focal loss over all queries and classes; matched queries are positive on their label.
 
+        A query with two pairs (the one-to-many assigner's step 5) is positive on one label,
+        its last pair's, as upstream's label write leaves it.
         outputs['pred_logits']: (B, Q, K). Returns {'loss_ce'} (+ 'class_error' if log).
         """
         logits = outputs["pred_logits"]
         batch_idx, query_idx = _src_index(indices)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        last = _last_pair_of_each_query(batch_idx, query_idx, logits.shape[:2])
         onehot = torch.zeros_like(logits)
-        onehot[batch_idx, query_idx, matched_labels] = 1
+        # a sum of 1 (last pair) and 0s (earlier pairs): exact in any order, and no boolean
+        # indexing (which would wait for the device)
+        onehot.index_put_((batch_idx, query_idx, matched_labels), last.to(logits.dtype), accumulate=True)
         loss = sigmoid_focal_loss(logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=2.0)
         # upstream scales by Q: the focal loss averages over queries, the DETR
         # recipe's coefficients were tuned for a sum

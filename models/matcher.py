@@ -5,9 +5,10 @@
   their anchors and by box costs alone.
 * ``TopkIoUAssigner``: one-to-many assignment used by MS-DETR's mixed supervision.
 
-Both return, per image, a pair ``(index_i, index_j)`` of int64 tensors of equal
+Each returns, per image, a pair ``(index_i, index_j)`` of int64 tensors of equal
 length: ``index_i`` indexes predictions (queries), ``index_j`` indexes that image's
-targets. A prediction appears at most once in ``index_i``.
+targets. The one-to-one matchers give a prediction at most one target; the top-k
+assigner can give it two (its step 5).
 """
 from typing import Dict, List, Tuple
 
@@ -158,18 +159,18 @@ class TopkIoUAssigner(nn.Module):
        are kept at random (detectron2-style fg subsampling).
     4. Target t is given ``n_t = min(k, #kept candidates with g(q) = t)`` predictions:
        its ``n_t`` highest-scoring predictions over *all* Q (not only the candidates).
-    5. Step 4 can give one prediction to two targets. Upstream keeps both pairs
-       (box losses see both; the class target is whichever is written last, which
-       its ascending-score order makes the higher-scoring one). With
-       ``unique_predictions=True`` (default) only the higher-scoring pair is kept,
-       so a prediction has at most one target; ``False`` reproduces upstream.
+    5. Step 4 can give one prediction to two targets (overlapping ground truth, good
+       predictions). Both pairs are kept, as upstream keeps them: the box losses train
+       the prediction toward both boxes, and ``SetCriterion`` gives it one class target,
+       its last pair's, which the ascending order makes the higher-scoring one (upstream
+       writes the labels in that order, so the last write stays).
 
     Returned pairs are on the predictions' device, in ascending score order.
     Images without targets get no pairs.
     """
 
     def __init__(self, k: int = 6, threshold: float = 0.4, coef_box: float = 0.7, coef_cls: float = 0.3,
-                 positive_fraction: float = 0.25, unique_predictions: bool = True):
+                 positive_fraction: float = 0.25):
         super().__init__()
         if k < 1:
             raise ValueError(f"TopkIoUAssigner: k must be >= 1, got {k}")
@@ -178,7 +179,6 @@ class TopkIoUAssigner(nn.Module):
         self.coef_box = coef_box
         self.coef_cls = coef_cls
         self.positive_fraction = positive_fraction
-        self.unique_predictions = unique_predictions
 
     def score_matrix(self, pred_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """Match quality, (T, Q): coef_box * IoU + coef_cls * class probability (float32 or wider)."""
@@ -201,16 +201,6 @@ class TopkIoUAssigner(nn.Module):
             cand_idx = cand_idx[keep]
         return torch.bincount(best_target[cand_idx], minlength=num_targets)
 
-    def _keep_best_per_prediction(self, pred_idx: Tensor, tgt_idx: Tensor, score: Tensor):
-        """Step 5: drop all but the highest-scoring pair of each prediction."""
-        order = score.argsort(descending=True, stable=True)
-        pred_idx, tgt_idx, score = pred_idx[order], tgt_idx[order], score[order]
-        unique_pred, group = torch.unique(pred_idx, return_inverse=True)
-        position = torch.arange(len(pred_idx), device=pred_idx.device)
-        first = torch.full((len(unique_pred),), len(pred_idx), dtype=torch.int64, device=pred_idx.device)
-        first.scatter_reduce_(0, group, position, reduce="amin")
-        return pred_idx[first], tgt_idx[first], score[first]
-
     def assign_one(self, pred_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor):
         """Assignment for one image.
 
@@ -229,8 +219,6 @@ class TopkIoUAssigner(nn.Module):
         take = rank[None, :] < counts[:, None]
         tgt_idx = torch.arange(len(tgt_labels), device=scores.device)[:, None].expand_as(top_pred)[take]
         pred_idx, score = top_pred[take], top_score[take]
-        if self.unique_predictions and len(pred_idx) > 0:
-            pred_idx, tgt_idx, score = self._keep_best_per_prediction(pred_idx, tgt_idx, score)
         order = score.argsort(stable=True)
         return pred_idx[order], tgt_idx[order]
 

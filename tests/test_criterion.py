@@ -47,6 +47,24 @@ def test_box_losses_hand_values():
     assert losses["loss_giou"].item() == pytest.approx(((1 - 0.6) + (1 + 1 / 3)) / 2)
 
 
+def test_query_with_two_pairs_is_positive_on_its_last_pairs_label_only():
+    # the one-to-many assigner can pair query 0 with t1 (label 1) and, scoring higher, with t0
+    # (label 0); as upstream, the box losses see both pairs and the class target is the last's.
+    # All logits 0 (p = 1/2): q0 positive on class 0: 1/4 (1/2)^2 log 2; q0 class 1 and q1's two
+    # classes negative: 3/4 (1/2)^2 log 2 each -> (1/16 + 3 * 3/16) log 2 = 5/8 log 2 (sum over
+    # queries: the mean over Q times Q), divided by num_boxes 1
+    criterion = SetCriterion(num_classes=2, matcher=HungarianMatcher(), weight_dict={})
+    logits = torch.zeros(1, 2, 2, dtype=torch.float64)
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]], dtype=torch.float64)
+    targets = [{"labels": torch.tensor([0, 1]),
+                "boxes": torch.tensor([[0.55, 0.5, 0.2, 0.2], [0.5, 0.4, 0.2, 0.2]], dtype=torch.float64)}]
+    indices = [(torch.tensor([0, 0]), torch.tensor([1, 0]))]
+    loss_ce = criterion.loss_labels({"pred_logits": logits}, targets, indices, num_boxes=1)["loss_ce"]
+    assert loss_ce.item() == pytest.approx(5 / 8 * math.log(2), rel=1e-12)
+    loss_bbox = criterion.loss_boxes({"pred_boxes": boxes}, targets, indices, num_boxes=1)["loss_bbox"]
+    assert loss_bbox.item() == pytest.approx(0.1 + 0.05, rel=1e-12)  # |0.5 - 0.4| and |0.5 - 0.55|
+
+
 def test_box_losses_without_matches_are_zero():
     criterion = SetCriterion(num_classes=1, matcher=HungarianMatcher(), weight_dict={})
     pred = torch.rand(1, 3, 4, requires_grad=True)
