@@ -106,9 +106,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cls_loss_coef", default=2.0, type=float, help="loss weight: focal classification")
     g.add_argument("--bbox_loss_coef", default=5.0, type=float, help="loss weight: L1 box")
     g.add_argument("--giou_loss_coef", default=2.0, type=float, help="loss weight: GIoU")
-    g.add_argument("--enc_cls_loss_coef", default=None, type=float, help="unset: --cls_loss_coef")
-    g.add_argument("--enc_bbox_loss_coef", default=None, type=float, help="unset: --bbox_loss_coef")
-    g.add_argument("--enc_giou_loss_coef", default=None, type=float, help="unset: --giou_loss_coef")
+    g.add_argument("--enc_cls_loss_coef", default=None, type=float,
+                   help="two-stage proposals' loss weight: classification; unset: --cls_loss_coef, or 2 with "
+                        "--use_ms_detr (MS-DETR's default)")
+    g.add_argument("--enc_bbox_loss_coef", default=None, type=float,
+                   help="two-stage proposals' loss weight: L1 box; unset: --bbox_loss_coef, or 5 with --use_ms_detr")
+    g.add_argument("--enc_giou_loss_coef", default=None, type=float,
+                   help="two-stage proposals' loss weight: GIoU; unset: --giou_loss_coef, or 2 with --use_ms_detr")
     g.add_argument("--focal_alpha", default=0.25, type=float, help="alpha of the sigmoid focal loss")
     g.add_argument("--k_one2many", default=6, type=int,
                    help="hybrid: ground truth repeated this many times for the one-to-many queries")

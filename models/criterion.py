@@ -269,6 +269,10 @@ class SetCriterion(nn.Module):
 
 # ----- construction -------------------------------------------------------------
 
+# MS-DETR's own encoder-proposal loss weights: its parser defaults, which do not follow the main weights
+MS_DETR_ENC_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
 def _coef(value: Optional[float], fallback: float) -> float:
     """An optional loss weight flag: unset (None) takes the weight it defaults to."""
     return fallback if value is None else value
@@ -278,7 +282,8 @@ def build_weight_dict(args) -> Dict[str, float]:
     """Loss weights for every key the criterion can produce under ``args``.
 
     main: cls/bbox/giou_loss_coef (2, 5, 2), repeated for each aux layer (dec_layers - 1);
-    enc: enc_*_loss_coef, None -> the main coefficient;
+    enc: enc_*_loss_coef, None -> each form's upstream default: MS-DETR's (2, 5, 2) in the 'mixed'
+        form, else the main coefficient (Deformable DETR, H-DETR);
     one-to-many: hybrid -> main weights * lambda_one2many; mixed -> o2m_*_loss_coef (2, 5, 2);
     denoising (--use_dn): dn_*_loss_coef, None -> the main coefficient, on every layer.
     """
@@ -291,13 +296,14 @@ def build_weight_dict(args) -> Dict[str, float]:
             out.update({f"{k}{suffix}_{i}": v for k, v in weights.items()})
         return out
 
+    mode = one2many_mode(args)
+    enc_default = MS_DETR_ENC_WEIGHTS if mode == "mixed" else base
     weight_dict = with_aux(base, "")
     weight_dict.update({
-        "loss_ce_enc": _coef(args.enc_cls_loss_coef, base["loss_ce"]),
-        "loss_bbox_enc": _coef(args.enc_bbox_loss_coef, base["loss_bbox"]),
-        "loss_giou_enc": _coef(args.enc_giou_loss_coef, base["loss_giou"]),
+        "loss_ce_enc": _coef(args.enc_cls_loss_coef, enc_default["loss_ce"]),
+        "loss_bbox_enc": _coef(args.enc_bbox_loss_coef, enc_default["loss_bbox"]),
+        "loss_giou_enc": _coef(args.enc_giou_loss_coef, enc_default["loss_giou"]),
     })
-    mode = one2many_mode(args)
     if mode == "hybrid":
         lam = args.lambda_one2many
         weight_dict.update(with_aux({k: v * lam for k, v in base.items()}, "_one2many"))

@@ -179,6 +179,13 @@ def test_weight_dict_values():
     mixed = build_criterion(_args(use_ms_detr=True, o2m_cls_loss_coef=3.0), NUM_CLASSES).weight_dict
     assert mixed["loss_ce_one2many"] == 3.0 and mixed["loss_giou_one2many_2"] == 2.0
 
+    # unset encoder weights follow each form's upstream: the main weights (Deformable DETR, H-DETR),
+    # MS-DETR's fixed 2 / 5 / 2 (its training scripts lower the main classification weight to 1)
+    plain = build_criterion(_args(cls_loss_coef=1.0, bbox_loss_coef=4.0), NUM_CLASSES).weight_dict
+    assert (plain["loss_ce_enc"], plain["loss_bbox_enc"], plain["loss_giou_enc"]) == (1.0, 4.0, 2.0)
+    mixed = build_criterion(_args(use_ms_detr=True, cls_loss_coef=1.0, bbox_loss_coef=4.0), NUM_CLASSES).weight_dict
+    assert (mixed["loss_ce_enc"], mixed["loss_bbox_enc"], mixed["loss_giou_enc"]) == (2.0, 5.0, 2.0)
+
     no_aux = build_criterion(_args(aux_loss=False), NUM_CLASSES)
     assert "loss_ce_0" not in no_aux.weight_dict
     losses = no_aux(_fake_outputs(0), _targets())
