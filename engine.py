@@ -13,8 +13,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from models.guidance import GuidanceInputs, guidance_inputs
 from util.checkpoint import atomic_write_text, fault_point
-from util.dist import is_main_process
+from util.dist import get_rank, is_main_process
 from util.interrupt import RunInterrupted, StopSignals
 from util.logger import JsonlLogger, LossWindow, ProgressBar, TensorboardLogger
 
@@ -70,6 +71,15 @@ def move_to_device(samples, targets: List[Dict], device: torch.device):
     targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                for t in targets]
     return samples, targets
+
+
+def step_guidance(guidance, targets: Optional[List[Dict]], *step: int) -> Optional[GuidanceInputs]:
+    """The forward's ``guidance`` argument for one step: None unless the guidance configured by
+    ``guidance`` (the run's configuration: --enc_ref_mode, --ref_source, --ref_rank, --seed) reads the
+    ground truth or a seed; the seed is a function of (--seed, *step), never of a global random state."""
+    if guidance is None:
+        return None
+    return guidance_inputs(guidance, targets, (guidance.seed, *step))
 
 
 def weigh_losses(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]
@@ -140,8 +150,8 @@ def _stop_point(stop: Optional[StopSignals], where: str, device: torch.device, b
 # ----------------------------------------------------------------------------- training
 
 def train_step(model, criterion, samples, targets, optimizer, device, amp: str, clip: float, params,
-               scaler=None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """Forward, loss, backward, (clip), optimiser step.
+               scaler=None, guidance=None, step: Tuple[int, ...] = ()) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Forward, loss, backward, (clip), optimiser step. ``guidance``, ``step``: see ``step_guidance``.
 
     Returns the device-side values to log and a 0-dim bool (device) that is True when the step
     diverged: non-finite predictions, or (clipping without a loss scaler) a non-finite gradient
@@ -149,8 +159,10 @@ def train_step(model, criterion, samples, targets, optimizer, device, amp: str, 
     (the matcher rejects NaN boxes); that check syncs, but only on the failure path.
     """
     samples, targets = move_to_device(samples, targets, device)
+    inputs = step_guidance(guidance, targets, *step)
     with autocast(device, amp):
-        outputs = model(samples, targets)  # targets feed denoising queries (--use_dn); unused otherwise
+        # targets feed denoising queries (--use_dn), unused otherwise; the guidance reads only ``inputs``
+        outputs = model(samples, targets, guidance=inputs)
     outputs = outputs_to_float(outputs)
     finite = outputs_finite(outputs)
     try:
@@ -184,14 +196,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     device: torch.device, epoch: int, *, amp: str, clip_max_norm: float, print_freq: int,
                     max_iters: Optional[int] = None, scaler: Optional[torch.amp.GradScaler] = None,
                     logger: Optional[JsonlLogger] = None, tb_logger: Optional[TensorboardLogger] = None,
-                    stop: Optional[StopSignals] = None) -> Dict[str, float]:
+                    stop: Optional[StopSignals] = None, guidance=None) -> Dict[str, float]:
     """Train for one epoch (or ``max_iters`` iterations, when given); returns epoch means.
 
     ``amp``: 'off' | 'bf16' | 'fp16' (``--amp``); ``clip_max_norm``: 0 disables clipping. Per
     window of ``print_freq`` iterations: one host sync, a progress line, a JSON record
     (``type: train``) and TensorBoard scalars. Raises ``NonFiniteLossError`` when a loss is
     NaN/inf (detected at the end of the window it happened in). ``stop``: SIGTERM/SIGINT are
-    honoured at the end of a window (``util.interrupt.RunInterrupted``).
+    honoured at the end of a window (``util.interrupt.RunInterrupted``). ``guidance``: the run's
+    configuration, so the model's guidance gets the targets or a seed when it reads them (the step's
+    seed: --seed, epoch, iteration, rank; see ``step_guidance``).
     """
     model.train()
     criterion.train()
@@ -217,7 +231,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         skipped += count_skipped(targets)
         try:
             values, diverged = train_step(model, criterion, samples, targets, optimizer, device, amp, clip_max_norm,
-                                          params, scaler)
+                                          params, scaler, guidance, (epoch, it, get_rank()))
         except DivergedOutputsError as exc:
             window.mark_diverged(it + 1)
             raise _nonfinite_error(epoch, window, window_first + 1, it + 1, total_iters, bar, logger) from exc
@@ -269,13 +283,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 @torch.no_grad()
 def evaluate(model: nn.Module, postprocessors: Dict, data_loader: Iterable, base_ds, device: torch.device, *,
              amp: str, print_freq: int, epoch: Optional[int] = None, output_dir: Optional[str] = None,
-             detections_name: str = "detections_val.json", stop: Optional[StopSignals] = None) -> Dict[str, float]:
+             detections_name: str = "detections_val.json", stop: Optional[StopSignals] = None,
+             guidance=None) -> Dict[str, float]:
     """COCO box evaluation of ``model`` on ``data_loader``; returns {AP, AP50, ..., ARl}.
 
     Prints pycocotools' 12-number table (main process) and writes the detections as a COCO results
     file ``output_dir/detections_name``. Evaluation losses are not computed (they would double the
     evaluation time). ``amp`` as in ``train_one_epoch``; the progress bar updates every ``print_freq``
-    batches.
+    batches. ``guidance``: as in ``train_one_epoch`` (the step's seed: --seed, batch index, rank).
     """
     from datasets.coco_eval import CocoEvaluator
 
@@ -291,7 +306,7 @@ def evaluate(model: nn.Module, postprocessors: Dict, data_loader: Iterable, base
         skipped += count_skipped(targets)
         samples, targets = move_to_device(samples, targets, device)
         with autocast(device, amp):
-            outputs = model(samples)
+            outputs = model(samples, guidance=step_guidance(guidance, targets, it, get_rank()))
         outputs = outputs_to_float(outputs)
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocessors["bbox"](outputs, orig_sizes)
@@ -367,13 +382,15 @@ def _reference_panel(base, capture, tokens: int):
 @torch.no_grad()
 def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices: List[int], device: torch.device,
                         *, amp: str = "off", class_names: Optional[Dict[int, str]] = None, score_thr: float = 0.3,
-                        references: bool = False, tokens: int = 3) -> List[Tuple[int, "object"]]:
+                        references: bool = False, tokens: int = 3, guidance=None,
+                        stop: Optional[StopSignals] = None) -> Optional[List[Tuple[int, "object"]]]:
     """One picture (PIL image) per validation image ``indices``: ground truth | predictions above
     ``score_thr`` [| with ``references``, the encoder references of ``tokens`` tokens of the last
-    encoder layer]. Returns [(index, picture)].
+    encoder layer]. Returns [(index, picture)]; None when a stop signal (``stop``) cut it short.
 
     Each image runs alone through the eager model in eval mode at its evaluation-transform size, so
-    the boxes are those the evaluation scores (up to batch padding).
+    the boxes are those the evaluation scores (up to batch padding). ``guidance``: as in ``evaluate``
+    (the seed: --seed, the dataset index).
     """
     from models.capture import run_captured
     from util import draw
@@ -385,7 +402,8 @@ def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices
         image, target = dataset[index]  # image (3, h, w) normalised; target boxes cxcywh in [0, 1]
         h, w = image.shape[-2:]
         with autocast(device, amp):
-            outputs, capture = run_captured(model, [image.to(device)])
+            outputs, capture = run_captured(model, [image.to(device)],
+                                            guidance=step_guidance(guidance, [target], index))
         result = postprocessors["bbox"](outputs_to_float(outputs), torch.tensor([[h, w]], device=device))[0]
         result = {k: v.cpu() for k, v in result.items()}
         base, scale = draw.enlarged(draw.to_pil(image))
@@ -395,6 +413,8 @@ def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices
         if references and capture.encoder_refs:
             panels.append(_reference_panel(base, capture, tokens))
         pictures.append((index, draw.side_by_side(panels)))
+        if stop is not None and stop.requested:
+            return None
     return pictures
 # ----------------------------------------------------------------------------- reference diagnostics
 
@@ -409,10 +429,11 @@ def modes_kept(model: nn.Module):
             module.training = training
 
 
-def reference_diagnostics(model: nn.Module, diagnostics, batches: Iterable, device: torch.device
-                          ) -> Dict[str, float]:
+def reference_diagnostics(model: nn.Module, diagnostics, batches: Iterable, device: torch.device,
+                          stop: Optional[StopSignals] = None) -> Optional[Dict[str, float]]:
     """One pass of ``diagnostics`` (a ``models.diagnostics.ReferenceDiagnostics`` of ``model``) over
-    the probe ``batches`` ((NestedTensor (B, 3, H, W), targets) on the CPU); returns its flat metrics.
+    the probe ``batches`` ((NestedTensor (B, 3, H, W), targets) on the CPU); returns its flat metrics,
+    or None when a stop signal (``stop``) arrived during it: the pass ends after that batch, unfinished.
 
     Training cannot notice it: every random generator is restored afterwards (the evaluation
     transform draws from Python's ``random``), and so is every module's train/eval flag. No
@@ -425,4 +446,6 @@ def reference_diagnostics(model: nn.Module, diagnostics, batches: Iterable, devi
         for samples, targets in batches:
             samples, targets = move_to_device(samples, targets, device)
             diagnostics.update(samples, targets)
+            if stop is not None and stop.requested:
+                return None
         return diagnostics.finish()

@@ -9,7 +9,13 @@ file ``.lock`` (pid and host of the run that owns the directory).
 
 With ``--diag_images N`` (> 0) every evaluation is followed by the reference diagnostics
 (docs/design.md §9) on the first N validation images, on the main process only: one ``diag``
-record in ``log.jsonl`` and TensorBoard scalars under ``diag/``.
+record in ``log.jsonl`` and TensorBoard scalars under ``diag/``. A training run that starts from
+initialisation (no checkpoint resumed) also measures them once before its first training step:
+the ``diag`` record of epoch -1 (TensorBoard step 0), what geometry and initialisation alone give.
+
+``--eval`` writes its own ``config.yaml``, ``log.jsonl`` (an ``eval`` record, and an ``eval_diag``
+record for the diagnostics) and detections; given a training run's output directory, it writes
+them to that directory's ``eval/`` subfolder, so the run's own files stay the training's.
 
 An epoch is one recoverable unit: training, then ``checkpoint.pth`` (which also holds the epoch's
 training statistics), then the epoch's tail -- numbered copy, evaluation, the ``epoch`` record in
@@ -27,36 +33,44 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 
 import util.dist as dist_utils
 from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
-from cli.config import Config, config_dict, parse_args, resolve_config, save_config, validate_paths
-from util.checkpoint import (CHECKPOINT_NAME, all_differences, atomic_copy, atomic_save,
-                             check_resume_configuration, checkpoint_state, fault_point, find_latest_checkpoint,
-                             load_checkpoint, numbered_checkpoint_paths, remove_stale_temp_files,
-                             resume_training_state, saved_config, schedule_from_checkpoint)
+from cli.checkpoint_config import configuration_for_checkpoint, differences_from_checkpoint
+from cli.config import Config, config_dict, derived_keys, parse_args, resolve_config, save_config, validate_paths
+from util.checkpoint import (CHECKPOINT_NAME, atomic_copy, atomic_save, checkpoint_state, fault_point,
+                             find_latest_checkpoint, load_checkpoint, numbered_checkpoint_paths,
+                             remove_stale_temp_files, resume_training_state, saved_config)
 from util.dist import DistInfo, say
 from util.errors import InputError, one_line_message
 from util.interrupt import RunInterrupted, StopSignals
-from util.logger import JsonlLogger, TensorboardLogger, format_seconds
+from util.logger import INIT_EPOCH, JsonlLogger, TensorboardLogger, format_seconds
 from util.optim import build_lr_scheduler, build_optimizer
 from util.output_lock import OutputDirLock
 from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everything
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same file or folder: compared as real paths (symlinks resolved),
+    since an output directory or a checkpoint is often reached through a link."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 @dataclass(frozen=True)
 class RunContext:
     """What this process is in this run, next to the read-only configuration: its place in the job
     (rank, world size, local GPU, backend), its device, the output directory (None: write nothing)
-    and the checkpoint it continues from ('' when none: ``--resume``, or what ``--auto_resume`` found)."""
+    and the checkpoint it continues from ('' when none: ``--resume``, or what ``--auto_resume`` found),
+    with the flag that named it, as messages quote it."""
 
     place: DistInfo
     device: torch.device
     output_dir: Optional[str]
     resume: str
     trusted_checkpoint: str = ""
+    resume_flag: str = "--resume"
 
     def read(self, path: str, flag: str) -> Dict[str, Any]:
         """A checkpoint file's contents, loaded without running code from it unless it is the file
         ``--unsafe_trust_checkpoint`` names."""
-        trusted = bool(self.trusted_checkpoint) and os.path.abspath(path) == os.path.abspath(self.trusted_checkpoint)
+        trusted = bool(self.trusted_checkpoint) and same_path(path, self.trusted_checkpoint)
         if trusted:
             say(f"warning: {flag} {path} is loaded with full pickle (--unsafe_trust_checkpoint): it can run code",
                 flush=True)
@@ -100,13 +114,17 @@ class EpochTail:
 
 def prepare(args) -> Config:
     """Check the files the run needs and resolve the parsed ``args`` into the read-only configuration
-    (device after the CPU fallback, classifier size from the dataset when unset). Raises ValueError
-    or FileNotFoundError, before any work."""
+    (device after the CPU fallback, classifier size from the dataset when unset); check that the
+    attention implementation ``MSDA_IMPL`` asks for runs on that device. Raises ValueError or
+    FileNotFoundError, before any work."""
     import datasets
+    import ops
 
     validate_paths(args)
     num_classes = args.num_classes if args.num_classes is not None else datasets.num_classes(args)
-    return resolve_config(args, num_classes)
+    config = resolve_config(args, num_classes)
+    ops.check_impl(config.device)
+    return config
 
 
 def resume_path(args, output_dir: Optional[str]) -> str:
@@ -117,6 +135,13 @@ def resume_path(args, output_dir: Optional[str]) -> str:
     if latest:
         say(f"auto-resume: continuing from {latest}", flush=True)
     return latest or ""
+
+
+def resume_flag_name(args, config: Config) -> str:
+    """How the user named the checkpoint the run continues from, for messages: '--resume', or
+    '--auto_resume' when that found it; with '--eval ' in front under --eval."""
+    flag = "--auto_resume" if args.auto_resume and not args.resume else "--resume"
+    return f"--eval {flag}" if config.eval else flag
 
 
 def build_data(config: Config, ctx: RunContext):
@@ -178,7 +203,7 @@ def load_model_weights(model, path: str, strict: bool, flag: str = "--resume",
         raise InputError(f"{flag} {path} does not match this model's configuration: "
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-                         + (all_differences(saved, config) if saved is not None else ""))
+                         + differences_from_checkpoint(saved, config))
 
 
 def compile_if_asked(model: torch.nn.Module, config) -> torch.nn.Module:
@@ -211,7 +236,8 @@ def run_evaluation(tail: EpochTail, epoch: Optional[int] = None) -> Dict[str, fl
 
     return evaluate(tail.model, tail.postprocessors, tail.val_loader, tail.base_ds, tail.ctx.device,
                     amp=tail.config.amp, print_freq=tail.config.print_freq, epoch=epoch,
-                    output_dir=tail.ctx.output_dir if tail.ctx.writes else None, stop=tail.stop)
+                    output_dir=tail.ctx.output_dir if tail.ctx.writes else None, stop=tail.stop,
+                    guidance=tail.config)
 
 
 def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional[DiagnosticsProbe]:
@@ -231,12 +257,15 @@ def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional
     indices, message = probe_indices(dataset_val, config.diag_images)
     if message:
         say(message, flush=True)
-    return DiagnosticsProbe(diagnostics=ReferenceDiagnostics(model), dataset=dataset_val, indices=indices)
+    return DiagnosticsProbe(diagnostics=ReferenceDiagnostics(model, seed=config.seed), dataset=dataset_val,
+                            indices=indices)
 
 
-def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
+def log_diagnostics(tail: EpochTail, epoch: Optional[int], record_type: str = "diag") -> Dict[str, float]:
     """Measure the reference diagnostics once (when this process has a probe) and write the
-    ``diag`` record and TensorBoard scalars. Returns the metrics ({} when none were measured)."""
+    ``diag`` record (``record_type``: ``eval_diag`` under ``--eval``) and TensorBoard scalars.
+    Returns the metrics ({} when none were measured, or when a stop signal cut the pass short: then
+    nothing is written)."""
     from datasets.probe import probe_batches
     from engine import reference_diagnostics
 
@@ -246,9 +275,11 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
     # a generator: the images are read and transformed inside reference_diagnostics, whose
     # restored random state covers the evaluation transform's draw
     batches = probe_batches(tail.probe.dataset, tail.probe.indices, tail.config.batch_size)
-    metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device)
+    metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device, stop=tail.stop)
+    if metrics is None:  # a stop signal: no record; the caller's stop point ends the run
+        return {}
     seconds = time.time() - start
-    tail.logger.write({"type": "diag", "epoch": epoch, "N": len(tail.probe.indices), **metrics,
+    tail.logger.write({"type": record_type, "epoch": epoch, "N": len(tail.probe.indices), **metrics,
                        "diag_time": seconds})
     if epoch is not None:
         tail.tb_logger.scalars("diag", metrics, epoch + 1)
@@ -258,9 +289,24 @@ def log_diagnostics(tail: EpochTail, epoch: Optional[int]) -> Dict[str, float]:
     return metrics
 
 
+def log_initial_diagnostics(tail: EpochTail) -> None:
+    """The ``diag`` record of the model before its first training step (epoch ``INIT_EPOCH``, -1),
+    once per run: called only when no checkpoint was resumed, and skipped when the log already
+    holds it (a run restarted before its first checkpoint). Training cannot notice the pass, as
+    after an evaluation (generators and train/eval flags restored, nothing collective)."""
+    if tail.probe is None:
+        return
+    if any(r.get("type") == "diag" and r.get("epoch") == INIT_EPOCH for r in tail.logger.records()):
+        say("log.jsonl already holds the reference diagnostics at initialisation (epoch -1): not measured again",
+            flush=True)
+        return
+    log_diagnostics(tail, INIT_EPOCH)
+
+
 def log_pictures(tail: EpochTail, epoch: int) -> None:
     """``--vis_images`` fixed validation images with ground truth and predictions (and the guided
-    references) to TensorBoard, on the main process; the eager model runs them one by one."""
+    references) to TensorBoard, on the main process; the eager model runs them one by one (none is
+    written when a stop signal cuts the pass short)."""
     from engine import modes_kept, picture_indices, validation_pictures
     from util.seeding import rng_untouched
 
@@ -270,9 +316,18 @@ def log_pictures(tail: EpochTail, epoch: int) -> None:
     with rng_untouched(), modes_kept(tail.model):  # the evaluation transform draws from Python's random
         pictures = validation_pictures(tail.model, tail.postprocessors, tail.val_loader.dataset, indices,
                                        tail.ctx.device, amp=tail.config.amp, class_names=tail.class_names,
-                                       references=tail.config.enc_ref_mode != "none")
-    for index, picture in pictures:
+                                       references=tail.config.enc_ref_mode != "none", guidance=tail.config,
+                                       stop=tail.stop)
+    for index, picture in pictures or ():  # None: a stop signal cut the pass short (the caller stops)
         tail.tb_logger.image(f"val_images/{index}", picture, epoch + 1)
+
+
+def stop_point(tail: EpochTail, where: str) -> None:
+    """A safe point that every rank reaches (a collective when distributed): ``RunInterrupted`` if a
+    stop signal came, here or on any rank. The passes that run on rank 0 alone (reference
+    diagnostics, pictures) only end early on a signal; the stop point after them acts on it."""
+    if tail.stop is not None:
+        tail.stop.check(where, tail.ctx.device)
 
 
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
@@ -285,15 +340,19 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         latest = os.path.join(tail.ctx.output_dir, CHECKPOINT_NAME)
         for path in numbered_checkpoint_paths(tail.ctx.output_dir, epoch, tail.config):
             atomic_copy(latest, path)
-    record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-              "n_parameters": tail.trainable}
+    record = {"type": "epoch", "epoch": epoch, **derived_keys(tail.config),
+              **{f"train_{k}": v for k, v in train_stats.items()}, "n_parameters": tail.trainable}
     stats: Dict = {}
     if eval_due(epoch, tail.config):
         stats = run_evaluation(tail, epoch)
         record.update({f"test_{k}": v for k, v in stats.items()})
         tail.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
         log_diagnostics(tail, epoch)
+        if tail.config.diag_images > 0:
+            stop_point(tail, f"the reference diagnostics of epoch {epoch} (its checkpoint is written)")
         log_pictures(tail, epoch)
+        if tail.config.vis_images > 0:
+            stop_point(tail, f"the pictures of epoch {epoch} (its checkpoint is written)")
     record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation (+ diagnostics, pictures)
     fault_point("before_log")
     tail.logger.write(record)
@@ -317,9 +376,39 @@ def unfinished_epoch(ctx: RunContext, logger: JsonlLogger, start_epoch: int) -> 
     """
     unfinished = 0
     if dist_utils.is_main_process() and ctx.resume and ctx.output_dir and start_epoch > 0:
-        own = os.path.dirname(os.path.abspath(ctx.resume)) == os.path.abspath(ctx.output_dir)
+        own = same_path(os.path.dirname(os.path.abspath(ctx.resume)), ctx.output_dir)
         unfinished = int(own and not logger.has_epoch_record(start_epoch - 1))
     return bool(dist_utils.broadcast_int(unfinished, ctx.device))
+
+
+def holds_training_run(output_dir: str) -> bool:
+    """Whether ``output_dir`` holds a training run's files: a checkpoint, or a config.yaml that is
+    not an ``--eval`` run's (an unreadable one counts: it is not ours to overwrite)."""
+    if find_latest_checkpoint(output_dir) is not None:
+        return True
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return False
+    import yaml
+
+    try:
+        with open(path) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return True
+    return not (isinstance(saved, dict) and saved.get("eval") is True)
+
+
+def evaluation_output_dir(config: Config) -> Config:
+    """``--eval`` into a training run's output directory writes to its ``eval/`` subfolder instead,
+    so that the run's config.yaml, log.jsonl and detections stay the run's (and summaries never
+    mix an evaluation's records with the training's). Other runs: ``config`` unchanged."""
+    if not (config.eval and config.output_dir and holds_training_run(config.output_dir)):
+        return config
+    folder = os.path.join(config.output_dir, "eval")
+    say(f"--eval: {config.output_dir} holds a training run; this evaluation writes to {folder} (config.yaml, "
+        "log.jsonl, detections_val.json)", flush=True)
+    return config.replace(output_dir=folder)
 
 
 # ----------------------------------------------------------------------------- main
@@ -333,10 +422,13 @@ def main(args) -> Dict:
 def run(args, config: Config) -> Dict:
     """Join the job, own the output directory, then train or evaluate. ``args``: the parsed flags
     (for --resume / --auto_resume); ``config``: their resolved configuration (``prepare``)."""
+    resume = resume_path(args, config.output_dir or None)  # --eval --auto_resume: the run's latest checkpoint
+    config = evaluation_output_dir(config)
     place = dist_utils.init_distributed_mode(config.device, config.local_rank)
     output_dir = config.output_dir or None
     ctx = RunContext(place=place, device=torch.device(place.device), output_dir=output_dir,
-                     resume=resume_path(args, output_dir), trusted_checkpoint=args.unsafe_trust_checkpoint)
+                     resume=resume, trusted_checkpoint=args.unsafe_trust_checkpoint,
+                     resume_flag=resume_flag_name(args, config))
     lock = OutputDirLock(output_dir) if dist_utils.is_main_process() and output_dir else None
     if lock is not None:
         os.makedirs(output_dir, exist_ok=True)
@@ -351,6 +443,8 @@ def run(args, config: Config) -> Dict:
 
 def interrupted_message(exc: RunInterrupted, args, output_dir: Optional[str]) -> str:
     """One line: which signal stopped what, what was kept, how to continue."""
+    if args.eval:
+        return f"stopped by {exc}: the evaluation did not finish; run the same command again to evaluate"
     latest = find_latest_checkpoint(output_dir) if output_dir else None
     if latest is None:
         kept = "no checkpoint was written yet (nothing to continue from)"
@@ -369,20 +463,18 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         if removed:
             say(f"removed {len(removed)} temporary files left by an interrupted save in {ctx.output_dir}",
                 flush=True)
-    resume_flag = "--eval --resume" if config.eval else "--resume"
+    resume_flag = ctx.resume_flag
     # every checkpoint is read (and checked) once, here, before the data and the model are built
     checkpoint = ctx.read(ctx.resume, resume_flag) if ctx.resume else None
     if checkpoint is not None:
-        check_resume_configuration(saved_config(checkpoint), config, ctx.resume, resume_flag)
-        if not config.eval:
-            config = config.replace(**schedule_from_checkpoint(saved_config(checkpoint), config, ctx.resume))
+        config = configuration_for_checkpoint(saved_config(checkpoint), config, ctx.resume, resume_flag)
     pretrained = ctx.read(config.pretrained, "--pretrained") if config.pretrained else None
     if pretrained is not None:
         models.read_state_dict(config.pretrained, loaded=pretrained)  # holds a state dict, or a one-line error
     # annotation files are checked here, before the model is built and long before any training
     train_loader, val_loader, train_sampler, seeder, base_ds = build_data(config, ctx)
     if ctx.writes:
-        save_config(config, os.path.join(ctx.output_dir, "config.yaml"))
+        save_config(config, os.path.join(ctx.output_dir, "config.yaml"), evaluated=ctx.resume if config.eval else None)
     logger = JsonlLogger(os.path.join(ctx.output_dir, "log.jsonl") if ctx.writes else None)
     data_summaries([("train", train_loader), ("val", val_loader)], logger)
 
@@ -407,8 +499,10 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         stats = run_evaluation(tail)
         evaluated_epoch = checkpoint.get("epoch") if checkpoint is not None else None
         logger.write({"type": "eval", "epoch": evaluated_epoch, "checkpoint": ctx.resume or config.pretrained or None,
-                      **{f"test_{k}": v for k, v in stats.items()}})
-        log_diagnostics(tail, evaluated_epoch)
+                      **derived_keys(config), **{f"test_{k}": v for k, v in stats.items()}})
+        log_diagnostics(tail, evaluated_epoch, record_type="eval_diag")
+        if config.diag_images > 0:
+            stop_point(tail, "the reference diagnostics of the evaluation")
         return stats
 
     training_model = model
@@ -421,9 +515,11 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     lr_scheduler = build_lr_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
     start_epoch, resumed_stats = config.start_epoch, {}
+    at_initialisation = checkpoint is None  # the weights are the initialisation (or --pretrained's)
     if checkpoint is not None:
-        start_epoch, resumed_stats = resume_training_state(checkpoint, ctx.resume, optimizer, lr_scheduler, scaler,
-                                                           config)
+        start_epoch, resumed_stats = resume_training_state(
+            checkpoint, ctx.resume, optimizer, lr_scheduler, scaler,
+            differences_from_checkpoint(saved_config(checkpoint), config), flag=resume_flag)
         say(f"resumed from {ctx.resume}: starting at epoch {start_epoch}", flush=True)
     del checkpoint  # every part is loaded: do not hold a second copy of the weights through training
     if ctx.writes:
@@ -436,6 +532,10 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
                 "JSON)", flush=True)
     tail.tb_logger = TensorboardLogger(os.path.join(ctx.output_dir, "tensorboard") if ctx.writes else None,
                                        config.tensorboard)
+    if at_initialisation:
+        log_initial_diagnostics(tail)
+        if config.diag_images > 0:
+            stop_point(tail, "the reference diagnostics at initialisation")
     stats: Dict = {}
     if unfinished_epoch(ctx, logger, start_epoch):
         say(f"epoch {start_epoch - 1} was interrupted after its checkpoint: finishing it (numbered copy, "
@@ -469,7 +569,7 @@ def train_epochs(tail: EpochTail, model, criterion, optimizer, lr_scheduler, sca
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, ctx.device, epoch, amp=config.amp,
                                       clip_max_norm=config.clip_max_norm, print_freq=config.print_freq,
                                       max_iters=config.max_iters_per_epoch, scaler=scaler, logger=tail.logger,
-                                      tb_logger=tail.tb_logger, stop=tail.stop)
+                                      tb_logger=tail.tb_logger, stop=tail.stop, guidance=config)
         lr_scheduler.step()
         if ctx.writes:
             atomic_save(checkpoint_state(tail.model, optimizer, lr_scheduler, scaler, epoch, config_dict(config),

@@ -5,6 +5,7 @@ Precedence, lowest first: parser defaults < variant preset (``configs/variants.y
 YAML keys are flag names; values are type-checked by the same parser as the command line.
 """
 import argparse
+import functools
 import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -12,10 +13,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from datasets.coco import resolve_ann_file
-from models.research_settings import (ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS,
-                                      check_research_settings)
+from models.research_settings import (ACCUM_MODES, ENC_REF_MODES, REF_QUERY_SETS, REF_RANKS, REF_SOURCES,
+                                      check_research_settings, guidance_control, reads_decoder_queries)
 from models.backbone import tokens_of_square_image
-from models.stages import expand_stages, num_guided_encoder_layers, parse_stages
+from models.stages import expand_stages, guided_encoder_layers, parse_stages
+from cli.roles import (EVALUATION, MODEL, ROLE_MEANING, RUN, SCHEDULE, START, TRAINING, flag_roles,
+                       group_by_role, with_roles)
 from util.checkpoint import atomic_write_text
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -29,205 +32,228 @@ DIAG_IMAGES_DEFAULT = 0
 def get_args_parser() -> argparse.ArgumentParser:
     """All flags of training, evaluation, the model and the research variants (upstream names)."""
     p = argparse.ArgumentParser("Deformable DETR with cross-attention-guided encoder references", add_help=True)
-    p.add_argument("--config", default=None, type=str, help="YAML file whose keys are flag names")
-    p.add_argument("--variant", default=None, type=str,
-                   help="preset from configs/variants.yaml: baseline|cascade|v3.0.1|v3.0.2|v3.0.3|v3.0.4|"
-                        "v3.0.2_upstream_eval|v3.0.4_upstream_eval")
+    top = with_roles(p)
+    top.add_argument("--config", role=START, default=None, type=str, help="YAML file whose keys are flag names")
+    top.add_argument("--variant", role=EVALUATION, default=None, type=str,
+                     help="preset from configs/variants.yaml: baseline|cascade|v3.0.1|v3.0.2|v3.0.3|v3.0.4|"
+                          "v3.0.2_upstream_eval|v3.0.4_upstream_eval; controls: v3.0.4_gt|v3.0.4_gt_distance "
+                          "(oracle: references from ground-truth boxes)|v3.0.4_random (candidates drawn at random)")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", default=2e-4, type=float,
+    g = with_roles(p.add_argument_group("optimisation"))
+    g.add_argument("--lr", role=SCHEDULE, default=2e-4, type=float,
                    help="learning rate of the transformer and heads (AdamW)")
-    g.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+",
+    g.add_argument("--lr_backbone_names", role=SCHEDULE, default=["backbone.0"], type=str, nargs="+",
                    help="parameter-name substrings trained at --lr_backbone")
-    g.add_argument("--lr_backbone", default=2e-5, type=float,
+    g.add_argument("--lr_backbone", role=SCHEDULE, default=2e-5, type=float,
                    help="backbone learning rate; 0 freezes the backbone")
-    g.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str, nargs="+",
-                   help="parameter-name substrings trained at --lr x --lr_linear_proj_mult")
-    g.add_argument("--lr_linear_proj_mult", default=0.1, type=float,
+    g.add_argument("--lr_linear_proj_names", role=SCHEDULE, default=["reference_points", "sampling_offsets"],
+                   type=str, nargs="+", help="parameter-name substrings trained at --lr x --lr_linear_proj_mult")
+    g.add_argument("--lr_linear_proj_mult", role=SCHEDULE, default=0.1, type=float,
                    help="lr multiplier of sampling-offset and reference-point projections")
-    g.add_argument("--batch_size", default=2, type=int, help="per process")
-    g.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
-    g.add_argument("--epochs", default=50, type=int, help="number of training epochs")
-    g.add_argument("--lr_drop", default=40, type=int, help="StepLR: lr x0.1 every this many epochs")
-    g.add_argument("--lr_drop_epochs", default=None, type=int, nargs="+", help="multi-step drops; overrides --lr_drop")
-    g.add_argument("--clip_max_norm", default=0.1, type=float, help="0 disables clipping")
-    g.add_argument("--sgd", action="store_true", help="SGD with momentum 0.9 instead of AdamW")
-    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+    g.add_argument("--batch_size", role=RUN, default=2, type=int, help="per process")
+    g.add_argument("--weight_decay", role=SCHEDULE, default=1e-4, type=float, help="AdamW weight decay")
+    g.add_argument("--epochs", role=RUN, default=50, type=int, help="number of training epochs")
+    g.add_argument("--lr_drop", role=SCHEDULE, default=40, type=int, help="StepLR: lr x0.1 every this many epochs")
+    g.add_argument("--lr_drop_epochs", role=SCHEDULE, default=None, type=int, nargs="+",
+                   help="multi-step drops; overrides --lr_drop")
+    g.add_argument("--clip_max_norm", role=SCHEDULE, default=0.1, type=float, help="0 disables clipping")
+    g.add_argument("--sgd", role=SCHEDULE, action="store_true", help="SGD with momentum 0.9 instead of AdamW")
+    g.add_argument("--amp", role=RUN, default="off", choices=["off", "bf16", "fp16"],
                    help="mixed precision: bf16 (GPU or CPU), fp16 (GPU, with loss scaling) or off")
 
-    g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-                   help="torchvision ResNet")
-    g.add_argument("--backbone_weights", default=None, type=str,
+    g = with_roles(p.add_argument_group("backbone"))
+    g.add_argument("--backbone", role=MODEL, default="resnet50",
+                   choices=["resnet18", "resnet34", "resnet50", "resnet101"], help="torchvision ResNet")
+    g.add_argument("--backbone_weights", role=RUN, default=None, type=str,
                    help="ImageNet weights file; 'none' for random init; unset: torchvision's cache")
-    g.add_argument("--backbone_norm", default="frozen_bn", choices=["frozen_bn", "bn"],
+    g.add_argument("--backbone_norm", role=MODEL, default="frozen_bn", choices=["frozen_bn", "bn"],
                    help="backbone BatchNorm: frozen (ImageNet statistics, upstream) or trained (for random init)")
-    g.add_argument("--dilation", action=BOOL, default=False,
+    g.add_argument("--dilation", role=MODEL, action=BOOL, default=False,
                    help="dilate the last ResNet stage (stride 16 instead of 32)")
-    g.add_argument("--position_embedding", default="sine", choices=["sine"], help="position encoding type")
-    g.add_argument("--position_embedding_scale", default=2 * math.pi, type=float,
+    g.add_argument("--position_embedding", role=MODEL, default="sine", choices=["sine"],
+                   help="position encoding type")
+    g.add_argument("--position_embedding_scale", role=MODEL, default=2 * math.pi, type=float,
                    help="scale of the normalised sine position encoding")
-    g.add_argument("--num_feature_levels", default=4, type=int,
+    g.add_argument("--num_feature_levels", role=MODEL, default=4, type=int,
                    help="feature levels (strides 8/16/32 and extra stride-64 levels)")
 
-    g = p.add_argument_group("transformer")
-    g.add_argument("--enc_layers", default=6, type=int, help="encoder layers")
-    g.add_argument("--dec_layers", default=6, type=int, help="decoder layers")
-    g.add_argument("--stages", default=None, type=str,
+    g = with_roles(p.add_argument_group("transformer"))
+    g.add_argument("--enc_layers", role=MODEL, default=6, type=int, help="encoder layers")
+    g.add_argument("--dec_layers", role=MODEL, default=6, type=int, help="decoder layers")
+    g.add_argument("--stages", role=MODEL, default=None, type=str,
                    help="comma-separated E:D stages, e.g. '6:6' (stock) or '1:1,1:1,1:1,1:1,1:1,1:1'; "
                         "'stock' and 'cascade' name those two for any depth (unset: stock)")
-    g.add_argument("--dim_feedforward", default=1024, type=int, help="FFN hidden size")
-    g.add_argument("--hidden_dim", default=256, type=int, help="transformer width (d_model)")
-    g.add_argument("--dropout", default=0.1, type=float, help="dropout in the transformer")
-    g.add_argument("--nheads", default=8, type=int, help="attention heads")
-    g.add_argument("--num_queries_one2one", "--num_queries", dest="num_queries_one2one", default=300, type=int,
-                   help="one-to-one queries (the detections at inference)")
-    g.add_argument("--num_queries_one2many", default=0, type=int,
+    g.add_argument("--dim_feedforward", role=MODEL, default=1024, type=int, help="FFN hidden size")
+    g.add_argument("--hidden_dim", role=MODEL, default=256, type=int, help="transformer width (d_model)")
+    g.add_argument("--dropout", role=TRAINING, default=0.1, type=float, help="dropout in the transformer")
+    g.add_argument("--nheads", role=MODEL, default=8, type=int, help="attention heads")
+    g.add_argument("--num_queries_one2one", "--num_queries", role=MODEL, dest="num_queries_one2one",
+                   default=300, type=int, help="one-to-one queries (the detections at inference)")
+    g.add_argument("--num_queries_one2many", role=MODEL, default=0, type=int,
                    help="hybrid (H-DETR) one-to-many queries; 0 disables")
-    g.add_argument("--dec_n_points", default=4, type=int,
+    g.add_argument("--dec_n_points", role=MODEL, default=4, type=int,
                    help="sampling points per head and level in decoder cross-attention")
-    g.add_argument("--enc_n_points", default=4, type=int,
+    g.add_argument("--enc_n_points", role=MODEL, default=4, type=int,
                    help="sampling points per head and level in encoder self-attention")
-    g.add_argument("--with_box_refine", action=BOOL, default=False, help="iterative bounding-box refinement")
-    g.add_argument("--two_stage", action=BOOL, default=False, help="two-stage proposals from the encoder")
-    g.add_argument("--mixed_selection", action=BOOL, default=False,
+    g.add_argument("--with_box_refine", role=MODEL, action=BOOL, default=False,
+                   help="iterative bounding-box refinement")
+    g.add_argument("--two_stage", role=MODEL, action=BOOL, default=False,
+                   help="two-stage proposals from the encoder")
+    g.add_argument("--mixed_selection", role=MODEL, action=BOOL, default=False,
                    help="positional queries from proposals, content queries learned (needs --two_stage)")
-    g.add_argument("--look_forward_twice", action=BOOL, default=False,
+    g.add_argument("--look_forward_twice", role=MODEL, action=BOOL, default=False,
                    help="box refinement gradients look forward twice (needs --with_box_refine)")
-    g.add_argument("--use_ms_detr", action=BOOL, default=False, help="MS-DETR mixed supervision")
-    g.add_argument("--use_aux_ffn", action=BOOL, default=True, help="MS-DETR auxiliary FFN for one-to-many")
+    g.add_argument("--use_ms_detr", role=MODEL, action=BOOL, default=False, help="MS-DETR mixed supervision")
+    g.add_argument("--use_aux_ffn", role=MODEL, action=BOOL, default=True,
+                   help="MS-DETR auxiliary FFN for one-to-many")
 
-    g = p.add_argument_group("matching and losses")
-    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+    g = with_roles(p.add_argument_group("matching and losses"))
+    g.add_argument("--no_aux_loss", role=MODEL, dest="aux_loss", action="store_false",
                    help="no auxiliary losses on the intermediate decoder layers")
-    g.add_argument("--set_cost_class", default=2.0, type=float, help="matching cost weight: classification")
-    g.add_argument("--set_cost_bbox", default=5.0, type=float, help="matching cost weight: L1 box")
-    g.add_argument("--set_cost_giou", default=2.0, type=float, help="matching cost weight: GIoU")
-    g.add_argument("--cls_loss_coef", default=2.0, type=float, help="loss weight: focal classification")
-    g.add_argument("--bbox_loss_coef", default=5.0, type=float, help="loss weight: L1 box")
-    g.add_argument("--giou_loss_coef", default=2.0, type=float, help="loss weight: GIoU")
-    g.add_argument("--enc_cls_loss_coef", default=None, type=float,
+    g.add_argument("--set_cost_class", role=TRAINING, default=2.0, type=float,
+                   help="matching cost weight: classification")
+    g.add_argument("--set_cost_bbox", role=TRAINING, default=5.0, type=float, help="matching cost weight: L1 box")
+    g.add_argument("--set_cost_giou", role=TRAINING, default=2.0, type=float, help="matching cost weight: GIoU")
+    g.add_argument("--cls_loss_coef", role=TRAINING, default=2.0, type=float,
+                   help="loss weight: focal classification")
+    g.add_argument("--bbox_loss_coef", role=TRAINING, default=5.0, type=float, help="loss weight: L1 box")
+    g.add_argument("--giou_loss_coef", role=TRAINING, default=2.0, type=float, help="loss weight: GIoU")
+    g.add_argument("--enc_cls_loss_coef", role=TRAINING, default=None, type=float,
                    help="two-stage proposals' loss weight: classification; unset: --cls_loss_coef, or 2 with "
                         "--use_ms_detr (MS-DETR's default)")
-    g.add_argument("--enc_bbox_loss_coef", default=None, type=float,
+    g.add_argument("--enc_bbox_loss_coef", role=TRAINING, default=None, type=float,
                    help="two-stage proposals' loss weight: L1 box; unset: --bbox_loss_coef, or 5 with --use_ms_detr")
-    g.add_argument("--enc_giou_loss_coef", default=None, type=float,
+    g.add_argument("--enc_giou_loss_coef", role=TRAINING, default=None, type=float,
                    help="two-stage proposals' loss weight: GIoU; unset: --giou_loss_coef, or 2 with --use_ms_detr")
-    g.add_argument("--focal_alpha", default=0.25, type=float, help="alpha of the sigmoid focal loss")
-    g.add_argument("--k_one2many", default=6, type=int,
+    g.add_argument("--focal_alpha", role=TRAINING, default=0.25, type=float, help="alpha of the sigmoid focal loss")
+    g.add_argument("--k_one2many", role=TRAINING, default=6, type=int,
                    help="hybrid: ground truth repeated this many times for the one-to-many queries")
-    g.add_argument("--lambda_one2many", default=1.0, type=float,
+    g.add_argument("--lambda_one2many", role=TRAINING, default=1.0, type=float,
                    help="hybrid: weight of the one-to-many losses")
-    g.add_argument("--o2m_matcher_threshold", default=0.4, type=float,
+    g.add_argument("--o2m_matcher_threshold", role=TRAINING, default=0.4, type=float,
                    help="mixed (MS-DETR): IoU threshold of the top-k assigner")
-    g.add_argument("--o2m_matcher_k", default=6, type=int,
+    g.add_argument("--o2m_matcher_k", role=TRAINING, default=6, type=int,
                    help="mixed (MS-DETR): predictions assigned per ground-truth box")
-    g.add_argument("--o2m_cls_loss_coef", default=2.0, type=float,
+    g.add_argument("--o2m_cls_loss_coef", role=TRAINING, default=2.0, type=float,
                    help="mixed: one-to-many classification loss weight")
-    g.add_argument("--o2m_bbox_loss_coef", default=5.0, type=float, help="mixed: one-to-many L1 loss weight")
-    g.add_argument("--o2m_giou_loss_coef", default=2.0, type=float,
+    g.add_argument("--o2m_bbox_loss_coef", role=TRAINING, default=5.0, type=float,
+                   help="mixed: one-to-many L1 loss weight")
+    g.add_argument("--o2m_giou_loss_coef", role=TRAINING, default=2.0, type=float,
                    help="mixed: one-to-many GIoU loss weight")
-    g.add_argument("--topk_eval", default=100, type=int, help="detections kept per image at evaluation")
+    g.add_argument("--topk_eval", role=EVALUATION, default=100, type=int,
+                   help="detections kept per image at evaluation")
 
-    g = p.add_argument_group("contrastive denoising (DINO CDN, training only)")
-    g.add_argument("--use_dn", action=BOOL, default=False,
+    g = with_roles(p.add_argument_group("contrastive denoising (DINO CDN, training only)"))
+    g.add_argument("--use_dn", role=MODEL, action=BOOL, default=False,
                    help="noised ground-truth queries in positive/negative groups, trained with the known assignment")
-    g.add_argument("--dn_number", default=100, type=int,
+    g.add_argument("--dn_number", role=TRAINING, default=100, type=int,
                    help="denoising queries per half: groups = dn_number // (most boxes of an image in the batch)")
-    g.add_argument("--dn_label_noise_ratio", default=0.5, type=float,
+    g.add_argument("--dn_label_noise_ratio", role=TRAINING, default=0.5, type=float,
                    help="input labels resampled uniformly with probability ratio / 2 (DINO's convention)")
-    g.add_argument("--dn_box_noise_scale", default=0.4, type=float,
+    g.add_argument("--dn_box_noise_scale", role=TRAINING, default=0.4, type=float,
                    help="lambda: corner noise in half box sizes, < lambda for positives, [lambda, 2 lambda) "
                         "for negatives (DINO 4-scale: 0.4)")
-    g.add_argument("--dn_cls_loss_coef", default=None, type=float, help="unset: --cls_loss_coef")
-    g.add_argument("--dn_bbox_loss_coef", default=None, type=float, help="unset: --bbox_loss_coef")
-    g.add_argument("--dn_giou_loss_coef", default=None, type=float, help="unset: --giou_loss_coef")
+    g.add_argument("--dn_cls_loss_coef", role=TRAINING, default=None, type=float, help="unset: --cls_loss_coef")
+    g.add_argument("--dn_bbox_loss_coef", role=TRAINING, default=None, type=float, help="unset: --bbox_loss_coef")
+    g.add_argument("--dn_giou_loss_coef", role=TRAINING, default=None, type=float, help="unset: --giou_loss_coef")
 
-    g = p.add_argument_group("cross-attention-guided encoder references (research)")
-    g.add_argument("--enc_ref_mode", default="none", choices=("none",) + ENC_REF_MODES,
+    g = with_roles(p.add_argument_group("cross-attention-guided encoder references (research)"))
+    g.add_argument("--enc_ref_mode", role=MODEL, default="none", choices=("none",) + ENC_REF_MODES,
                    help="none: stock token grid; per_level: v3.0.1; per_point: v3.0.2-4")
-    g.add_argument("--ref_rank", default="attn", choices=REF_RANKS,
-                   help="how candidates are ranked for encoder references: class score, map weight, or both")
-    g.add_argument("--ref_queries", default="all", choices=REF_QUERY_SETS,
+    g.add_argument("--ref_source", role=MODEL, default="decoder", choices=REF_SOURCES,
+                   help="candidates for encoder references: the decoder's predictions, or the ground-truth "
+                        "boxes (gt: an oracle control that reads the targets, also at evaluation; never a detector)")
+    g.add_argument("--ref_rank", role=MODEL, default="attn", choices=REF_RANKS,
+                   help="how candidates are ranked per token: class score (v3.0.1), map weight, both, random "
+                        "(a control: uniform without the map, seeded per step), distance (own box, then nearest)")
+    g.add_argument("--ref_queries", role=MODEL, default="all", choices=REF_QUERY_SETS,
                    help="candidate queries for encoder references: all or one-to-one only")
-    g.add_argument("--ref_keep_self", action=BOOL, default=False,
+    g.add_argument("--ref_keep_self", role=MODEL, action=BOOL, default=False,
                    help="point 0 keeps the token's own location (v3.0.4)")
-    g.add_argument("--ref_grad", action=BOOL, default=False,
+    g.add_argument("--ref_grad", role=TRAINING, action=BOOL, default=False,
                    help="keep the gradient of the box centres used as encoder references")
-    g.add_argument("--ref_eval_one2many", action=BOOL, default=True,
+    g.add_argument("--ref_eval_one2many", role=EVALUATION, action=BOOL, default=True,
                    help="with --ref_queries all, run the one-to-many queries (hybrid) or predictions (mixed) "
                         "at inference too, as guidance candidates only, so inference sees the candidates "
                         "training saw; --no-ref_eval_one2many drops them as upstream does (measures the "
                         "train/inference shift)")
-    g.add_argument("--enc_ref_progressive", action=BOOL, default=False,
+    g.add_argument("--enc_ref_progressive", role=MODEL, action=BOOL, default=False,
                    help="encoder layers use the previous encoder layer's sampling locations (per head) as "
                         "references, across decoder layers too; not combinable with --enc_ref_mode")
-    g.add_argument("--attn_map_accum", default="none", choices=ACCUM_MODES,
+    g.add_argument("--attn_map_accum", role=MODEL, default="none", choices=ACCUM_MODES,
                    help="combine the cross-attention maps of the decoder layers run so far: none (latest "
                         "layer), sum, or max (per token and query)")
 
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_file", default="coco", choices=["coco", "synthetic"],
+    g = with_roles(p.add_argument_group("data"))
+    g.add_argument("--dataset_file", role=EVALUATION, default="coco", choices=["coco", "synthetic"],
                    help="coco (files under --coco_path) or synthetic (generated there on first use)")
-    g.add_argument("--coco_path", default="data/coco", type=str,
+    g.add_argument("--coco_path", role=RUN, default="data/coco", type=str,
                    help="dataset root: train2017/, val2017/, annotations/")
-    g.add_argument("--train_ann", default="instances_train2017.json", type=str,
+    g.add_argument("--train_ann", role=TRAINING, default="instances_train2017.json", type=str,
                    help="training annotation file (in annotations/, or a path)")
-    g.add_argument("--val_ann", default="instances_val2017.json", type=str,
+    g.add_argument("--val_ann", role=EVALUATION, default="instances_val2017.json", type=str,
                    help="validation annotation file (in annotations/, or a path)")
-    g.add_argument("--num_classes", default=None, type=int, help="unset: from the dataset (91 for COCO)")
-    g.add_argument("--min_size", default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], type=int, nargs="+",
-                   help="training shorter-side sizes (one is drawn per image)")
-    g.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")
-    g.add_argument("--eval_size", default=None, type=int, help="unset: max(--min_size)")
-    g.add_argument("--random_crop", action=BOOL, default=True, help="DETR's random resize-crop augmentation")
-    g.add_argument("--crop_min_size", default=[400, 500, 600], type=int, nargs="+",
+    g.add_argument("--num_classes", role=MODEL, default=None, type=int,
+                   help="unset: from the dataset (91 for COCO)")
+    g.add_argument("--min_size", role=TRAINING, default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
+                   type=int, nargs="+", help="training shorter-side sizes (one is drawn per image)")
+    g.add_argument("--max_size", role=EVALUATION, default=1333, type=int, help="longest side after resizing")
+    g.add_argument("--eval_size", role=EVALUATION, default=None, type=int, help="unset: max(--min_size)")
+    g.add_argument("--random_crop", role=TRAINING, action=BOOL, default=True,
+                   help="DETR's random resize-crop augmentation")
+    g.add_argument("--crop_min_size", role=TRAINING, default=[400, 500, 600], type=int, nargs="+",
                    help="shorter sides before the random crop")
-    g.add_argument("--crop_size", default=[384, 600], type=int, nargs=2,
+    g.add_argument("--crop_size", role=TRAINING, default=[384, 600], type=int, nargs=2,
                    help="min and max side of the random crop")
-    g.add_argument("--skip_bad_images", action=BOOL, default=False,
+    g.add_argument("--skip_bad_images", role=RUN, action=BOOL, default=False,
                    help="skip unreadable images with a warning instead of stopping")
-    g.add_argument("--synthetic_num_train", default=512, type=int, help="synthetic dataset: training images")
-    g.add_argument("--synthetic_num_val", default=128, type=int, help="synthetic dataset: validation images")
-    g.add_argument("--synthetic_image_size", default=256, type=int,
+    g.add_argument("--synthetic_num_train", role=TRAINING, default=512, type=int,
+                   help="synthetic dataset: training images")
+    g.add_argument("--synthetic_num_val", role=EVALUATION, default=128, type=int,
+                   help="synthetic dataset: validation images")
+    g.add_argument("--synthetic_image_size", role=EVALUATION, default=256, type=int,
                    help="synthetic dataset: image side in pixels")
-    g.add_argument("--synthetic_seed", default=0, type=int, help="synthetic dataset: generator seed")
-    g.add_argument("--num_workers", default=2, type=int,
+    g.add_argument("--synthetic_seed", role=EVALUATION, default=0, type=int, help="synthetic dataset: generator seed")
+    g.add_argument("--num_workers", role=RUN, default=2, type=int,
                    help="data-loading worker processes per training process")
 
-    g = p.add_argument_group("reference diagnostics (docs/design.md §9)")
-    g.add_argument("--diag_images", default=DIAG_IMAGES_DEFAULT, type=int,
+    g = with_roles(p.add_argument_group("reference diagnostics (docs/design.md §9)"))
+    g.add_argument("--diag_images", role=RUN, default=DIAG_IMAGES_DEFAULT, type=int,
                    help="probe set of the reference diagnostics (D1-D6): the first N validation images by "
                         "image id, measured once per evaluation on the main process (log.jsonl 'diag' "
                         "records, TensorBoard); 0 turns them off")
 
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="", type=str,
+    g = with_roles(p.add_argument_group("run"))
+    g.add_argument("--output_dir", role=RUN, default="", type=str,
                    help="where checkpoints, log.jsonl, config.yaml, detections and TensorBoard go; empty: write nothing")
-    g.add_argument("--device", default="cuda", type=str, help="cuda or cpu (cuda falls back to cpu if absent)")
-    g.add_argument("--seed", default=42, type=int, help="random seed (each process adds its rank)")
-    g.add_argument("--resume", default="", type=str, help="checkpoint to resume training (or evaluate) from")
-    g.add_argument("--auto_resume", action=BOOL, default=False, help="resume from the latest checkpoint in output_dir")
-    g.add_argument("--pretrained", default="", type=str, help="weights only (state dict or checkpoint with 'model')")
-    g.add_argument("--unsafe_trust_checkpoint", default="", type=str, metavar="FILE",
+    g.add_argument("--device", role=RUN, default="cuda", type=str,
+                   help="cuda or cpu (cuda falls back to cpu if absent)")
+    g.add_argument("--seed", role=TRAINING, default=42, type=int, help="random seed (each process adds its rank)")
+    g.add_argument("--resume", role=START, default="", type=str,
+                   help="checkpoint to resume training (or evaluate) from")
+    g.add_argument("--auto_resume", role=START, action=BOOL, default=False,
+                   help="resume from the latest checkpoint in output_dir")
+    g.add_argument("--pretrained", role=RUN, default="", type=str,
+                   help="weights only (state dict or checkpoint with 'model')")
+    g.add_argument("--unsafe_trust_checkpoint", role=START, default="", type=str, metavar="FILE",
                    help="load FILE (a --resume/--pretrained file) with full pickle, which can run code in it; only "
                         "for a legacy checkpoint you trust that the safe loader refuses")
-    g.add_argument("--start_epoch", default=0, type=int, help="first epoch when not resuming")
-    g.add_argument("--eval", action="store_true", help="evaluate (--resume or --pretrained weights) and exit")
-    g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
-    g.add_argument("--print_freq", default=10, type=int, help="iterations per progress/log window")
-    g.add_argument("--max_iters_per_epoch", default=None, type=int, help="cap iterations (smoke runs)")
-    g.add_argument("--tensorboard", action=BOOL, default=True,
+    g.add_argument("--start_epoch", role=RUN, default=0, type=int, help="first epoch when not resuming")
+    g.add_argument("--eval", role=RUN, action="store_true", help="evaluate (--resume or --pretrained weights) and exit")
+    g.add_argument("--eval_every", role=RUN, default=1, type=int, help="evaluate every N epochs (and after the last)")
+    g.add_argument("--print_freq", role=RUN, default=10, type=int, help="iterations per progress/log window")
+    g.add_argument("--max_iters_per_epoch", role=TRAINING, default=None, type=int, help="cap iterations (smoke runs)")
+    g.add_argument("--tensorboard", role=RUN, action=BOOL, default=True,
                    help="TensorBoard scalars under output_dir/tensorboard")
-    g.add_argument("--vis_images", default=4, type=int,
+    g.add_argument("--vis_images", role=RUN, default=4, type=int,
                    help="at each evaluation, this many fixed validation images with ground truth and predictions "
                         "(and, for guided variants, the encoder references of a few tokens) go to TensorBoard; 0: off")
-    g.add_argument("--compile", action=BOOL, default=False,
+    g.add_argument("--compile", role=RUN, action=BOOL, default=False,
                    help="torch.compile the training model (evaluation and checkpoints use the eager module); "
                         "the deformable attention op is one graph node on CUDA")
-    g.add_argument("--find_unused_parameters", action=BOOL, default=False,
+    g.add_argument("--find_unused_parameters", role=RUN, action=BOOL, default=False,
                    help="DistributedDataParallel option; only for experiments that leave parameters unused")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", default=0, type=int,
+    g.add_argument("--local_rank", "--local-rank", role=RUN, dest="local_rank", default=0, type=int,
                    help="set by torch.distributed.launch")
     return p
 
@@ -253,7 +279,7 @@ def load_yaml_config(path: str, _seen: Optional[Tuple[str, ...]] = None) -> Dict
     """Read a YAML config, merging the files listed under ``_base_`` (paths relative to it) first."""
     path = os.path.abspath(path)
     _seen = _seen or ()
-    if path in _seen:
+    if os.path.realpath(path) in {os.path.realpath(seen) for seen in _seen}:  # a link to a file of the chain too
         raise ValueError(f"config {path}: circular _base_ chain {' -> '.join(_seen + (path,))}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
@@ -331,6 +357,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cli = list(argv) if argv is not None else None
     first = parser.parse_args(cli)
     file_values = load_yaml_config(first.config) if first.config else {}
+    for key in DERIVED_KEYS:  # a run's config.yaml: recomputed from the flags, never read back
+        file_values.pop(key, None)
     variant = first.variant if first.variant is not None else file_values.get("variant")
     preset_tokens: List[str] = []
     if variant is not None:
@@ -351,9 +379,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- the resolved configuration
 
-# flags that say where a run's state comes from, not what the run is: not part of the
-# configuration (config.yaml must reproduce the run from scratch with --config)
-START_FLAGS = ("config", "resume", "auto_resume", "unsafe_trust_checkpoint")
+@functools.lru_cache(maxsize=1)
+def _roles() -> Tuple[Tuple[str, str], ...]:
+    return tuple(flag_roles(get_args_parser()).items())
+
+
+def roles_of_flags() -> Dict[str, str]:
+    """{flag name: role} as each flag declares it in ``get_args_parser`` (see ``cli.roles``)."""
+    return dict(_roles())
 
 
 class Config(argparse.Namespace):
@@ -381,14 +414,21 @@ class Config(argparse.Namespace):
 
 
 def configuration_flags() -> List[str]:
-    """Names of the flags that make up the configuration, in the parser's order."""
-    return [a.dest for a in get_args_parser()._actions if a.dest != "help" and a.dest not in START_FLAGS]
+    """Names of the flags that make up the configuration, in the parser's order: all but the start
+    flags, which say where a run's state comes from, not what the run is (config.yaml must reproduce
+    the run from scratch with --config)."""
+    return [name for name, role in roles_of_flags().items() if role != START]
 
 
 def resolve_device(device: str) -> str:
-    """The device the run gets: 'cuda...' falls back to 'cpu' (with a message) when CUDA is absent."""
+    """The device the run gets: 'cuda...' falls back to 'cpu' (with a message) when CUDA is absent.
+    ValueError (one line) for a name that is no torch device."""
     import torch
 
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"invalid configuration: --device {device} is not a device (cuda, cuda:N or cpu)") from None
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available: running on the CPU", flush=True)
         return "cpu"
@@ -416,10 +456,34 @@ def config_dict(config: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def save_config(config: argparse.Namespace, path: str) -> None:
-    """``config.yaml``: the resolved configuration, written atomically."""
-    header = "# resolved configuration of this run (python main.py --config config.yaml reproduces it)\n"
-    atomic_write_text(path, header + yaml.safe_dump(config_dict(config), sort_keys=False))
+def derived_keys(config: argparse.Namespace) -> Dict[str, Any]:
+    """Keys ``config.yaml`` carries besides the flags, for readers of a run directory (scripts/summarize.py):
+    ``control: oracle`` when the encoder guidance reads the ground truth (a control, never a detector).
+    Derived from the flags, so ``--config`` drops them (``DERIVED_KEYS``) and derives them again."""
+    control = guidance_control(config.enc_ref_mode, config.ref_source)
+    return {"control": control} if control else {}
+
+
+DERIVED_KEYS = ("control",)
+
+
+def save_config(config: argparse.Namespace, path: str, evaluated: Optional[str] = None) -> None:
+    """``config.yaml``: the resolved configuration, written atomically, one section per role (a
+    comment line says what the role means), then its ``derived_keys``. ``evaluated``: the checkpoint
+    an ``--eval`` run evaluated."""
+    if evaluated:
+        header = (f"# resolved configuration of an --eval of {evaluated} (python main.py --config config.yaml "
+                  f"--resume {evaluated} reproduces it)\n")
+    else:
+        header = "# resolved configuration of this run (python main.py --config config.yaml reproduces it)\n"
+    values = config_dict(config)
+    sections = [f"# {role}: {ROLE_MEANING[role]}\n" + yaml.safe_dump({n: values[n] for n in names}, sort_keys=False)
+                for role, names in group_by_role(values, roles_of_flags()).items()]
+    derived = derived_keys(config)
+    if derived:
+        sections.append("# derived from the flags above (not a flag; --config ignores it)\n"
+                        + yaml.safe_dump(derived, sort_keys=False))
+    atomic_write_text(path, header + "".join(sections))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -575,7 +639,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
     guided_mode = args.enc_ref_mode != "none"
     if guided_mode:
-        if num_guided_encoder_layers(pairs) == 0:
+        if not guided_encoder_layers(pairs):
             fail(f"--enc_ref_mode {args.enc_ref_mode} guides encoder layers that run after a decoder layer, "
                  f"but --stages {args.stages} runs no encoder layer after a decoder layer")
         n_candidates = args.num_queries_one2one + (args.num_queries_one2many if args.ref_queries == "all" else 0)
@@ -584,7 +648,7 @@ def validate_args(args: argparse.Namespace) -> None:
                  "are candidates")
         try:  # the rules the generator itself enforces, written once in the research module
             check_research_settings(args.enc_ref_mode, args.ref_rank, args.ref_keep_self, args.attn_map_accum,
-                                    args.ref_queries, args.enc_n_points)
+                                    args.ref_queries, args.enc_n_points, args.ref_source, args.ref_grad)
         except ValueError as error:
             fail(str(error))
         if args.enc_ref_progressive:
@@ -594,6 +658,7 @@ def validate_args(args: argparse.Namespace) -> None:
                  "references (previous encoder layer's sampling vs the decoder's guidance); use one")
     else:
         for flag, value, default in (("--ref_keep_self", args.ref_keep_self, False), ("--ref_grad", args.ref_grad, False),
+                                     ("--ref_source", args.ref_source, "decoder"),
                                      ("--attn_map_accum", args.attn_map_accum, "none"),
                                      ("--ref_queries", args.ref_queries, "all"),
                                      ("--ref_eval_one2many", args.ref_eval_one2many, True)):
@@ -603,6 +668,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if not args.ref_eval_one2many and (args.ref_queries != "all" or not has_one2many):
         fail("--no-ref_eval_one2many drops one-to-many guidance candidates at inference, but there are none: "
              "it needs --ref_queries all and a one-to-many form (--num_queries_one2many > 0 or --use_ms_detr)")
+    if not args.ref_eval_one2many and guided_mode and not reads_decoder_queries(args.ref_source, args.ref_rank):
+        fail(f"--no-ref_eval_one2many drops one-to-many queries from the guidance at inference, but --ref_source "
+             f"{args.ref_source} with --ref_rank {args.ref_rank} reads no decoder query")
     if args.ref_queries == "o2o" and args.num_queries_one2many == 0 and not args.use_ms_detr:
         _warn("--ref_queries o2o without a one-to-many form: all queries are one-to-one already")
     if args.two_stage:

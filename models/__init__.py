@@ -1,4 +1,5 @@
 """Model construction from parsed flags: ``build_model(args) -> (model, criterion, postprocessors)``."""
+from .research_settings import reads_decoder_queries
 from .stages import parse_stages
 
 from .backbone import build_backbone
@@ -29,7 +30,7 @@ def guidance_reads_one2many_at_eval(args) -> bool:
     """Whether inference must run the one-to-many queries / stream for the encoder guidance (docs/design.md §6)."""
     has_one2many = args.num_queries_one2many > 0 or args.use_ms_detr
     return (args.enc_ref_mode != "none" and args.ref_queries == "all" and args.ref_eval_one2many
-            and has_one2many)
+            and has_one2many and reads_decoder_queries(args.ref_source, args.ref_rank))
 
 
 def build_denoising_config(args):

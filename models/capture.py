@@ -57,13 +57,14 @@ class Capture:
         return None
 
 
-def run_captured(model, samples) -> Tuple[Dict, Capture]:
+def run_captured(model, samples, guidance=None) -> Tuple[Dict, Capture]:
     """One no-grad forward of ``model`` on ``samples`` (NestedTensor or list of (3, H, W)) with the
-    hooks attached; returns (outputs, capture)."""
+    hooks attached; ``guidance``: the forward's ``GuidanceInputs`` (``models.guidance``), when the
+    model's guidance reads the ground truth or a seed. Returns (outputs, capture)."""
     capture = Capture().attach(model)
     try:
         with torch.no_grad():
-            outputs = model(samples)
+            outputs = model(samples, guidance=guidance)
     finally:
         capture.detach()
     return outputs, capture

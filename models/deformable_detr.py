@@ -13,6 +13,7 @@ from torch import nn
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 from .denoising import DenoisingConfig, make_denoising_queries
+from .guidance import GuidanceInputs
 from .level_layout import downsample_mask
 from .transformer_layers import MLP
 
@@ -125,9 +126,11 @@ class DeformableDETR(nn.Module):
         return mask
 
     def forward(self, samples: Union[NestedTensor, List[torch.Tensor]],
-                targets: Optional[List[Dict]] = None) -> Dict:
+                targets: Optional[List[Dict]] = None, guidance: Optional[GuidanceInputs] = None) -> Dict:
         """samples: NestedTensor (images (bs, 3, H, W), mask (bs, H, W)) or a list of (3, H_i, W_i);
-        targets: the batch's ground truth, read only by denoising in training.
+        targets: the batch's ground truth, read only by denoising in training; guidance: what the
+        encoder guidance reads beyond the decoder (the ground truth of the oracle source, the random
+        ranking's seed), built by ``models.guidance.guidance_inputs`` (None when it reads nothing).
 
         Returns pred_logits (bs, Q1, K), pred_boxes (bs, Q1, 4) cxcywh in [0, 1] of the valid image,
         aux_outputs, enc_outputs (two-stage) and, in training, the one-to-many predictions and
@@ -147,7 +150,7 @@ class DeformableDETR(nn.Module):
         state, enc_outputs = self.transformer(
             srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed, num_queries=num_queries,
             num_queries_one2one=self.num_queries_one2one, self_attn_mask=self_attn_mask,
-            with_one2many=self.use_ms_detr and run_one2many, denoising=denoising)
+            with_one2many=self.use_ms_detr and run_one2many, denoising=denoising, guidance_inputs=guidance)
         q1 = self.num_queries_one2one
         out = self._pack([l[:, :q1] for l in state.logits], [b[:, :q1] for b in state.boxes], "")
         if self.training:  # at inference one-to-many predictions (when they ran) only fed the guidance

@@ -16,9 +16,11 @@ from torch import nn
 from util.box_ops import box_dtype, inverse_sigmoid
 
 from .denoising import DenoisingPredictions, DenoisingQueries, append_denoising_queries
+from .guidance import GuidanceInputs
 from .level_layout import LevelLayout, valid_size
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import box_sine_embedding
+from .stages import guided_encoder_layers
 from .transformer_layers import DeformableDecoderLayer, DeformableEncoderLayer
 
 
@@ -99,6 +101,7 @@ class DeformableTransformer(nn.Module):
         self.two_stage, self.with_box_refine = two_stage, with_box_refine
         self.look_forward_twice, self.mixed_selection = look_forward_twice, mixed_selection
         self.stages = stages or [(num_encoder_layers, num_decoder_layers)]
+        self.guided_layers = frozenset(guided_encoder_layers(self.stages))
         self.enc_ref_progressive = enc_ref_progressive
         self.enc_reference_generator = enc_reference_generator
         enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points)
@@ -239,17 +242,18 @@ class DeformableTransformer(nn.Module):
 
     def forward(self, srcs, masks, pos_embeds, query_embed, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList,
                 num_queries: int, num_queries_one2one: int, self_attn_mask=None, with_one2many: bool = False,
-                denoising: Optional[DenoisingQueries] = None):
+                denoising: Optional[DenoisingQueries] = None, guidance_inputs: Optional[GuidanceInputs] = None):
         """srcs/pos_embeds: per level (bs, C, H_l, W_l); masks (bs, H_l, W_l); query_embed (Q, 2C) or
         (Q, C) with mixed selection, or None; denoising: CDN queries appended after the Q matching
-        ones (``self_attn_mask`` then covers Q + D). Returns (DecoderState with per-layer predictions,
-        enc_outputs or None)."""
+        ones (``self_attn_mask`` then covers Q + D); guidance_inputs: what the encoder guidance reads
+        beyond the decoder (``models.guidance.guidance_inputs``). Returns (DecoderState with per-layer
+        predictions, enc_outputs or None)."""
         inputs = self.flatten_inputs(srcs, masks, pos_embeds)
         layout = inputs.layout
         stock_refs = encoder_reference_points(layout)
         guidance = None
         if self.enc_reference_generator is not None:
-            guidance = self.enc_reference_generator.new_state(layout)
+            guidance = self.enc_reference_generator.new_state(layout, guidance_inputs)
         memory, state, enc_outputs = inputs.src, None, None
         enc_lid = dec_lid = 0
         previous_locations = None  # sampling locations of the last encoder layer, for progressive refs
@@ -257,8 +261,10 @@ class DeformableTransformer(nn.Module):
             for _ in range(n_enc):
                 if previous_locations is not None:
                     refs = previous_locations
+                elif guidance is not None and enc_lid in self.guided_layers:
+                    refs = guidance.references(stock_refs)
                 else:
-                    refs = stock_refs if guidance is None else guidance.references(stock_refs)
+                    refs = stock_refs
                 out = self.encoder.layers[enc_lid](memory, inputs.pos, refs, layout)
                 memory, enc_lid = out.memory, enc_lid + 1
                 if self.enc_ref_progressive:
@@ -274,7 +280,7 @@ class DeformableTransformer(nn.Module):
                 dec_lid += 1
                 if guidance is not None:
                     guidance.observe(out.sampling_locations, out.attention_weights,
-                                     self.enc_reference_generator.candidates(state, num_queries_one2one))
+                                     guidance.candidates_from(state, num_queries_one2one))
         return state, enc_outputs
 
 

@@ -1,29 +1,27 @@
-"""Encoder reference points generated from the decoder (docs/design.md §6, seed versions v3.0.1-v3.0.4).
+"""Encoder reference points generated from the decoder (design §6, seed versions v3.0.1-v3.0.4, §10 controls).
 
-Per forward pass the transformer asks the generator for a ``GuidanceState``; after every
-decoder layer it calls ``state.observe(locations, weights, candidates)`` and before every
-encoder layer ``state.references(stock_references)``.
+The generator composes two registered parts (``models/guidance``): a candidate source
+(``--ref_source``: the decoder's predictions, or the ground truth as an oracle control) and a
+ranking rule (``--ref_rank``: class score, map weight, map weight x score, random, distance).
+Per forward pass the transformer asks it for a ``GuidanceState``; after every decoder layer it
+calls ``state.observe(locations, weights, state.candidates_from(decoder_state, ...))`` and before
+every guided encoder layer (``models.stages.guided_encoder_layers``) ``state.references(stock)``.
 
 per_level (v3.0.1): the L best candidates by class score; candidate i's box centre is every
     token's reference on level i -> (bs, T, L, 2).
-per_point (v3.0.2-v3.0.4): per token, the P queries with the largest (combined)
-    cross-attention weight M[t, q] (or weight x class score); query p's centre, projected onto
-    every level, is point p's reference -> (bs, T, L, P, 2). A query fills at most one slot of a
-    token (in the mixed form its two predictions share one map column and give one candidate).
-    Empty slots fall back to the token's own location; ``ref_keep_self`` reserves point 0 for it.
+per_point (v3.0.2-v3.0.4 and the controls): per token, the P candidates the ranking rule puts
+    first; candidate p's centre, projected onto every level, is point p's reference ->
+    (bs, T, L, P, 2). A candidate fills at most one slot of a token. Empty slots fall back to the
+    token's own location; ``ref_keep_self`` reserves point 0 for it.
 
 The reference diagnostics (``models/diagnostics``) may set ``EncoderReferenceGenerator.picks_listener``
 while they record a pass; it then receives each update's ``GuidancePicks`` (which candidate filled
 which slot). Unset, it costs one attribute check per update.
 
-Candidates (``make_candidates``) are the same in training and inference when the model keeps
-its one-to-many queries / stream running at inference for them (``reads_one2many``).
-
-The per-token top-P is sparse and free of host synchronisation: the combined map is a
-row-merged footprint (one row per query, tokens unique per row), each entry gets one int64
-key that orders it by (weight, class score), and P rounds of a per-token scatter-max pick the
-winners. Nothing of size T x Q is built and no Python loop runs over tokens or queries.
+Candidates are the same in training and inference when the model keeps its one-to-many queries /
+stream running at inference for them (``reads_one2many``).
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -31,74 +29,12 @@ import torch
 from torch import nn
 
 from .cross_attn_map import CrossAttnMapAccumulator, attention_footprint
+from .guidance import RANKINGS, SOURCES, CandidateSet, GuidanceInputs, make_candidates
 from .level_layout import LevelLayout
-from .research_settings import REF_QUERY_SETS, check_choice, check_research_settings
+from .research_settings import check_research_settings, reads_decoder_queries
 
 __all__ = ["CandidateSet", "make_candidates", "EncoderReferenceGenerator", "GuidanceState", "GuidancePicks",
            "build_enc_reference_generator"]
-
-
-@dataclass
-class CandidateSet:
-    """Boxes a token may take its references from.
-
-    boxes: (bs, C, 4) cxcywh, normalised to the valid image region (may carry gradient).
-    scores: (bs, C) class score, max sigmoid over classes (used for ranking only).
-
-    Per-point guidance ranks queries: candidate c is query c, so it reads map column c (the
-    candidates are always the first C columns). Per-level guidance ranks predictions and reads
-    no map, so there C may exceed the number of columns (mixed form: 2Q predictions).
-    """
-    boxes: torch.Tensor
-    scores: torch.Tensor
-
-    def __post_init__(self):
-        if self.boxes.dim() != 3 or self.boxes.shape[-1] != 4:
-            raise ValueError(f"CandidateSet: boxes must be (bs, C, 4), got {tuple(self.boxes.shape)}")
-        if tuple(self.scores.shape) != tuple(self.boxes.shape[:2]):
-            raise ValueError(f"CandidateSet: scores must be {tuple(self.boxes.shape[:2])}, "
-                             f"got {tuple(self.scores.shape)}")
-
-    @property
-    def count(self) -> int:
-        return self.boxes.shape[1]
-
-
-def _class_scores(logits: torch.Tensor) -> torch.Tensor:
-    """logits (bs, Q, classes) -> (bs, Q) float32 max sigmoid, detached (ranking only)."""
-    return logits.detach().float().sigmoid().amax(-1)
-
-
-def make_candidates(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, num_queries_one2one: int,
-                    ref_queries: str = "all", one2many_logits: Optional[torch.Tensor] = None,
-                    one2many_boxes: Optional[torch.Tensor] = None, per_query: bool = True) -> CandidateSet:
-    """Candidates from one decoder layer's predictions (docs/design.md §6).
-
-    Hybrid form (H-DETR): pred_logits (bs, Q, classes) and pred_boxes (bs, Q, 4) hold all
-    queries, one-to-one group first; 'o2o' keeps the first ``num_queries_one2one``.
-    Mixed form (MS-DETR): one2many_logits/boxes (bs, Q, ...) are the one-to-many predictions of
-    the same Q queries. With ``per_query`` (ranking by map weight) each query is one candidate:
-    'all' takes the higher-scoring of its two predictions (the one-to-one one on a tie), 'o2o'
-    its one-to-one prediction. Without it (v3.0.1 ranks predictions by class score) 'all' gives
-    the 2Q predictions, one-to-one first, and 'o2o' the Q one-to-one ones.
-
-    Returns a CandidateSet with C = Q, num_queries_one2one or (mixed, per prediction) 2Q.
-    """
-    check_choice("ref_queries", ref_queries, REF_QUERY_SETS)
-    if (one2many_logits is None) != (one2many_boxes is None):
-        raise ValueError("make_candidates: give both one2many_logits and one2many_boxes, or neither")
-    scores = _class_scores(pred_logits)
-    if one2many_boxes is None or ref_queries == "o2o":
-        # hybrid: the one-to-one group is the first block of queries; mixed: the one-to-one head
-        keep = num_queries_one2one if one2many_boxes is None and ref_queries == "o2o" else pred_boxes.shape[1]
-        return CandidateSet(pred_boxes[:, :keep], scores[:, :keep])
-    scores_one2many = _class_scores(one2many_logits)
-    if not per_query:
-        return CandidateSet(torch.cat([pred_boxes, one2many_boxes], 1), torch.cat([scores, scores_one2many], 1))
-    # mixed form, one candidate per query (map column): its better prediction
-    take_one2many = scores_one2many > scores
-    boxes = torch.where(take_one2many[..., None], one2many_boxes, pred_boxes)
-    return CandidateSet(boxes, torch.maximum(scores, scores_one2many))
 
 
 @dataclass
@@ -107,7 +43,7 @@ class GuidancePicks:
 
     Only the reference diagnostics read it (``EncoderReferenceGenerator.picks_listener``).
     decoder_layers: decoder layers observed when the references were made (>= 1).
-    candidates: the CandidateSet the slots index.
+    candidates: the CandidateSet the slots index (its ``valid`` marks padding candidates).
     chosen: (bs, T, S) int64 candidate index per slot; meaningless where not ``valid``.
     valid: (bs, T, S) bool, False where the slot fell back to the token's own location.
     first_point: per_point, the reference point that slot 0 fills (1 with ref_keep_self, else 0);
@@ -122,106 +58,62 @@ class GuidancePicks:
     references: torch.Tensor
 
 
-def _descending_order(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """scores (bs, C) -> order (bs, C) best first (ties: lower index first) and its inverse rank (bs, C)."""
-    order = scores.sort(dim=1, descending=True, stable=True).indices
-    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return order, rank
-
-
 def _centres(candidates: CandidateSet, keep_grad: bool) -> torch.Tensor:
     """(bs, C, 2) box centres; detached unless ``keep_grad`` (--ref_grad)."""
     centres = candidates.boxes[..., :2]
     return centres if keep_grad else centres.detach()
 
 
-def _entry_keys(weight: torch.Tensor, scores: torch.Tensor, score_rank: torch.Tensor, by_score: bool
-                ) -> torch.Tensor:
-    """One int64 key per (image, candidate, entry) that orders entries of a token best first.
-
-    weight (bs, C, E) map weight of the candidate's column, scores (bs, C), score_rank (bs, C)
-    position in descending score order. The key is the float32 bit pattern of the ranking
-    value (weight or weight x score; for non-negative floats the bit pattern orders like the
-    value) shifted left, with the inverted score rank below it, so equal ranking values are
-    broken by class score and every candidate's key is distinct within a token. Entries with
-    zero weight get -1 (never picked). Returns (bs, C, E) int64.
-    """
-    count = scores.shape[1]
-    score_bits = max(1, (count - 1).bit_length())
-    value = weight.float()
-    if by_score:
-        value = value * scores[:, :, None]
-    keys = value.contiguous().view(torch.int32).to(torch.int64)
-    keys <<= score_bits
-    keys |= (count - 1 - score_rank)[:, :, None]
-    # zero weight (including -0.0, whose bit pattern would read as negative) means "not attended"
-    return keys.masked_fill_(weight <= 0, -1)
-
-
-def _top_per_token(keys: torch.Tensor, tokens: torch.Tensor, num_tokens: int, rounds: int) -> torch.Tensor:
-    """P rounds of per-token max over sparse keyed entries.
-
-    keys (bs, C, E) int64 (-1 = absent; consumed: overwritten in place), tokens (bs, C, E)
-    token index in [0, T).
-    Returns (bs, T, rounds) int64: the keys of each token's best, second best, ... entries,
-    -1 where the token has fewer entries. Keys are unique within a token, so the winner of a
-    round is exactly the entry equal to the round's max and can be retired without a sort.
-    """
-    bs = keys.shape[0]
-    offset = torch.arange(bs, device=keys.device).view(bs, 1, 1) * num_tokens
-    flat_tokens = (tokens + offset).reshape(-1)
-    keys = keys.reshape(-1)
-    picked = []
-    for step in range(rounds):
-        best = torch.full((bs * num_tokens,), -1, dtype=torch.int64, device=keys.device)
-        best.scatter_reduce_(0, flat_tokens, keys, "amax")
-        picked.append(best)
-        if step + 1 < rounds:
-            # retire this round's winners
-            keys.masked_fill_(keys == best.gather(0, flat_tokens), -1)
-    if not picked:
-        return keys.new_full((bs, num_tokens, 0), -1)
-    return torch.stack(picked, -1).view(bs, num_tokens, rounds)
-
-
-def _keys_to_candidates(picked: torch.Tensor, order: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """picked (bs, T, P) keys from ``_top_per_token``, order (bs, C) -> candidate index (bs, T, P), valid mask."""
-    bs, num_tokens, points = picked.shape
-    count = order.shape[1]
-    score_bits = max(1, (count - 1).bit_length())
-    valid = picked >= 0
-    tie = picked & ((1 << score_bits) - 1)
-    score_rank = (count - 1 - tie).clamp(0, count - 1)
-    chosen = order.gather(1, score_rank.view(bs, -1)).view(bs, num_tokens, points)
-    return chosen, valid
-
-
 class GuidanceState:
-    """What one forward pass has learnt from its decoder layers so far (see the module doc)."""
+    """What one forward pass has learnt from its decoder layers so far (see the module doc).
 
-    def __init__(self, generator: "EncoderReferenceGenerator", layout: LevelLayout):
-        """layout: the encoder's token axis; its valid ratios (bs, L, 2) project centres onto the levels."""
+    It is also what a ranking rule reads (``models/guidance/rankings.py``): ``candidates``,
+    ``num_tokens``, ``padding_mask``, ``combined_map()``, ``token_positions()``, ``random_generator()``.
+    """
+
+    def __init__(self, generator: "EncoderReferenceGenerator", layout: LevelLayout,
+                 inputs: Optional[GuidanceInputs] = None):
+        """layout: the encoder's token axis; its valid ratios (bs, L, 2) project centres onto the levels.
+        inputs: what the parts read beyond the decoder (ground truth, seed); checked here."""
         if layout.valid_ratios is None:
             raise ValueError("GuidanceState: the layout needs valid_ratios (bs, L, 2)")
+        if generator.source.needs_targets and (inputs is None or inputs.gt_boxes is None):
+            raise ValueError(f"--ref_source {generator.ref_source} reads the ground truth: call the model with "
+                             "guidance=guidance_inputs(config, targets, ...) (models.guidance)")
+        if generator.ranking.reads_seed and (inputs is None or inputs.seed is None):
+            raise ValueError(f"--ref_rank {generator.ref_rank} draws random numbers: call the model with "
+                             "guidance=guidance_inputs(config, targets, seed_parts) (models.guidance)")
+        if inputs is not None and inputs.gt_boxes is not None:
+            if inputs.gt_boxes.shape[0] != layout.valid_ratios.shape[0]:
+                raise ValueError(f"guidance inputs: ground truth of {inputs.gt_boxes.shape[0]} images for a batch of "
+                                 f"{layout.valid_ratios.shape[0]}")
+            device = layout.valid_ratios.device  # pictures and diagnostics may hand over CPU targets
+            inputs = dataclasses.replace(inputs, gt_boxes=inputs.gt_boxes.to(device),
+                                         gt_valid=inputs.gt_valid.to(device))
         self.generator = generator
         self.layout = layout
         self.valid_ratios = layout.valid_ratios
+        self.inputs = inputs
         self.accumulator = CrossAttnMapAccumulator(generator.attn_map_accum)
         self.candidates: Optional[CandidateSet] = None
         self.observed = 0  # decoder layers seen so far
         self._pending = []  # (locations, weights) of observed layers not yet in the accumulator
         self._cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (stock refs, result)
+        self._stock: Optional[torch.Tensor] = None  # the stock references being ranked for
+        self._random: Optional[torch.Generator] = None
+
+    # ------------------------------------------------------------------ the transformer's calls
 
     def observe(self, sampling_locations: Optional[torch.Tensor], attention_weights: Optional[torch.Tensor],
                 candidates: CandidateSet) -> None:
         """Record a decoder layer: its cross-attention (bs, Q, H, L, Pd, 2) / (bs, Q, H, L, Pd) and candidates.
 
-        per_level mode needs no map, so the sampling may be None there.
+        A ranking rule that reads no map needs no sampling, so it may be None there.
         """
         if self.generator.needs_map:
             if sampling_locations is None or attention_weights is None:
-                raise ValueError("per_point guidance needs the decoder's sampling locations and weights")
+                raise ValueError(f"--ref_rank {self.generator.ref_rank} needs the decoder's sampling locations "
+                                 "and weights")
             # the footprint is built when references are asked for: the last decoder layer's
             # map is often never used, and with attn_map_accum 'none' only the latest layer matters
             pending = (sampling_locations.detach(), attention_weights.detach())
@@ -230,132 +122,153 @@ class GuidanceState:
         self.candidates = candidates
         self._cache = None
 
+    def candidates_from(self, decoder_state, num_queries_one2one: int) -> CandidateSet:
+        """The source's candidates after the latest decoder layer, with this forward's inputs."""
+        return self.generator.candidates(decoder_state, num_queries_one2one, self.inputs)
+
     def references(self, stock_references: torch.Tensor) -> torch.Tensor:
         """stock_references (bs, T, L, 2), each token's own location per level (valid ratios applied).
 
-        Returns stock_references itself until a decoder layer was observed, then
-        (bs, T, L, 2) for per_level or (bs, T, L, P, 2) for per_point. The result is cached
-        until the next ``observe`` (the encoder layers of one stage share it).
+        Returns (bs, T, L, 2) for per_level or (bs, T, L, P, 2) for per_point. The result is cached
+        until the next ``observe`` (the encoder layers of one stage share it). Only an encoder layer
+        that runs after a decoder layer is guided: the transformer asks for no others.
         """
         if self.candidates is None:
-            return stock_references
+            raise RuntimeError("GuidanceState.references: no decoder layer observed yet (only encoder layers "
+                               "after a decoder layer are guided: models.stages.guided_encoder_layers)")
         if self._cache is not None and self._cache[0] is stock_references:
             return self._cache[1]
-        if self.generator.enc_ref_mode == "per_level":
-            refs, chosen, valid = self._per_level(stock_references)
+        gen = self.generator
+        self._stock = stock_references
+        if gen.enc_ref_mode == "per_level":
+            chosen, valid = gen.ranking.rank(self, stock_references.shape[2])
+            refs = self._per_level(stock_references, chosen)
         else:
-            refs, chosen, valid = self._per_point(stock_references)
+            chosen, valid = gen.ranking.rank(self, gen.n_points - 1 if gen.ref_keep_self else gen.n_points)
+            refs = self._per_point(stock_references, chosen, valid)
         self._cache = (stock_references, refs)
-        listener = self.generator.picks_listener
+        listener = gen.picks_listener
         if listener is not None:
-            first_point = int(self.generator.ref_keep_self and self.generator.enc_ref_mode == "per_point")
+            first_point = int(gen.ref_keep_self and gen.enc_ref_mode == "per_point")
             listener(GuidancePicks(self.observed, self.candidates, chosen, valid, first_point, refs))
         return refs
 
-    def _per_level(self, stock: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """v3.0.1: stock (bs, T, L, 2) -> references (bs, T, L, 2), level i from the i-th best candidate
-        by score; with the candidate index per level (bs, T, L) and its validity (all True), expanded views."""
-        levels = stock.shape[2]
-        cands = self.candidates
-        if cands.count < levels:
-            raise ValueError(f"per_level guidance picks {levels} candidates but only {cands.count} exist")
-        order, _ = _descending_order(cands.scores)
-        top = order[:, :levels, None].expand(-1, -1, 2)
-        centres = _centres(cands, self.generator.ref_grad).gather(1, top).to(stock.dtype)  # (bs, L, 2)
-        refs = centres * self.valid_ratios.to(stock.dtype)
-        num_tokens = stock.shape[1]
-        chosen = order[:, None, :levels].expand(-1, num_tokens, -1)
-        valid = torch.ones((), dtype=torch.bool, device=stock.device).expand(chosen.shape)
-        return refs[:, None].expand(-1, num_tokens, -1, -1), chosen, valid
+    # ------------------------------------------------------------------ what the ranking rules read
 
-    def _per_point(self, stock: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """v3.0.2-4: stock (bs, T, L, 2) -> references (bs, T, L, P, 2) from the per-token top candidates,
-        with the candidate index (bs, T, P') and validity (bs, T, P') of the P' map-derived points."""
-        gen, cands = self.generator, self.candidates
-        bs, num_tokens = stock.shape[:2]
-        from_map = gen.n_points - 1 if gen.ref_keep_self else gen.n_points
-        own = stock[:, :, :, None, :]  # (bs, T, L, 1, 2)
-        chosen, valid = self._rank(num_tokens, from_map)  # (bs, T, P') each
-        centres = _centres(cands, gen.ref_grad).to(stock.dtype)
-        picked = centres.gather(1, chosen.view(bs, -1, 1).expand(-1, -1, 2)).view(bs, num_tokens, 1, from_map, 2)
-        projected = picked * self.valid_ratios.to(stock.dtype)[:, None, :, None, :]
-        parts = [own] if gen.ref_keep_self else []
-        parts.append(torch.where(valid[:, :, None, :, None], projected, own))
-        return torch.cat(parts, 3), chosen, valid
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_tokens
 
-    def _rank(self, num_tokens: int, points: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per token the ``points`` best candidates -> candidate index (bs, T, points), valid (bs, T, points)."""
-        cands = self.candidates
+    @property
+    def padding_mask(self) -> Optional[torch.Tensor]:
+        return self.layout.padding_mask
+
+    def combined_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The (combined) cross-attention map as a row-merged footprint: tokens, weights (bs, Q, E)."""
         for locations, weights in self._pending:
             self.accumulator.add(*attention_footprint(locations, weights, self.layout))
         self._pending = []
-        tokens, weights = self.accumulator.combined()  # (bs, Q, E), tokens unique per row
-        # candidate c is query c: its row of the map (the one-to-one group is the first rows)
-        tokens, weights = tokens[:, :cands.count], weights[:, :cands.count]
-        order, score_rank = _descending_order(cands.scores)
-        keys = _entry_keys(weights, cands.scores, score_rank, self.generator.ref_rank == "attn_cls")
-        picked = _top_per_token(keys, tokens, num_tokens, points)
-        return _keys_to_candidates(picked, order)
+        return self.accumulator.combined()
+
+    def token_positions(self) -> torch.Tensor:
+        """(bs, T, 2) each token's own location in valid-region coordinates: its stock reference on
+        its own level divided by that level's valid ratio."""
+        stock = self._stock
+        sizes = self.layout.spatial_shapes.prod(1)  # on the device already: no host-to-device copy
+        levels = torch.repeat_interleave(torch.arange(len(self.layout.shapes), device=stock.device), sizes,
+                                         output_size=self.num_tokens)
+        own = stock.gather(2, levels.view(1, -1, 1, 1).expand(stock.shape[0], -1, 1, 2))[:, :, 0]
+        return own / self.valid_ratios.to(stock.dtype)[:, levels]
+
+    def random_generator(self) -> torch.Generator:
+        """This forward's generator, seeded from ``inputs.seed`` (one stream for all its updates)."""
+        if self._random is None:
+            device = self.valid_ratios.device
+            self._random = torch.Generator(device=device).manual_seed(self.inputs.seed)
+        return self._random
+
+    # ------------------------------------------------------------------ references from picks
+
+    def _per_level(self, stock: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """v3.0.1: stock (bs, T, L, 2), chosen (bs, T, L) -> references (bs, T, L, 2): level i's
+        reference is slot i's candidate centre times level i's valid ratio, the same for every token."""
+        if chosen.stride(1) != 0:
+            raise ValueError("a per_level ranking rule picks per image: its picks (bs, L) expanded over the tokens")
+        # gathered once per image, so --ref_grad's gradient sums over the tokens in one place
+        refs = _centres(self.candidates, self.generator.ref_grad).gather(1, chosen[:, 0, :, None].expand(-1, -1, 2))
+        refs = refs.to(stock.dtype) * self.valid_ratios.to(stock.dtype)
+        return refs[:, None].expand(-1, chosen.shape[1], -1, -1)
+
+    def _per_point(self, stock: torch.Tensor, chosen: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """stock (bs, T, L, 2), chosen / valid (bs, T, P') -> references (bs, T, L, P, 2): point p is slot
+        p's candidate centre projected onto every level, or the token itself where the slot is empty."""
+        gen = self.generator
+        bs, num_tokens, from_map = chosen.shape
+        own = stock[:, :, :, None, :]  # (bs, T, L, 1, 2)
+        centres = _centres(self.candidates, gen.ref_grad).to(stock.dtype)
+        picked = centres.gather(1, chosen.reshape(bs, -1, 1).expand(-1, -1, 2)).view(bs, num_tokens, 1, from_map, 2)
+        projected = picked * self.valid_ratios.to(stock.dtype)[:, None, :, None, :]
+        parts = [own] if gen.ref_keep_self else []
+        parts.append(torch.where(valid[:, :, None, :, None], projected, own))
+        return torch.cat(parts, 3)
 
 
 class EncoderReferenceGenerator(nn.Module):
-    """Reference-point generator of docs/design.md §6 (no parameters, so no state-dict keys).
+    """Reference-point generator of design §6 (no parameters, so no state-dict keys).
 
     Parameters carry their flags' names (``--enc_ref_mode`` -> ``enc_ref_mode``; rules in
-    ``models/research_settings.py``): enc_ref_mode 'per_level' (v3.0.1, ref_rank 'cls') or
-    'per_point' (v3.0.2-4, ref_rank 'attn' or 'attn_cls'); n_levels L; n_points P (encoder
-    points); ref_keep_self: point 0 is the token itself; ref_grad: centres keep their gradient;
-    attn_map_accum: map combination across decoder layers; ref_queries: which predictions may be
-    candidates ('all' or 'o2o').
+    ``models/research_settings.py``, parts in ``models/guidance/registry.py``): enc_ref_mode
+    'per_level' (v3.0.1) or 'per_point'; n_levels L; n_points P (encoder points); ref_rank: the
+    ranking rule; ref_source: the candidate source; ref_keep_self: point 0 is the token itself;
+    ref_grad: centres keep their gradient; attn_map_accum: map combination across decoder layers;
+    ref_queries: which predictions may be candidates ('all' or 'o2o').
     """
 
     def __init__(self, enc_ref_mode: str, n_levels: int, n_points: int, ref_rank: str = "attn",
                  ref_keep_self: bool = False, ref_grad: bool = False, attn_map_accum: str = "none",
-                 ref_queries: str = "all"):
+                 ref_queries: str = "all", ref_source: str = "decoder"):
         super().__init__()
-        check_research_settings(enc_ref_mode, ref_rank, ref_keep_self, attn_map_accum, ref_queries, n_points)
+        check_research_settings(enc_ref_mode, ref_rank, ref_keep_self, attn_map_accum, ref_queries, n_points,
+                                ref_source, ref_grad)
         self.enc_ref_mode, self.n_levels, self.n_points = enc_ref_mode, n_levels, n_points
         self.ref_rank, self.ref_keep_self, self.ref_grad = ref_rank, ref_keep_self, ref_grad
-        self.attn_map_accum, self.ref_queries = attn_map_accum, ref_queries
+        self.attn_map_accum, self.ref_queries, self.ref_source = attn_map_accum, ref_queries, ref_source
+        self.source, self.ranking = SOURCES.get(ref_source), RANKINGS.get(ref_rank)
         # set only while the reference diagnostics record a forward pass: called with the
         # GuidancePicks of every guidance update (never set in training)
         self.picks_listener: Optional[Callable[[GuidancePicks], None]] = None
 
     @property
     def needs_map(self) -> bool:
-        """Whether ``observe`` needs the decoder's sampling (per_level ranks by class score alone)."""
-        return self.enc_ref_mode == "per_point"
+        """Whether ``observe`` needs the decoder's sampling (the ranking rule reads the map)."""
+        return self.ranking.reads_map
 
-    def new_state(self, layout: LevelLayout) -> GuidanceState:
-        """A fresh per-forward state over the encoder tokens of ``layout`` (with valid ratios)."""
-        return GuidanceState(self, layout)
+    def new_state(self, layout: LevelLayout, inputs: Optional[GuidanceInputs] = None) -> GuidanceState:
+        """A fresh per-forward state over the encoder tokens of ``layout`` (with valid ratios);
+        ``inputs``: the forward's ``guidance`` argument."""
+        return GuidanceState(self, layout, inputs)
 
-    def candidates(self, decoder_state, num_queries_one2one: int) -> CandidateSet:
-        """Candidates from the latest decoder layer of a ``DecoderState`` (its logits/boxes lists).
-
-        One-to-many predictions of the mixed form are used when the latest layer produced them.
-        """
-        mixed = len(decoder_state.logits_one2many) == len(decoder_state.logits) > 0
-        return make_candidates(decoder_state.logits[-1], decoder_state.boxes[-1], num_queries_one2one,
-                               self.ref_queries,
-                               decoder_state.logits_one2many[-1] if mixed else None,
-                               decoder_state.boxes_one2many[-1] if mixed else None,
-                               per_query=self.enc_ref_mode == "per_point")
+    def candidates(self, decoder_state, num_queries_one2one: int,
+                   inputs: Optional[GuidanceInputs] = None) -> CandidateSet:
+        """The source's candidates after the latest decoder layer of a ``DecoderState`` (its logits/boxes
+        lists; the mixed form's one-to-many predictions when the latest layer produced them)."""
+        return self.source.make(decoder_state, num_queries_one2one, self, inputs)
 
     @property
     def reads_one2many(self) -> bool:
         """Whether candidates include the one-to-many queries (hybrid) or predictions (mixed)."""
-        return self.ref_queries == "all"
+        return self.ref_queries == "all" and reads_decoder_queries(self.ref_source, self.ref_rank)
 
     def extra_repr(self) -> str:
         return (f"enc_ref_mode={self.enc_ref_mode}, n_levels={self.n_levels}, n_points={self.n_points}, "
-                f"ref_rank={self.ref_rank}, ref_keep_self={self.ref_keep_self}, ref_grad={self.ref_grad}, "
-                f"attn_map_accum={self.attn_map_accum}, ref_queries={self.ref_queries}")
+                f"ref_source={self.ref_source}, ref_rank={self.ref_rank}, ref_keep_self={self.ref_keep_self}, "
+                f"ref_grad={self.ref_grad}, attn_map_accum={self.attn_map_accum}, ref_queries={self.ref_queries}")
 
 
 def build_enc_reference_generator(args) -> EncoderReferenceGenerator:
-    """The generator from parsed flags (--enc_ref_mode, --ref_rank, --ref_keep_self, ...)."""
+    """The generator from parsed flags (--enc_ref_mode, --ref_source, --ref_rank, --ref_keep_self, ...)."""
     return EncoderReferenceGenerator(enc_ref_mode=args.enc_ref_mode, n_levels=args.num_feature_levels,
                                      n_points=args.enc_n_points, ref_rank=args.ref_rank,
                                      ref_keep_self=args.ref_keep_self, ref_grad=args.ref_grad,
-                                     attn_map_accum=args.attn_map_accum, ref_queries=args.ref_queries)
+                                     attn_map_accum=args.attn_map_accum, ref_queries=args.ref_queries,
+                                     ref_source=args.ref_source)

@@ -45,11 +45,14 @@ def parse_stages(stages: str, enc_layers: int, dec_layers: int) -> List[Tuple[in
     return pairs
 
 
-def num_guided_encoder_layers(pairs: List[Tuple[int, int]]) -> int:
-    """Encoder layers that run after at least one decoder layer (the only ones that can be guided)."""
-    seen_decoder, guided = False, 0
+def guided_encoder_layers(pairs: List[Tuple[int, int]]) -> List[int]:
+    """Indices of the encoder layers that run after at least one decoder layer: the only ones the
+    decoder can guide (design §4). The one place this rule is written: the transformer guides
+    exactly these, the configuration check and the diagnostics ask it."""
+    guided, enc_index, seen_decoder = [], 0, False
     for e, d in pairs:
         if seen_decoder:
-            guided += e
+            guided.extend(range(enc_index, enc_index + e))
+        enc_index += e
         seen_decoder = seen_decoder or d > 0
     return guided

@@ -14,7 +14,8 @@ Public API:
                                   torch.library (compiled kernels on CUDA, PyTorch path elsewhere);
                                   what the dispatcher calls on CUDA, so torch.compile / torch.export
                                   see one node.
-    set_impl / get_impl / active_impl / cuda_available / triton_available / triton_error /
+    set_impl / get_impl / active_impl / check_impl (start-up check of MSDA_IMPL against a device) /
+    cuda_available / triton_available / triton_error /
     load_extension / load_error.
     through_registered_op()       context: every device through torch.ops.msda (torch.export on CPU).
 
@@ -23,12 +24,13 @@ just-in-time build. Building the CUDA op: see ``ops/_ext.py``.
 """
 from ._ext import load_error, load_extension
 from ._triton import ms_deform_attn_triton, triton_available, triton_error
-from .dispatch import active_impl, cuda_available, get_impl, ms_deform_attn, set_impl, through_registered_op
+from .dispatch import (active_impl, check_impl, cuda_available, get_impl, ms_deform_attn, set_impl,
+                       through_registered_op)
 from .ms_deform_attn_cuda import ms_deform_attn_cuda, ms_deform_attn_registered
 from .ms_deform_attn_pytorch import ms_deform_attn_pytorch
 
 __all__ = [
     "ms_deform_attn", "ms_deform_attn_pytorch", "ms_deform_attn_cuda", "ms_deform_attn_registered",
-    "ms_deform_attn_triton", "set_impl", "get_impl", "active_impl", "cuda_available", "triton_available",
+    "ms_deform_attn_triton", "set_impl", "get_impl", "active_impl", "check_impl", "cuda_available", "triton_available",
     "triton_error", "load_extension", "load_error", "through_registered_op",
 ]

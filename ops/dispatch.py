@@ -129,6 +129,28 @@ def active_impl(device: Optional[torch.device] = None) -> str:
     return "pytorch"
 
 
+def check_impl(device) -> None:
+    """Start-up check of the implementation asked for (``set_impl``, else ``MSDA_IMPL``) against the
+    run's ``device``: ValueError, one line, when the name is unknown or when 'cuda' / 'triton' cannot
+    run there -- before a run writes anything, rather than at the first attention call. 'auto' and
+    'pytorch' always run (auto falls back with a warning)."""
+    source = f"ops.set_impl({_forced!r})" if _forced is not None else f"MSDA_IMPL={os.environ.get('MSDA_IMPL')}"
+    mode = get_impl()  # ValueError naming the variable and the valid values
+    device = torch.device(device)
+    reason = None
+    if mode == "cuda":
+        if device.type != "cuda":
+            reason = f"the compiled CUDA operator runs CUDA tensors only, and the run's device is {device}"
+        elif load_extension() is None:
+            reason = f"the compiled CUDA operator is unavailable: {load_error()}"
+    elif mode == "triton":
+        triton_reason = triton_error(device)
+        if triton_reason is not None:
+            reason = f"the Triton operator cannot run on {device}: {triton_reason}"
+    if reason is not None:
+        raise ValueError(f"{source}: {reason}; unset MSDA_IMPL, or set it to auto or pytorch")
+
+
 def _warn_triton_fallback_once() -> None:
     global _warned_triton_fallback
     if not _warned_triton_fallback:

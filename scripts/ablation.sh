@@ -5,6 +5,9 @@
 #
 # usage: bash scripts/ablation.sh [NGPUS=4] [extra main.py flags for every run]
 #   env VARIANTS="baseline cascade ..."  rows to run (default: all six)
+#   env CONTROLS=1                       also the controls of design section 10 after the rows: the oracle
+#                                        sources v3.0.4_gt, v3.0.4_gt_distance (references from ground-truth
+#                                        boxes; never detectors) and the random ranking v3.0.4_random
 #   env STAGE_MODES="single two"         which forms to run (default: both)
 #   env SEEDS="0 1 2"                    one run per seed, in outputs/VARIANT[-TAG]/seedN with --seed N
 #                                        (default: one run with the config's seed in outputs/VARIANT[-TAG])
@@ -15,6 +18,9 @@ set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 variants=(${VARIANTS:-baseline cascade v3.0.1 v3.0.2 v3.0.3 v3.0.4})
+if [[ ${CONTROLS:-0} == 1 ]]; then
+    variants+=(v3.0.4_gt v3.0.4_gt_distance v3.0.4_random)
+fi
 modes=(${STAGE_MODES:-single two})
 # an empty entry stands for "no --seed": the single run of the config's own seed, as before SEEDS existed
 seeds=(${SEEDS:-})

@@ -68,7 +68,7 @@ def time_evaluation(config, model, loader, base_ds, postprocessors) -> float:
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         evaluate(model, postprocessors, loader, base_ds, torch.device(config.device), amp=config.amp,
-                 print_freq=config.print_freq)
+                 print_freq=config.print_freq, guidance=config)
     return time.perf_counter() - start
 
 
@@ -90,7 +90,7 @@ def bench_variant(variant: str, own, main_flags: Sequence[str]) -> List[Dict]:
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries JSON lines only
         config, model, dataset, loader, base_ds, postprocessors = build(own.config, variant, main_flags, own.resume)
-    diagnostics = ReferenceDiagnostics(model)
+    diagnostics = ReferenceDiagnostics(model, seed=config.seed)
     time_diagnostics(config, model, diagnostics, dataset, min(own.images))  # warm-up (first-call costs)
     samples: Dict[int, Dict[str, List[float]]] = {n: {"off": [], "on": [], "diag": [], "ratio": []}
                                                   for n in own.images}

@@ -164,7 +164,8 @@ def train_step(subject: Subject, samples, targets) -> None:
     from engine import train_step as engine_step
     args = subject.args
     engine_step(subject.model, subject.criterion, samples, targets, subject.optimizer, torch.device(args.device),
-                args.amp, args.clip_max_norm or 0.0, subject.trainable, scaler=subject.scaler)
+                args.amp, args.clip_max_norm or 0.0, subject.trainable, scaler=subject.scaler, guidance=args,
+                step=(0, 0, 0))
 
 
 class LiveTensorBytes(TorchDispatchMode):

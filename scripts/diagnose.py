@@ -1,18 +1,21 @@
 """The reference diagnostics (docs/design.md §9, docs/research.md "Reference diagnostics") of checkpoints.
 
 usage: python scripts/diagnose.py --resume CKPT [CKPT ...] --out DIR [--diag_images N] [--config FILE]
-           [any main.py flag, e.g. --coco_path DATA --device cpu]
+           [--unsafe_trust_checkpoint CKPT] [any main.py flag, e.g. --coco_path DATA --device cpu]
 
-The run's configuration comes from the first checkpoint's saved flags (``args``), or from
-``--config`` when given (for a bare state dict); main.py flags after it override either. The
-probe set is the first N validation images by image id (``--diag_images``; unset: the run's
-own value, else 32), evaluation transforms. With several checkpoints (in the order given, e.g.
-epochs 3, 7, 11 of one run) the across-evaluation D3 instabilities are measured between
-consecutive ones; every checkpoint must fit the same model.
+Each checkpoint is measured as itself: with the configuration it records (``args``), or with
+``--config`` when given (needed for a bare state dict and for an upstream-style checkpoint, whose
+``args`` is upstream's argparse.Namespace; a checkpoint whose record disagrees with it is refused);
+main.py flags after it override either. The probe set is the first N validation images by image id
+(``--diag_images``; unset: the first checkpoint's own value, else 32), evaluation transforms. With
+several checkpoints (in the order given, e.g. epochs 3, 7, 11 of one run) the across-evaluation D3
+instabilities are measured between consecutive ones of the same configuration; a checkpoint of
+another configuration (say a baseline, then a v3.0.2 run) gets its own model and starts afresh.
 
-Writes DIR/diagnostics.json ({"config", "N", "describe", "evaluations": [{"checkpoint", "epoch",
-"metrics"}]}) and DIR/diagnostics.png: one panel per diagnostic against the layer (or stage)
-it was measured at, one line per feature level (one checkpoint) or per checkpoint (several).
+Writes DIR/diagnostics.json ({"config" (the first checkpoint's), "N", "describe", "evaluations":
+[{"checkpoint", "epoch", "variant", "config", "metrics"}]}) and DIR/diagnostics.png: one panel per
+diagnostic against the layer (or stage) it was measured at, one line per feature level (one
+checkpoint) or per checkpoint (several).
 """
 import argparse
 import json
@@ -20,7 +23,8 @@ import os
 import re
 import sys
 import tempfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -28,6 +32,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from util.errors import InputError  # noqa: E402
 
 # probe images when neither --diag_images nor the run's configuration names a number
 FALLBACK_IMAGES = 32
@@ -37,29 +43,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="+", required=True, help="checkpoints, in training order")
     parser.add_argument("--out", required=True, help="folder for diagnostics.json and diagnostics.png")
     parser.add_argument("--diag_images", type=int, default=None,
-                        help=f"probe images (unset: the run's --diag_images, else {FALLBACK_IMAGES})")
+                        help=f"probe images (unset: the first checkpoint's --diag_images, else {FALLBACK_IMAGES})")
     parser.add_argument("--config", default=None,
-                        help="the run's YAML config (default: the flags saved in the first checkpoint)")
+                        help="the YAML config of every checkpoint (default: the flags each checkpoint records)")
+    parser.add_argument("--unsafe_trust_checkpoint", default="", metavar="FILE",
+                        help="load FILE (one of the checkpoints) with full pickle, which can run code in it; only "
+                             "for a legacy checkpoint you trust that the safe loader refuses")
 
 
 # ----------------------------------------------------------------------------- configuration
 
-def run_configuration(checkpoint: Dict, config_file: Optional[str], main_flags: Sequence[str], images: Optional[int]):
-    """The run's resolved configuration (main.prepare) with ``--diag_images`` set for the probe."""
+def run_configuration(checkpoint: Dict, path: str, config_file: Optional[str], main_flags: Sequence[str],
+                      images: Optional[int]):
+    """The resolved configuration (main.prepare) that checkpoint ``path`` is measured with, with
+    ``--diag_images`` set for the probe (``images``; None: the configuration's own, else 32)."""
     import main as main_module
-    from util.checkpoint import saved_config
     from cli.config import parse_args
+    from cli.checkpoint_config import check_checkpoint_configuration
+    from util.checkpoint import has_upstream_args, saved_config
 
-    saved = saved_config(checkpoint)
+    upstream = has_upstream_args(checkpoint)
+    saved = {} if upstream else saved_config(checkpoint)  # upstream's flags are not this project's
+    if config_file is None and upstream:
+        raise InputError(f"--resume {path}: an upstream-style checkpoint (its args are an argparse.Namespace, not "
+                         "this project's configuration): pass --config FILE with the configuration it was trained with")
     if config_file is None and not saved:
-        raise ValueError("the checkpoint records no configuration (a bare state dict): pass --config FILE")
+        raise InputError(f"--resume {path}: the checkpoint records no configuration (a bare state dict): "
+                         "pass --config FILE")
     with tempfile.TemporaryDirectory() as folder:
-        if config_file is None:
-            config_file = os.path.join(folder, "saved_config.yaml")
-            with open(config_file, "w") as f:
+        flags_file = config_file
+        if flags_file is None:
+            flags_file = os.path.join(folder, "saved_config.yaml")
+            with open(flags_file, "w") as f:
                 yaml.safe_dump(saved, f)
         # the checkpoint holds every weight, and the run's output folder and files are not ours to touch
-        args = parse_args(["--config", config_file, "--output_dir", "", "--pretrained", "", "--backbone_weights",
+        args = parse_args(["--config", flags_file, "--output_dir", "", "--pretrained", "", "--backbone_weights",
                            "none", *main_flags])
     args.eval = True  # only the validation split is needed (and checked)
     if images is not None:
@@ -68,42 +86,85 @@ def run_configuration(checkpoint: Dict, config_file: Optional[str], main_flags: 
         args.diag_images = FALLBACK_IMAGES
     if args.diag_images < 1:
         raise ValueError(f"--diag_images {args.diag_images} must be >= 1 here (0 would measure nothing)")
-    return main_module.prepare(args)
+    config = main_module.prepare(args)
+    if config_file is not None and saved:  # --config for a checkpoint that records another model: refused
+        check_checkpoint_configuration(saved, config, path, "--resume", evaluating=True)
+    return config
 
 
 # ----------------------------------------------------------------------------- measuring
 
-def diagnose(config, paths: Sequence[str], first: Dict) -> Tuple[int, List[Dict]]:
-    """(probe images used, [{"checkpoint", "epoch", "metrics"}] per checkpoint in order).
+@dataclass
+class Probe:
+    """One configuration's model, its diagnostics recorder and the probe images: shared by
+    consecutive checkpoints of that configuration (the across-evaluation D3 compares them)."""
 
-    One ``ReferenceDiagnostics`` for all checkpoints, so the across-evaluation metrics of each
-    compare it with the one before. ``first``: the first checkpoint, already read."""
+    config: Any
+    model: torch.nn.Module
+    diagnostics: Any  # models.diagnostics.ReferenceDiagnostics of ``model``
+    dataset: Any
+    indices: List[int]
+
+
+def build_probe(config) -> Probe:
+    """The model of ``config`` on its device, a fresh recorder, and the first N validation images."""
     import datasets
     import models
-    from datasets.probe import probe_batches, probe_indices
-    from engine import reference_diagnostics
-    from main import load_model_weights
+    from datasets.probe import probe_indices
     from models.diagnostics import ReferenceDiagnostics
-    from util.checkpoint import load_checkpoint, saved_config
 
-    device = torch.device(config.device)
     dataset = datasets.build_dataset("val", config)
     indices, message = probe_indices(dataset, config.diag_images)
     if message:
         print(message, flush=True)
     model, _, _ = models.build_model(config)
-    model.to(device)
-    diagnostics = ReferenceDiagnostics(model)
-    evaluations = []
-    for index, path in enumerate(paths):
-        checkpoint = first if index == 0 else load_checkpoint(path)
-        load_model_weights(model, path, strict=True, saved=saved_config(checkpoint), config=config, loaded=checkpoint)
+    model.to(torch.device(config.device))
+    return Probe(config, model, ReferenceDiagnostics(model, seed=config.seed), dataset, indices)
+
+
+def configuration_change(before, after) -> str:
+    """'' when two checkpoints' configurations build the same model and probe, else the flags that
+    differ ('; flags that differ ...', as the resume check words them)."""
+    from cli.checkpoint_config import differences_from_checkpoint
+    from cli.config import config_dict
+
+    return differences_from_checkpoint(config_dict(before), after)
+
+
+def diagnose(paths: Sequence[str], config_file: Optional[str], main_flags: Sequence[str], images: Optional[int],
+             trusted: str = "") -> Tuple[int, List[Dict], Any]:
+    """(probe images used, [{"checkpoint", "epoch", "variant", "config", "metrics"}] per checkpoint in
+    order, the first checkpoint's configuration). Checkpoints are read one at a time, each with
+    its own configuration; ``trusted``: the file --unsafe_trust_checkpoint names."""
+    from cli.config import config_dict
+    from datasets.probe import probe_batches
+    from engine import reference_diagnostics
+    from main import load_model_weights, same_path
+    from util.checkpoint import load_checkpoint, saved_config
+
+    probe, first, evaluations = None, None, []
+    for path in paths:
+        checkpoint = load_checkpoint(path, trusted=bool(trusted) and same_path(path, trusted), flag="--resume")
+        config = run_configuration(checkpoint, path, config_file, main_flags, images)
+        images = config.diag_images  # every checkpoint on the same number of probe images
+        if first is None:
+            first = config
+        change = configuration_change(probe.config, config) if probe is not None else ""
+        if probe is None or change:
+            if probe is not None:
+                print(f"{path}: another configuration than the checkpoint before it{change}: measured with its own "
+                      "model (no across-evaluation D3 against the one before)", flush=True)
+            probe = build_probe(config)
+        load_model_weights(probe.model, path, strict=True, saved=saved_config(checkpoint), config=config,
+                           loaded=checkpoint)
         epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
         del checkpoint
-        metrics = reference_diagnostics(model, diagnostics, probe_batches(dataset, indices, config.batch_size), device)
-        evaluations.append({"checkpoint": path, "epoch": epoch, "metrics": metrics})
-        print(f"{path}: {len(metrics)} diagnostics on {len(indices)} images", flush=True)
-    return len(indices), evaluations
+        batches = probe_batches(probe.dataset, probe.indices, config.batch_size)
+        metrics = reference_diagnostics(probe.model, probe.diagnostics, batches, torch.device(config.device))
+        evaluations.append({"checkpoint": path, "epoch": epoch, "variant": config.variant,
+                            "config": config_dict(config), "metrics": metrics})
+        print(f"{path}: {len(metrics)} diagnostics on {len(probe.indices)} images", flush=True)
+    return len(probe.indices), evaluations, first
 
 
 # ----------------------------------------------------------------------------- the picture
@@ -113,13 +174,13 @@ def _natural(text: str):
 
 
 def split_key(key: str) -> Tuple[str, Tuple[str, ...]]:
-    """'D4/fsr_in/enc0/lvl1' -> ('D4/fsr_in', ('enc0', 'lvl1')); 'D4/fsr_in' -> ('D4/fsr_in', ())."""
+    """'D4/fg_in_img/enc0/lvl1' -> ('D4/fg_in_img', ('enc0', 'lvl1')); 'D4/fg_in_img' -> ('D4/fg_in_img', ())."""
     parts = key.split("/")
     return "/".join(parts[:2]), tuple(parts[2:])
 
 
 def panels(metrics: Dict[str, float]) -> Dict[str, Dict[Tuple[str, ...], float]]:
-    """{metric name: {scopes: value}} in family order, e.g. {'D4/fsr_in': {(): 1.3, ('enc0',): ...}}."""
+    """{metric name: {scopes: value}} in family order, e.g. {'D4/fg_in_img': {(): 0.4, ('enc0',): ...}}."""
     grouped: Dict[str, Dict[Tuple[str, ...], float]] = {}
     for key in sorted(metrics, key=_natural):
         name, scopes = split_key(key)
@@ -206,6 +267,8 @@ def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: st
     names = sorted({name for grouped in per_checkpoint for name in grouped}, key=_natural)
     labels = [f"epoch {e['epoch']}" if e.get("epoch") is not None else os.path.basename(e["checkpoint"])
               for e in evaluations]
+    if len({e.get("variant") for e in evaluations}) > 1:  # checkpoints of several variants: say which is which
+        labels = [f"{e.get('variant') or 'stock'} {label}" for e, label in zip(evaluations, labels)]
     columns = min(4, max(len(names), 1))
     rows = max(1, -(-len(names) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows + 0.6), squeeze=False)
@@ -236,16 +299,14 @@ def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: st
 # ----------------------------------------------------------------------------- command line
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from util.checkpoint import load_checkpoint
-    from util.errors import InputError
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     add_arguments(parser)
     own, main_flags = parser.parse_known_args(argv)
     try:
-        first = load_checkpoint(own.resume[0])
-        config = run_configuration(first, own.config, main_flags, own.diag_images)
-        images, evaluations = diagnose(config, own.resume, first)
+        if os.path.exists(own.out) and not os.path.isdir(own.out):
+            raise InputError(f"--out {own.out} exists and is not a folder")
+        images, evaluations, config = diagnose(own.resume, own.config, main_flags, own.diag_images,
+                                               own.unsafe_trust_checkpoint)
     except (ValueError, FileNotFoundError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -257,8 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(own.out, "diagnostics.json"), "w") as f:
         json.dump({"config": config_dict(config), "N": images, "describe": describe, "evaluations": evaluations},
                   f, indent=1)
-    variant = config.variant or "stock"
-    title = (f"reference diagnostics of {variant} ({config.stages}), {images} probe images, "
+    variants = list(dict.fromkeys(e["variant"] or "stock" for e in evaluations))
+    measured = f"{variants[0]} ({config.stages})" if len(variants) == 1 else ", ".join(variants)
+    title = (f"reference diagnostics of {measured}, {images} probe images, "
              f"{len(evaluations)} checkpoint{'s' if len(evaluations) > 1 else ''}")
     plot_diagnostics(evaluations, describe, os.path.join(own.out, "diagnostics.png"), title)
     print(os.path.join(own.out, "diagnostics.json"))

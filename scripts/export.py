@@ -1,6 +1,6 @@
 """Export a trained detector with ``torch.export``: a preprocessed image batch in, boxes/scores/labels out.
 
-usage: python scripts/export.py --checkpoint RUN_DIR|CKPT.pth --out model.pt2
+usage: python scripts/export.py --checkpoint RUN_DIR|CKPT.pth --out model.pt2 [--config FILE]
            [--image_size H W] [--batch_size 1] [--device cpu|cuda] [--topk N] [--no-check]
 
 The program is models.inference.InferenceModel (the model in eval mode + its postprocessor):
@@ -42,6 +42,8 @@ META_NAME = "meta.json"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
     parser.add_argument("--out", required=True, help="the .pt2 file to write")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="the run's YAML configuration (as scripts/predict.py --config)")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="padded input size the program is specialised to (default: eval_size x max_size)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per call (fixed at export)")
@@ -91,17 +93,28 @@ def count_nodes(program, name: str) -> int:
 
 
 def export(checkpoint: str, out: str, image_size: Optional[Sequence[int]] = None, batch_size: int = 1,
-           device: str = "cpu", topk: Optional[int] = None, check: bool = True, trusted: str = "") -> Dict:
+           device: str = "cpu", topk: Optional[int] = None, check: bool = True, trusted: str = "",
+           config: Optional[str] = None) -> Dict:
     """Export, save and (``check``) reload and compare; returns a summary dict."""
+    from models.guidance import guidance_needs
     from models.inference import InferenceModel
     from predict import load_predictor
 
-    predictor = load_predictor(checkpoint, device, topk, trusted)
+    if os.path.isdir(out):
+        raise InputError(f"--out {out} is a folder: name the .pt2 file to write")
+    if batch_size < 1:
+        raise InputError(f"--batch_size {batch_size} must be >= 1")
+    if image_size and min(image_size) < 32:
+        raise InputError(f"--image_size {image_size[0]} {image_size[1]} must be at least 32 x 32")
+    predictor = load_predictor(checkpoint, device, topk, trusted, config)  # refuses a model that reads the ground truth
     args = predictor.args
+    if guidance_needs(args)[1]:
+        raise InputError(f"--checkpoint {checkpoint}: --ref_rank {args.ref_rank} draws from a generator seeded per "
+                         "call, and an exported program has no seed input; export refuses it")
     size = tuple(image_size) if image_size else (args.eval_size or max(args.min_size),
                                                  max(args.eval_size or max(args.min_size), args.max_size))
-    if min(size) < 32 or batch_size < 1:
-        raise InputError(f"--image_size {size[0]} {size[1]} must be at least 32 x 32 and --batch_size >= 1")
+    if min(size) < 32:
+        raise InputError(f"the run's evaluation size {size[0]} x {size[1]} is below 32 x 32: pass --image_size H W")
     model = InferenceModel(predictor.model, predictor.postprocess).to(predictor.device).eval()
     inputs = example_inputs(batch_size, size, predictor.device)
     program = export_program(model, inputs)
@@ -127,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = parser.parse_args(argv)
     try:
         summary = export(opts.checkpoint, opts.out, opts.image_size, opts.batch_size, opts.device, opts.topk,
-                         opts.check, opts.unsafe_trust_checkpoint)
+                         opts.check, opts.unsafe_trust_checkpoint, opts.config)
     except (InputError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

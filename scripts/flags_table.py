@@ -17,6 +17,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from cli.config import get_args_parser  # noqa: E402
+from cli.roles import flag_roles  # noqa: E402
 
 START, END = "<!-- flags:start -->", "<!-- flags:end -->"
 FLAGS_PAGE = os.path.join(ROOT, "docs", "flags.md")
@@ -55,21 +56,23 @@ def _escape(text: str) -> str:
 
 
 def flags_table() -> str:
-    """One table per argument group, in the parser's order."""
+    """One table per argument group, in the parser's order; the role column is each flag's role
+    (cli/roles.py: what a resume or an evaluation of a checkpoint does with it)."""
     parser = get_args_parser()
+    roles = flag_roles(parser)
     lines = []
     for group in parser._action_groups:
         actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
         if not actions:
             continue
         title = {"positional arguments": "general", "options": "general"}.get(group.title, group.title)
-        lines += [f"**{title}**", "", "| flag | values | default | description |", "|---|---|---|---|"]
+        lines += [f"**{title}**", "", "| flag | values | default | role | description |", "|---|---|---|---|---|"]
         for action in actions:
             names = ", ".join(f"`{s}`" for s in action.option_strings if s.startswith("--"))
             if isinstance(action, argparse.BooleanOptionalAction):
                 names = ", ".join(f"`{s}`" for s in action.option_strings if not s.startswith("--no-"))
             lines.append(f"| {names} | {_escape(_values(action))} | {_escape(_default(action))} | "
-                         f"{_escape(action.help or '')} |")
+                         f"{roles[action.dest]} | {_escape(action.help or '')} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -1,10 +1,12 @@
 """Run a trained detector on your images: detections in COCO results format and annotated pictures.
 
 usage: python scripts/predict.py --checkpoint RUN_DIR|CKPT.pth --images PATH [PATH ...] --out DIR
-           [--score_thr 0.3] [--topk N] [--batch_size 4] [--device cuda|cpu] [--amp off|bf16|fp16]
+           [--config FILE] [--score_thr 0.3] [--topk N] [--batch_size 4] [--device cuda|cpu] [--amp off|bf16|fp16]
 
 --checkpoint: a run directory (its config.yaml and latest checkpoint, as --auto_resume picks it) or
 a checkpoint file (with the config.yaml beside it, else the configuration the checkpoint records).
+--config FILE replaces either; an upstream-style checkpoint (Deformable-DETR / H-DETR releases, whose
+``args`` is an argparse.Namespace of upstream's flags) needs it, or a config.yaml beside it.
 --images: image files, folders (their image files, not recursive) and globs ('data/*/val/*.jpg').
 Every image goes through the evaluation transform of the run's configuration, and boxes come back in
 the file's own pixels, exactly as ``main.py --eval`` scores them. Writes into --out:
@@ -40,6 +42,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="the run's YAML configuration (default: the run directory's config.yaml, else the "
+                             "one the checkpoint records); needed for an upstream-style checkpoint")
     parser.add_argument("--images", required=True, nargs="+", help="image files, folders and globs")
     parser.add_argument("--out", required=True, help="folder for detections.json and the annotated images")
     parser.add_argument("--score_thr", type=float, default=0.3,
@@ -66,7 +71,7 @@ def _did_you_mean(path: str) -> str:
     parent, name = os.path.split(os.path.normpath(path))
     if not name or not os.path.isdir(parent or "."):
         return ""
-    close = [n for n in os.listdir(parent or ".") if n.startswith(name)]
+    close = [n for n in os.listdir(parent or ".") if n.startswith(name) and n != name]
     return f" (did you mean {os.path.join(parent, close[0])}?)" if len(close) == 1 else ""
 
 
@@ -84,6 +89,8 @@ def collect_images(specs: Sequence[str]) -> List[str]:
                 raise InputError(f"--images {spec}: the folder has no image files ({', '.join(IMAGE_EXTENSIONS)})")
         elif os.path.isfile(spec):
             found = [spec]
+        elif os.path.exists(spec):  # a FIFO, a device such as /dev/zero, a socket: nothing to decode
+            raise InputError(f"--images {spec}: not a regular file or a folder")
         elif glob.has_magic(spec):
             found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
             if not found:
@@ -91,8 +98,8 @@ def collect_images(specs: Sequence[str]) -> List[str]:
         else:
             raise InputError(f"--images {spec}: no such file or folder{_did_you_mean(spec)}")
         paths.extend(found)
-    seen = set()
-    return [p for p in paths if not (os.path.abspath(p) in seen or seen.add(os.path.abspath(p)))]
+    seen = set()  # real paths: a file reached twice (through a link, or a folder and a glob) is read once
+    return [p for p in paths if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
 
 
 def read_rgb(path: str):
@@ -136,15 +143,21 @@ def checkpoint_files(path: str) -> Tuple[str, Optional[str]]:
     return path, (config if os.path.isfile(config) else None)
 
 
-def run_configuration(config_file: Optional[str], saved: Dict, checkpoint_path: str, device: str):
-    """Parsed, validated flags of the run: from ``config_file``, else from the checkpoint's record ``saved``."""
+def run_configuration(config_file: Optional[str], saved: Dict, checkpoint_path: str, device: str,
+                      upstream: bool = False):
+    """Parsed, validated flags of the run: from ``config_file``, else from the checkpoint's record
+    ``saved``. ``upstream``: the checkpoint's ``args`` is upstream's Namespace (not usable here)."""
     import yaml
     from cli.config import parse_args
     temporary = None
     if config_file is None:
+        if upstream:
+            raise InputError(f"--checkpoint {checkpoint_path}: an upstream-style checkpoint (its args are an "
+                             "argparse.Namespace, not this project's configuration): pass --config FILE with the "
+                             "configuration it was trained with")
         if not saved:
             raise InputError(f"--checkpoint {checkpoint_path}: no config.yaml beside it and the checkpoint "
-                             "records no configuration")
+                             "records no configuration: pass --config FILE")
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             yaml.safe_dump(saved, f)
         config_file = temporary = f.name
@@ -162,23 +175,37 @@ def run_configuration(config_file: Optional[str], saved: Dict, checkpoint_path: 
     return args
 
 
-def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = None, trusted: str = "") -> Predictor:
+def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = None, trusted: str = "",
+                   config: Optional[str] = None) -> Predictor:
     """The model of ``checkpoint`` (run directory or file) in eval mode on ``device`` (cuda falls back
     to cpu). ``InputError`` when the checkpoint cannot be read or does not fit its configuration.
-    ``trusted``: a file the user vouches for (--unsafe_trust_checkpoint), read with full pickle."""
+    ``trusted``: a file the user vouches for (--unsafe_trust_checkpoint), read with full pickle.
+    ``config``: a YAML configuration (--config) instead of the run directory's or the checkpoint's."""
     import models
+    import ops
     from main import load_model_weights
     from models.postprocess import PostProcess
-    from util.checkpoint import check_resume_configuration, load_checkpoint, saved_class_names, saved_config
+    from util.checkpoint import has_upstream_args, load_checkpoint, saved_class_names, saved_config
+    from cli.checkpoint_config import check_checkpoint_configuration
     from cli.config import resolve_device
 
     path, config_file = checkpoint_files(checkpoint)
+    if config is not None:
+        if not os.path.isfile(config):
+            raise InputError(f"--config {config}: no such file")
+        config_file = config
     trust = bool(trusted) and os.path.isfile(trusted) and os.path.samefile(trusted, path)
     contents = load_checkpoint(path, trusted=trust, flag="--checkpoint")
-    saved = saved_config(contents)
-    args = run_configuration(config_file, saved, path, resolve_device(device))
-    args.eval = True  # compare the architecture only (not the optimiser's parameter groups)
-    check_resume_configuration(saved, args, path, "--checkpoint")
+    upstream = has_upstream_args(contents)
+    saved = {} if upstream else saved_config(contents)  # upstream's flags are not this project's
+    args = run_configuration(config_file, saved, path, resolve_device(device), upstream)
+    refuse_controls(args, path)
+    ops.check_impl(args.device)  # MSDA_IMPL against the device, before the model is built
+    args.eval = True
+    # what defines the experiment must be the checkpoint's; evaluation flags may differ, as for --eval
+    check_checkpoint_configuration(saved, args, path, "--checkpoint", evaluating=True,
+                                   advice=f"its configuration ({config_file or 'the one it records'}) is not the "
+                                          "one the checkpoint was made with")
     model, _, postprocessors = models.build_model(args)
     load_model_weights(model, path, strict=True, flag="--checkpoint", saved=saved, config=args, loaded=contents)
     device_ = torch.device(args.device)
@@ -186,20 +213,31 @@ def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = 
     return Predictor(model.to(device_).eval(), postprocess, args, device_, saved_class_names(contents), path)
 
 
+def refuse_controls(args, path: str) -> None:
+    """``InputError`` (one line) when the run's guidance reads the ground truth: such a model (the
+    oracle control, --ref_source gt) cannot run on images without annotations."""
+    from models.guidance import guidance_needs
+    if guidance_needs(args)[0]:
+        raise InputError(f"--checkpoint {path}: its encoder guidance reads the ground-truth boxes (--ref_source "
+                         f"{args.ref_source}): a control, not a detector; it cannot run on images alone")
+
+
 # ----------------------------------------------------------------------------- running
 
 @torch.no_grad()
-def predict_batch(predictor: Predictor, images: List, amp: str = "off") -> List[Dict[str, torch.Tensor]]:
+def predict_batch(predictor: Predictor, images: List, amp: str = "off", batch_index: int = 0
+                  ) -> List[Dict[str, torch.Tensor]]:
     """RGB PIL images -> per image {'scores' (K,), 'labels' (K,), 'boxes' (K, 4) xyxy in the image's
-    pixels}, through the run's evaluation transform, the model and its postprocessor (as evaluation)."""
+    pixels}, through the run's evaluation transform, the model and its postprocessor (as evaluation).
+    A random ranking (--ref_rank random) draws from (the run's --seed, ``batch_index``)."""
     from datasets.coco import transforms_from_args
-    from engine import autocast, outputs_to_float
+    from engine import autocast, outputs_to_float, step_guidance
     from util.nested_tensor import nested_tensor_from_tensor_list
     transform = transforms_from_args("val", predictor.args)
     tensors = [transform(image, None)[0] for image in images]
     samples = nested_tensor_from_tensor_list(tensors).to(predictor.device)
     with autocast(predictor.device, amp):
-        outputs = predictor.model(samples)
+        outputs = predictor.model(samples, guidance=step_guidance(predictor.args, None, batch_index))
     outputs = outputs_to_float(outputs)
     sizes = torch.tensor([[image.height, image.width] for image in images], device=predictor.device)
     return [{k: v.cpu() for k, v in r.items()} for r in predictor.postprocess(outputs, sizes)]
@@ -248,7 +286,7 @@ def predict(predictor: Predictor, paths: List[str], out_dir: str, score_thr: flo
                 skipped.append((paths[index], reason))
             else:
                 loaded.append((index, image))
-        results = predict_batch(predictor, [image for _, image in loaded], amp) if loaded else []
+        results = predict_batch(predictor, [image for _, image in loaded], amp, done - 1) if loaded else []
         for (index, image), result in zip(loaded, results):
             for det in to_coco_results(index + 1, result):
                 if det["score"] >= score_thr:
@@ -265,7 +303,14 @@ def predict(predictor: Predictor, paths: List[str], out_dir: str, score_thr: flo
     return {"detections": detections, "skipped": skipped, "pictures": written, "images": len(paths) - len(skipped)}
 
 
+def check_out_folder(out: str) -> None:
+    """``InputError`` when ``--out`` exists but is not a folder (checked before any work)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} exists and is not a folder")
+
+
 def check_options(opts: argparse.Namespace) -> None:
+    check_out_folder(opts.out)
     if opts.batch_size < 1:
         raise InputError(f"--batch_size {opts.batch_size} must be >= 1")
     if opts.topk is not None and opts.topk < 1:
@@ -282,7 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from cli.config import check_amp_device
         check_options(opts)
         paths = collect_images(opts.images)
-        predictor = load_predictor(opts.checkpoint, opts.device, opts.topk, opts.unsafe_trust_checkpoint)
+        predictor = load_predictor(opts.checkpoint, opts.device, opts.topk, opts.unsafe_trust_checkpoint,
+                                   opts.config)
         check_amp_device(opts.amp, str(predictor.device))
         summary = predict(predictor, paths, opts.out, opts.score_thr, opts.batch_size, opts.amp,
                           pictures=not opts.no_pictures)

@@ -23,17 +23,24 @@ where some seed has not reached that epoch).
 Runs that logged reference diagnostics (``diag`` records, ``--diag_images N``, or computed afterwards
 into ``RUN/diagnostics/`` by ``scripts/diagnose.py``) add a fourth
 table, "Reference diagnostics over seeds": one row per overall diagnostic (the short keys,
-``D4/fsr_in``), one column per variant, the last diagnosed epoch's value as mean +- sample std
-over seeds, under the final AP (D2 also per guidance update, ``D2/same_obj/dec0``); a fifth,
+``D4/fg_in_img``), one column per variant, the last diagnosed epoch's value as mean +- sample std
+over seeds, under the final AP (D2 also per guidance update, ``D2/same_obj/dec0``, and a
+diagnostic logged per level over the layers, ``D6/coverage/lvl0``, per level); a fifth,
 "Reference diagnostics per epoch", the same per diagnosed epoch for the keys ``--diag_epochs``
-selects (default D1-D3, D4/fsr_in, D4/own_obj); and a second plot (``--diag_plot``) of AP and every
-diagnostic of the first of these tables against epoch, per variant the mean over seeds with a +-std band.
+selects (default D1-D3, D5, D4/off_image, D4/fg_in_img, D4/fg_in_chance, D4/own_in_img, D6/coverage);
+and a second plot (``--diag_plot``) of AP and every diagnostic of the first of these tables against
+epoch, per variant the mean over seeds with a +-std band. The record a run logs before its first
+training step (epoch -1, the model at initialisation) is the first point of both, labelled "init":
+read every diagnostic as a change from it.
 
 Runs still in progress, runs without any evaluation yet and half-written last lines are
 reported, not fatal: a summary is most useful exactly while the table is still being filled in.
 A resumed run may log an epoch (or a print window) more than once (the trainer is meant not to,
 but logs written before that, or by other trainers, do): the last record of each epoch (each
-window) counts, the earlier ones are dropped.
+window) counts, the earlier ones are dropped. ``main.py --eval`` writes ``eval`` and ``eval_diag``
+records: a directory holding only those (an evaluation's own ``--output_dir``) is summarised from
+them; in a training run's log (an ``--eval`` into the run's directory by an older main.py) they are
+ignored with a note, so an evaluation made another way never replaces the training's numbers.
 """
 import argparse
 import json
@@ -47,6 +54,12 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from util.jsonl import read_jsonl  # noqa: E402  (main.py's reader: unreadable lines are skipped, as it skips them)
+
 # COCO's 12 summary numbers come in this order (pycocotools COCOeval.stats); we report the first six.
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # the numbers compared across seeds (APl is often undefined on small-image data)
@@ -54,13 +67,17 @@ SEED_METRICS = ["AP", "AP50", "AP75", "APs", "APm"]
 # keys under which a per-iteration time may be logged, most specific first
 TIME_KEYS = ["sec_per_iter", "s_per_iter", "iter_time", "time_per_iter"]
 SEED_DIR = re.compile(r"^seed(\d+)$")
-# the reference diagnostics a summary reads: the overall means (family and name only, 'D4/fsr_in';
-# per-layer keys have more parts) and D2 per guidance update ('D2/same_obj/dec0'), because worry 2
-# (early decoder stages are unreliable) is read from exactly that split
-OVERALL_DIAG = re.compile(r"^D\d/[^/]+$|^D2/[^/]+/dec\d+$")
-# diagnostics tabulated per epoch by default: the guided families and the foreground sampling that
-# compares guidance with stock references
-EPOCH_DIAG_PREFIXES = ["D1/", "D2/", "D3/", "D4/fsr_in", "D4/own_obj"]
+# the reference diagnostics a summary reads: the overall means (family and name only, 'D4/fg_in_img';
+# per-layer keys have more parts), D2 per guidance update ('D2/same_obj/dec0'), because worry 2
+# (early decoder stages are unreliable) is read from exactly that split, and the per-level means over
+# the layers ('D6/coverage/lvl0': coverage is decided on the finest level)
+OVERALL_DIAG = re.compile(r"^D\d/[^/]+$|^D2/[^/]+/dec\d+$|^D\d/[^/]+/lvl\d+$")
+# diagnostics tabulated per epoch by default: the guided families, the concentration (read against its
+# value at initialisation), the foreground sampling that compares guidance with stock references, coverage
+EPOCH_DIAG_PREFIXES = ["D1/", "D2/", "D3/", "D4/off_image", "D4/fg_in_img", "D4/fg_in_chance", "D4/own_in_img",
+                       "D5/", "D6/coverage"]
+# the epoch of the diag record main.py writes before the first training step (the model at initialisation)
+INIT_EPOCH = -1
 
 
 @dataclass
@@ -119,21 +136,6 @@ class Group:
 
 
 # ----------------------------------------------------------------------------- reading
-
-def read_jsonl(path: str) -> Iterable[Dict[str, Any]]:
-    """Records of a log.jsonl; a truncated or garbled line (a run being written) is skipped."""
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                yield record
-
 
 def _as_number(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -226,8 +228,11 @@ def form_label(variant: str, two_stage: bool) -> str:
 
 
 def run_label(run_dir: str, config: Dict[str, Any]) -> str:
-    """'v3.0.4' or 'v3.0.4 +two-stage'; the directory name when the config names no variant."""
-    return form_label(run_identity(run_dir, config)[0], bool(config.get("two_stage")))
+    """'v3.0.4' or 'v3.0.4 +two-stage'; the directory name when the config names no variant; a control
+    (config.yaml's derived ``control``: the oracle reads the ground truth) says so:
+    'v3.0.4_gt (oracle control)'."""
+    label = form_label(run_identity(run_dir, config)[0], bool(config.get("two_stage")))
+    return f"{label} ({config['control']} control)" if config.get("control") else label
 
 
 def diagnose_output(run_dir: str) -> List[Tuple[float, Dict[str, float]]]:
@@ -244,8 +249,8 @@ def diagnose_output(run_dir: str) -> List[Tuple[float, Dict[str, float]]]:
 
 
 def overall_diagnostics(record: Dict[str, Any]) -> Dict[str, float]:
-    """The overall reference diagnostics ('D4/fsr_in', ...) and D2 per update ('D2/in_box/dec0') of a
-    ``diag`` record, finite numbers only."""
+    """The overall reference diagnostics ('D4/fg_in_img', ...), D2 per update ('D2/in_box/dec0') and the
+    per-level means over the layers ('D6/coverage/lvl0') of a ``diag`` record, finite numbers only."""
     found = {}
     for key, value in record.items():
         number = _as_number(value)
@@ -260,6 +265,23 @@ def _is_epoch_record(record: Dict[str, Any]) -> bool:
         return str(kind).lower() in ("epoch", "eval", "test")
     # upstream-style logs: epoch records carry the epoch number but no iteration counter
     return "epoch" in record and not any(k in record for k in ("iter", "iteration", "step"))
+
+
+def _is_training_record(record: Dict[str, Any]) -> bool:
+    """A record only training writes: a print window or an epoch (upstream logs: no type, an epoch)."""
+    kind = record.get("type") or record.get("kind")
+    return str(kind).lower() in ("train", "epoch") if kind is not None else "epoch" in record
+
+
+def evaluation_records(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The records ``main.py --eval`` wrote: ``eval`` and ``eval_diag``, and (logs written before
+    --eval had its own diagnostics type) a ``diag`` record directly after an ``eval`` record."""
+    found = []
+    for index, record in enumerate(records):
+        kind = record.get("type")
+        if kind in ("eval", "eval_diag") or (kind == "diag" and index > 0 and records[index - 1].get("type") == "eval"):
+            found.append(record)
+    return found
 
 
 def load_run(run_dir: str) -> Run:
@@ -282,8 +304,16 @@ def load_run(run_dir: str) -> Run:
     evaluations: Dict[float, Dict[str, float]] = {}      # epoch -> metrics, the last record wins
     windows: Dict[Tuple[float, float], float] = {}        # (epoch, iteration) -> seconds per iteration
     diagnosed: Dict[float, Dict[str, float]] = {}          # epoch -> overall diagnostics, the last record wins
-    for record in read_jsonl(log_path):
-        if record.get("type") == "diag":
+    records = list(read_jsonl(log_path))
+    if any(map(_is_training_record, records)):
+        # an --eval into the training run's own directory (main.py now writes it to eval/) measured
+        # the model in its own way: its records are not the training's evaluations
+        evaluated = {id(record) for record in evaluation_records(records)}
+        records = [record for record in records if id(record) not in evaluated]
+        if evaluated:
+            run.notes.append(f"{len(evaluated)} --eval records ignored")
+    for record in records:
+        if record.get("type") in ("diag", "eval_diag"):
             epoch = _as_number(record.get("epoch"))
             diagnosed[epoch if epoch is not None else float(len(diagnosed))] = overall_diagnostics(record)
             continue
@@ -425,6 +455,11 @@ def diagnostic_keys(runs: Iterable[Run]) -> List[str]:
 
 # ----------------------------------------------------------------------------- output
 
+def epoch_label(epoch: float, prefix: str = "") -> str:
+    """'init' for the record at initialisation, else the epoch number (with ``prefix``, 'epoch 3')."""
+    return "init" if epoch == INIT_EPOCH else f"{prefix}{int(epoch)}"
+
+
 def _cell(value: Optional[float], scale: float = 100.0, digits: int = 1) -> str:
     """'–' when not logged; 'n/a' for pycocotools' -1 (no ground truth in that area range)."""
     if value is None:
@@ -551,8 +586,10 @@ def diagnostics_table(groups: List[Group]) -> str:
     if not keys:
         return ""
     rows = [["AP (%)"] + [_mean_std_cell(group.values("AP"), 100.0, 1, 2) for group in diagnosed],
-            ["epochs diagnosed"] + [", ".join(sorted({str(int(run.diag_curve[-1]["epoch"])) for run in group.runs
-                                                      if run.diag_curve})) for group in diagnosed]]
+            ["epochs diagnosed"] + [", ".join(epoch_label(epoch) for epoch in sorted({run.diag_curve[-1]["epoch"]
+                                                                                    for run in group.runs
+                                                                                    if run.diag_curve}))
+                                    for group in diagnosed]]
     for key in keys:
         rows.append([key] + [_mean_std_cell([run.final_diag[key] for run in group.runs if key in run.final_diag],
                                             1.0, 3, 3) for group in diagnosed])
@@ -590,9 +627,10 @@ def diagnostics_epochs_table(groups: List[Group], prefixes: List[str]) -> str:
             spread = {epoch: (mean, std) for epoch, mean, std in zip(*mean_std_curve(curves))}
             rows.append([key, group.label] + [_epoch_cell(spread.get(epoch), sum(epoch in curve for curve in curves),
                                                           len(curves)) for epoch in epochs])
-    intro = ("Reference diagnostics per diagnosed epoch (0-based, as logged), mean ± sample std (ddof=1) over "
-             "the seeds of each variant; (n=k) where fewer seeds than the variant's runs reached that epoch.")
-    header = ["metric", "variant"] + [f"epoch {int(epoch)}" for epoch in epochs]
+    intro = ("Reference diagnostics per diagnosed epoch (0-based, as logged; init: before the first training "
+             "step), mean ± sample std (ddof=1) over the seeds of each variant; (n=k) where fewer seeds than the "
+             "variant's runs reached that epoch.")
+    header = ["metric", "variant"] + [epoch_label(epoch, "epoch ") for epoch in epochs]
     return "\n".join([intro, ""] + _table(header, rows, left=2)) + "\n"
 
 
@@ -664,7 +702,7 @@ def plot_diagnostics(runs: List[Run], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     groups = diagnosed_groups(group_runs(runs))
     panels = ["AP (%)"] + keys
@@ -681,7 +719,7 @@ def plot_diagnostics(runs: List[Run], path: str) -> bool:
             epochs, mean, std = mean_std_curve(curves)
             if not epochs:
                 continue
-            x = [epoch + 1 for epoch in epochs]  # 1-based, as in the AP plot
+            x = [epoch + 1 for epoch in epochs]  # 1-based, as in the AP plot: the initialisation is 0
             colour = colours[index % len(colours)]
             ax.plot(x, mean, marker="o", markersize=3, color=colour, label=f"{group.label} (n={len(curves)})")
             if any(s is not None for s in std):
@@ -690,6 +728,7 @@ def plot_diagnostics(runs: List[Run], path: str) -> bool:
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: "init" if x == 0 else f"{x:g}"))
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:

@@ -25,10 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli.config import parse_args  # noqa: E402
+import ops  # noqa: E402
+from cli.config import parse_args, resolve_device  # noqa: E402
 from models.capture import (Capture, choose_tokens, level_shapes, reference_entries, run_captured,  # noqa: E402,F401
                             token_map, token_position, top_queries)
 from util import draw  # noqa: E402
+from util.errors import InputError  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +59,8 @@ def build_args(main_argv: Sequence[str]) -> argparse.Namespace:
             args.num_classes = int(num_classes(args))
         except (ImportError, AttributeError, FileNotFoundError):
             args.num_classes = 91  # COCO's id range
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        args.device = "cpu"
+    args.device = resolve_device(args.device)
+    ops.check_impl(args.device)  # MSDA_IMPL against the device: one line now, not a traceback later
     return args
 
 
@@ -66,11 +68,15 @@ def load_model(args):
     """(model in eval mode on args.device, postprocessors); weights from --resume/--pretrained if given."""
     from models import build_model
     from models.weights import load_pretrained
+    from util.checkpoint import load_checkpoint
     torch.manual_seed(args.seed)  # a random-init picture is reproducible
     model, _, postprocessors = build_model(args)
     weights = args.resume or args.pretrained
     if weights:
-        load_pretrained(model, weights)
+        flag = "--resume" if args.resume else "--pretrained"
+        trusted = bool(args.unsafe_trust_checkpoint) and (os.path.realpath(args.unsafe_trust_checkpoint)
+                                                          == os.path.realpath(weights))
+        load_pretrained(model, weights, loaded=load_checkpoint(weights, trusted=trusted, flag=flag))
     return model.to(args.device).eval(), postprocessors
 
 
@@ -84,7 +90,10 @@ def load_image(spec: str, args, resize: bool = True) -> torch.Tensor:
     if spec.startswith("synthetic"):
         return synthetic_image(args, int(spec.split(":", 1)[1]) if ":" in spec else 0)
     from PIL import Image
-    image = Image.open(spec).convert("RGB")
+    try:
+        image = Image.open(spec).convert("RGB")
+    except OSError as exc:  # missing, unreadable or not an image
+        raise InputError(f"--image {spec}: cannot read it as an image ({exc})") from None
     tensor, _ = image_transform(args, resize)(image, None)
     return tensor
 
@@ -100,10 +109,27 @@ def image_transform(args, resize: bool = True):
 
 def synthetic_image(args, index: int) -> torch.Tensor:
     """Image ``index`` of the synthetic validation split, as the evaluation pipeline yields it."""
+    return synthetic_sample(args, index)[0]
+
+
+def synthetic_sample(args, index: int) -> Tuple[torch.Tensor, Dict]:
+    """(image, target) ``index`` of the synthetic validation split, as the evaluation pipeline yields them."""
     from datasets import build_dataset
     dataset = build_dataset("val", args)
-    image = dataset[index][0]
-    return image.tensors[0] if hasattr(image, "tensors") else image
+    image, target = dataset[index]
+    return (image.tensors[0] if hasattr(image, "tensors") else image), target
+
+
+def load_target(spec: str, args) -> Optional[Dict]:
+    """The ground truth of ``--image`` (synthetic images have it, files do not) when the model's guidance
+    reads it (the oracle source); else None. ValueError (one line) when it is needed and absent."""
+    from models.guidance import guidance_needs
+    if not guidance_needs(args)[0]:
+        return None
+    if not spec.startswith("synthetic"):
+        raise ValueError(f"--ref_source {args.ref_source} reads the image's ground-truth boxes: use --image "
+                         "synthetic[:N] (an image file has none)")
+    return synthetic_sample(args, int(spec.split(":", 1)[1]) if ":" in spec else 0)[1]
 
 
 def display_image(tensor: torch.Tensor):
@@ -113,9 +139,12 @@ def display_image(tensor: torch.Tensor):
 
 # ----------------------------------------------------------------------------- capture
 
-def run_model(model, image: torch.Tensor, device) -> Tuple[Dict, Capture]:
-    """One inference pass on one image with the hooks attached; returns (outputs, capture)."""
-    return run_captured(model, [image.to(device)])
+def run_model(model, image: torch.Tensor, device, args=None, target: Optional[Dict] = None) -> Tuple[Dict, Capture]:
+    """One inference pass on one image with the hooks attached; returns (outputs, capture). ``args``,
+    ``target``: what the model's guidance reads beyond the image (the ground truth, a seed), if anything."""
+    from engine import step_guidance
+    guidance = step_guidance(args, None if target is None else [target], 0)
+    return run_captured(model, [image.to(device)], guidance=guidance)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -210,12 +239,13 @@ def _save(fig, path: str) -> None:
 
 def visualize(args, image: torch.Tensor, out_dir: str, tokens: int = 4, token_ids: Optional[List[int]] = None,
               score_thresh: float = 0.3, map_layer: int = -1, map_queries: str = "all", model=None,
-              postprocessors=None) -> List[str]:
-    """Run the model on ``image`` (normalised (3, H, W)) and write the PNGs; returns their paths."""
+              postprocessors=None, target: Optional[Dict] = None) -> List[str]:
+    """Run the model on ``image`` (normalised (3, H, W)) and write the PNGs; returns their paths.
+    ``target``: the image's ground truth, for a model whose guidance reads it (``load_target``)."""
     if model is None:
         model, postprocessors = load_model(args)
     os.makedirs(out_dir, exist_ok=True)
-    outputs, capture = run_model(model, image, args.device)
+    outputs, capture = run_model(model, image, args.device, args, target)
     shapes = level_shapes(capture)
     written = [os.path.join(out_dir, "predictions.png")]
     draw_predictions(image, outputs, postprocessors, score_thresh, written[-1])
@@ -237,10 +267,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     add_arguments(parser)
     own, main_argv = parser.parse_known_args(argv)
-    args = build_args(main_argv)
-    image = load_image(own.image, args, resize=own.resize)
-    paths = visualize(args, image, own.out, tokens=own.tokens, token_ids=own.token_ids,
-                      score_thresh=own.score_thresh, map_layer=own.map_layer, map_queries=own.map_queries)
+    try:
+        args = build_args(main_argv)
+        target = load_target(own.image, args)
+        image = load_image(own.image, args, resize=own.resize)
+        paths = visualize(args, image, own.out, tokens=own.tokens, token_ids=own.token_ids,
+                          score_thresh=own.score_thresh, map_layer=own.map_layer, map_queries=own.map_queries,
+                          target=target)
+    except (InputError, ValueError, FileNotFoundError) as exc:  # bad input: one line (exit 2), as main.py
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     for path in paths:
         print(path)
     return 0

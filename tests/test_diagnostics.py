@@ -16,12 +16,12 @@ CONFIGS = {
                "--num_queries_one2many", "12"],
     "v3.0.1": ["--variant", "v3.0.1", "--enc_layers", "3", "--dec_layers", "3", "--with_box_refine"],
 }
+FOREGROUND_FAMILIES = {"D4/off_image", "D4/fg_in_img", "D4/fg_out_img", "D4/fg_in_chance", "D4/fg_out_chance",
+                       "D4/own_in_img"}
 GUIDED_FIRST_PASS = {"D1/dup_iou07", "D1/dup_iou05", "D1/distinct_ratio", "D2/in_box", "D2/same_obj",
-                     "D2/mean_iou", "D3/jaccard", "D3/chamfer", "D4/fsr_in", "D4/fsr_out", "D4/fsr_in_norm",
-                     "D4/fsr_out_norm", "D4/own_obj", "D5/entropy", "D5/n_eff", "D5/distance", "D6/coverage",
-                     "D6/slot_coverage"}
-SAMPLING_FAMILIES = {"D4/fsr_in", "D4/fsr_out", "D4/fsr_in_norm", "D4/fsr_out_norm", "D4/own_obj", "D5/entropy",
-                     "D5/n_eff", "D5/distance"}
+                     "D2/mean_iou", "D3/jaccard", "D3/chamfer", "D5/entropy", "D5/n_eff", "D5/distance",
+                     "D6/coverage", "D6/slot_coverage"} | FOREGROUND_FAMILIES
+SAMPLING_FAMILIES = {"D5/entropy", "D5/n_eff", "D5/distance"} | FOREGROUND_FAMILIES
 ACROSS_EVALUATIONS = {"D3/token_instability", "D3/matching_instability"}
 
 
@@ -115,7 +115,7 @@ def test_stock_gives_only_sampling_metrics():
     assert families(first) == SAMPLING_FAMILIES
     # no D3 either (the matching instability is reported where guidance runs): D4-D5 are the stock comparison
     assert families(second) == SAMPLING_FAMILIES
-    assert {f"D4/fsr_in/enc{e}/lvl{l}" for e in range(2) for l in range(4)} <= set(first)
+    assert {f"D4/fg_in_img/enc{e}/lvl{l}" for e in range(2) for l in range(4)} <= set(first)
 
 
 def test_images_without_boxes_leave_box_metrics_absent():
@@ -125,9 +125,75 @@ def test_images_without_boxes_leave_box_metrics_absent():
     for targets in (empty, empty, None):
         metrics = one_pass(diag, targets)
         assert_plain_finite(metrics)
-        assert families(metrics) == {"D1/dup_iou07", "D1/dup_iou05", "D3/jaccard", "D3/chamfer", "D5/entropy",
-                                     "D5/n_eff", "D5/distance", "D5/slot_share", "D5/self_share", "D6/coverage",
-                                     "D6/slot_coverage"}
+        # the off-image share is geometry: it needs no GT box
+        assert families(metrics) == {"D1/dup_iou07", "D1/dup_iou05", "D3/jaccard", "D3/chamfer", "D4/off_image",
+                                     "D5/entropy", "D5/n_eff", "D5/distance", "D5/slot_share", "D5/self_share",
+                                     "D6/coverage", "D6/slot_coverage"}
+
+
+# ----------------------------------------------------------------------------- against chance and initialisation
+
+
+def whole_image_targets():
+    return [{"boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0]]), "labels": torch.tensor([0]),
+             "image_id": torch.tensor(i)} for i in range(2)]
+
+
+@pytest.mark.parametrize("name", ["baseline", "v3.0.4"])
+def test_one_box_covering_the_whole_image_gives_foreground_share_one(name):
+    """Every in-image sampling location is on the box: the in-image foreground share, the own-object
+    share and the chance ratio are exactly 1, although much of the weight lands off the image (padded
+    images, untrained offsets reaching past the border); every token is inside the box."""
+    model = make_model(name)
+    layers = len(model.transformer.encoder.layers)
+    metrics = one_pass(ReferenceDiagnostics(model), whole_image_targets())
+    for family in ("D4/fg_in_img", "D4/own_in_img", "D4/fg_in_chance"):
+        values = {k: v for k, v in metrics.items() if k == family or k.startswith(family + "/")}
+        assert len(values) == 1 + layers * 5 and set(values.values()) == {1.0}, family  # overall, per layer, per level
+    assert not any(k.startswith(("D4/fg_out_img", "D4/fg_out_chance")) for k in metrics)
+    assert 0.2 < metrics["D4/off_image"] < 0.8
+    assert metrics["D4/off_image/enc0/lvl3"] > metrics["D4/off_image/enc0/lvl0"]  # coarse levels reach further
+
+
+def initial_distance(heads: int, points: int) -> float:
+    """(P + 1) / 2 times the mean length of the heads' initial offset directions (float64, from the
+    definition: direction 2 pi h / H scaled so that its larger coordinate is 1)."""
+    lengths = []
+    for h in range(heads):
+        x, y = math.cos(2 * math.pi * h / heads), math.sin(2 * math.pi * h / heads)
+        lengths.append(math.hypot(x, y) / max(abs(x), abs(y)))
+    return (points + 1) / 2 * sum(lengths) / heads
+
+
+def test_initial_offset_distance_is_3_018_cells_at_eight_heads_and_four_points():
+    assert initial_distance(8, 4) == pytest.approx(2.5 * (1 + math.sqrt(2)) / 2, abs=1e-12)
+    assert round(initial_distance(8, 4), 3) == 3.018
+    assert initial_distance(4, 4) == pytest.approx(2.5)  # axis-aligned heads only
+
+
+@pytest.mark.parametrize("name,heads", [("baseline", 8), ("v3.0.4", 8), ("v3.0.1", 4)])
+def test_a_freshly_initialised_model_gives_the_values_fixed_by_construction(name, heads):
+    """At initialisation the offsets are the bias alone and the weights are uniform: D5/distance is
+    (P + 1) / 2 x the mean direction length in every encoder layer and level (3.018 at H = 8, P = 4),
+    D5/entropy 1, D5/n_eff L * P, each slot share 1 / P (v3.0.4: self share 0.25)."""
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args(*CONFIGS[name], "--nheads", str(heads)))
+    metrics = one_pass(ReferenceDiagnostics(model), probe_targets())
+    levels, points = 4, 4
+    distance = {k: v for k, v in metrics.items() if k.startswith("D5/distance")}
+    assert len(distance) == 1 + len(model.transformer.encoder.layers) * 5
+    for key, value in distance.items():
+        assert value == pytest.approx(initial_distance(heads, points), rel=1e-6), key
+    if heads == 8:
+        assert metrics["D5/distance"] == pytest.approx(3.0178, abs=1e-4)
+    for key, value in metrics.items():
+        if key.startswith("D5/entropy"):
+            assert value == pytest.approx(1.0, abs=1e-6), key
+        if key.startswith("D5/n_eff"):
+            assert value == pytest.approx(levels * points, rel=1e-6), key
+        if key.startswith(("D5/slot_share", "D5/self_share")):
+            assert value == pytest.approx(1 / points, abs=1e-7), key
+    assert ("D5/self_share" in metrics) == (name == "v3.0.4")
 
 
 def test_finish_without_update_is_empty():
@@ -273,12 +339,13 @@ def test_foreground_sampling_and_concentration_match_float64_loops(name):
     targets[1]["boxes"] = torch.tensor([[0.497, 0.509, 0.409, 0.493]])
     metrics, capture = capture_forward(model, targets)
     gts = [xyxy_list(t["boxes"]) for t in targets]
-    # the boxes are disjoint, so each image's covered fraction is the sum of the areas
-    covers = [sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes) for boxes in gts]
+    # the boxes are disjoint and inside the image, so each image's covered fraction is the sum of the areas
+    covers = np.array([sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes) for boxes in gts])
+    observed = expected = 0.0  # in-box weight of inside tokens, and chance's, over every layer and level
     for e, layer in enumerate(capture.layers):
         layout = layer["layout"]
         levels = len(layout.shapes)
-        fg_in, all_in, fg_out, all_out, own = (np.zeros((2, levels)) for _ in range(5))
+        fg_in, img_in, fg_out, img_out, own, off, total = (np.zeros((2, levels)) for _ in range(7))
         entropy, n_eff, distance = (np.zeros((levels, 2)) for _ in range(3))  # (sum, count) per level
         for b in range(2):
             ratios = layout.valid_ratios[b].double().numpy()
@@ -290,15 +357,18 @@ def test_foreground_sampling_and_concentration_match_float64_loops(name):
                     for h in range(loc.shape[0]):
                         for p in range(loc.shape[2]):
                             sx, sy = loc[h, lvl, p] / ratios[lvl]
-                            fg = any(contains(box, sx, sy) for box in gts[b])
+                            on_image = 0 <= sx <= 1 and 0 <= sy <= 1
+                            fg = on_image and any(contains(box, sx, sy) for box in gts[b])
                             a = weights[h, lvl, p]
+                            total[b, lvl] += a
+                            off[b, lvl] += a * (not on_image)
                             if own_box >= 0:
                                 fg_in[b, lvl] += a * fg
-                                all_in[b, lvl] += a
-                                own[b, lvl] += a * contains(gts[b][own_box], sx, sy)
+                                img_in[b, lvl] += a * on_image
+                                own[b, lvl] += a * (on_image and contains(gts[b][own_box], sx, sy))
                             else:
                                 fg_out[b, lvl] += a * fg
-                                all_out[b, lvl] += a
+                                img_out[b, lvl] += a * on_image
                 for h in range(weights.shape[0]):
                     flat = weights[h].reshape(-1)
                     ent = -sum(v * math.log(v) for v in flat if v > 0)
@@ -310,17 +380,25 @@ def test_foreground_sampling_and_concentration_match_float64_loops(name):
                     distance[lvl] += (np.sqrt((offset ** 2).sum(-1)).sum(), offset.shape[0] * offset.shape[1])
         for lvl in range(levels):
             scope = f"enc{e}/lvl{lvl}"
-            assert metrics[f"D4/fsr_in/{scope}"] == pytest.approx(fg_in[:, lvl].sum() / all_in[:, lvl].sum(), abs=1e-5)
-            assert metrics[f"D4/fsr_out/{scope}"] == pytest.approx(fg_out[:, lvl].sum() / all_out[:, lvl].sum(),
-                                                                   abs=1e-5)
-            assert metrics[f"D4/own_obj/{scope}"] == pytest.approx(own[:, lvl].sum() / all_in[:, lvl].sum(), abs=1e-5)
-            lift = np.mean([fg_in[b, lvl] / all_in[b, lvl] / covers[b] for b in range(2)])
-            assert metrics[f"D4/fsr_in_norm/{scope}"] == pytest.approx(lift, rel=1e-4)
+            assert metrics[f"D4/off_image/{scope}"] == pytest.approx(off[:, lvl].sum() / total[:, lvl].sum(), abs=1e-5)
+            assert metrics[f"D4/fg_in_img/{scope}"] == pytest.approx(fg_in[:, lvl].sum() / img_in[:, lvl].sum(),
+                                                                     abs=1e-5)
+            assert metrics[f"D4/fg_out_img/{scope}"] == pytest.approx(fg_out[:, lvl].sum() / img_out[:, lvl].sum(),
+                                                                      abs=1e-5)
+            assert metrics[f"D4/own_in_img/{scope}"] == pytest.approx(own[:, lvl].sum() / img_in[:, lvl].sum(),
+                                                                      abs=1e-5)
+            # pooled over images: observed in-box weight over what chance puts there (cover x in-image weight)
+            chance = fg_in[:, lvl].sum() / (covers * img_in[:, lvl]).sum()
+            assert metrics[f"D4/fg_in_chance/{scope}"] == pytest.approx(chance, rel=1e-4)
             assert metrics[f"D5/entropy/{scope}"] == pytest.approx(entropy[lvl, 0] / entropy[lvl, 1], abs=1e-5)
             assert metrics[f"D5/n_eff/{scope}"] == pytest.approx(n_eff[lvl, 0] / n_eff[lvl, 1], rel=1e-5)
             assert metrics[f"D5/distance/{scope}"] == pytest.approx(distance[lvl, 0] / distance[lvl, 1], rel=1e-4)
-        lift = np.mean([fg_out[b].sum() / all_out[b].sum() / covers[b] for b in range(2)])
-        assert metrics[f"D4/fsr_out_norm/enc{e}"] == pytest.approx(lift, rel=1e-4)
+        chance = fg_out.sum() / (covers * img_out.sum(1)).sum()
+        assert metrics[f"D4/fg_out_chance/enc{e}"] == pytest.approx(chance, rel=1e-4)
+        assert 0.05 < off.sum() / total.sum() < 0.95  # the case has weight both on and off the image
+        observed += fg_in.sum()
+        expected += (covers * img_in.sum(1)).sum()
+    assert metrics["D4/fg_in_chance"] == pytest.approx(observed / expected, rel=1e-4)
 
 
 def capture_references(references):
@@ -341,16 +419,18 @@ def test_guided_token_metrics_match_float64_loops(name):
     gts = [xyxy_list(t["boxes"]) for t in targets]
     assert len(capture.picks) == 2  # cascade with 3 encoder layers: encoder layers 1 and 2 are guided
     per_update = []
+    coverage_per_level = np.zeros((4, 2))  # (covered tokens, tokens) per token level, over the guided layers
     for k, picks in enumerate(capture.picks):
         sums = {key: [0.0, 0] for key in ("dup07", "distinct", "coverage", "in_box", "iou", "same")}
         slots = {}
         for b in range(2):
             boxes = xyxy_list(picks.candidates.boxes[b].double())
-            for t, _, x, y in token_geometry(capture.layers[k + 1]["layout"], b):
+            for t, token_level, x, y in token_geometry(capture.layers[k + 1]["layout"], b):
                 chosen = [int(c) for c, v in zip(picks.chosen[b, t], picks.valid[b, t]) if v]
                 slots[(b, t)] = chosen
                 sums["coverage"][0] += bool(chosen)
                 sums["coverage"][1] += 1
+                coverage_per_level[token_level] += (bool(chosen), 1)
                 pairs = [(i, j) for i in range(len(chosen)) for j in range(i + 1, len(chosen))]
                 if pairs:
                     dup = sum(iou(boxes[chosen[i]], boxes[chosen[j]]) > 0.7 for i, j in pairs)
@@ -385,6 +465,8 @@ def test_guided_token_metrics_match_float64_loops(name):
         assert metrics[f"D2/in_box/{dec}"] == pytest.approx(mean["in_box"], abs=1e-5)
         assert metrics[f"D2/mean_iou/{dec}"] == pytest.approx(mean["iou"], abs=1e-5)
         assert metrics[f"D2/same_obj/{dec}"] == pytest.approx(mean["same"], abs=1e-5)
+    for lvl, (covered, tokens) in enumerate(coverage_per_level):
+        assert metrics[f"D6/coverage/lvl{lvl}"] == pytest.approx(covered / tokens, abs=1e-6)
     jaccard = [len(set(a) & set(per_update[1][key])) / len(set(a) | set(per_update[1][key]))
                for key, a in per_update[0].items() if set(a) | set(per_update[1][key])]
     later = f"dec{capture.picks[1].decoder_layers - 1}"

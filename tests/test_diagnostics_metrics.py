@@ -125,12 +125,46 @@ def test_all_sampling_points_in_a_box_give_fsr_one():
     locations, weights = _one_token_sampling([[0.3, 0.3], [0.5, 0.6], [0.7, 0.74], [0.26, 0.7]],
                                              [0.1, 0.2, 0.3, 0.4])
     sums = metrics.foreground_sampling(locations, weights, torch.tensor([0]), gt)
-    fsr = sums.fg_in / sums.all_in
+    fsr = sums.fg_in / sums.img_in
     assert fsr.tolist() == pytest.approx([1.0])
-    assert sums.own_in.tolist() == pytest.approx(sums.all_in.tolist())
-    # chance-normalised: divided by the covered fraction 0.25 -> 4
-    assert (fsr / covered_area_fraction(gt)).tolist() == pytest.approx([4.0])
-    assert sums.all_out.tolist() == [0.0]
+    assert sums.own_in.tolist() == pytest.approx(sums.img_in.tolist())
+    # chance ratio: in-box weight over covered fraction x in-image weight = 1 / 0.25
+    assert (sums.fg_in / (covered_area_fraction(gt) * sums.img_in)).tolist() == pytest.approx([4.0])
+    assert sums.img_out.tolist() == [0.0]
+
+
+def test_one_box_covering_the_whole_image_gives_share_one_although_weight_lands_off_the_image():
+    """Weight off the image is no longer counted as background: of the in-image weight, all of it is on
+    the box, exactly; the chance ratio (cover 1) is exactly 1 too."""
+    gt = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    locations, weights = _one_token_sampling([[0.5, 0.5], [1.0, 0.2], [1.3, 0.5], [0.5, -0.1], [0.0, 1.0]],
+                                             [0.125, 0.25, 0.25, 0.125, 0.25])
+    sums = metrics.foreground_sampling(locations, weights, torch.tensor([0]), gt)
+    off, total = metrics.off_image_sampling(locations, weights)
+    assert off.tolist() == [0.375] and total.tolist() == [1.0]  # (1.3, 0.5) and (0.5, -0.1); borders are in
+    assert sums.img_in.tolist() == [0.625] and sums.fg_in.tolist() == [0.625]
+    assert (sums.fg_in / sums.img_in).tolist() == [1.0]
+    assert (sums.own_in / sums.img_in).tolist() == [1.0]
+    assert (sums.fg_in / (covered_area_fraction(gt) * sums.img_in)).tolist() == [1.0]
+
+
+def test_in_image_shares_by_hand_with_weight_off_the_image():
+    """Two levels, one token in the left half-box: level 0 puts 0.2 in the box, 0.1 right of it on
+    the image, 0.1 off the image above and 0.1 off the image to the left, where the GT box reaches
+    past the border (still not foreground); level 1 0.1 in the box, 0.4 off the image to the right."""
+    gt = torch.tensor([[-0.2, 0.0, 0.5, 1.0]])  # leaves the image on the left; covers half of it
+    locations = torch.tensor([[[0.25, 0.5], [0.75, 0.5], [0.25, -0.5], [-0.1, 0.5]],
+                              [[0.4, 0.9], [1.5, 0.5], [1.2, 0.1], [0.7, 0.0]]]).view(1, 1, 2, 4, 2)
+    weights = torch.tensor([[0.2, 0.1, 0.1, 0.1], [0.1, 0.3, 0.1, 0.0]]).view(1, 1, 2, 4)
+    sums = metrics.foreground_sampling(locations, weights, torch.tensor([0]), gt)
+    off, total = metrics.off_image_sampling(locations, weights)
+    assert off.tolist() == pytest.approx([0.2, 0.4]) and total.tolist() == pytest.approx([0.5, 0.5])
+    assert sums.img_in.tolist() == pytest.approx([0.3, 0.1])
+    assert sums.fg_in.tolist() == pytest.approx([0.2, 0.1])       # shares 2/3 and 1 of the in-image weight
+    assert (sums.fg_in.sum() / sums.img_in.sum()).item() == pytest.approx(0.75)
+    cover = covered_area_fraction(gt).item()
+    assert cover == pytest.approx(0.5)
+    assert (sums.fg_in.sum() / (cover * sums.img_in.sum())).item() == pytest.approx(1.5)
 
 
 def test_fsr_of_an_outside_token_and_own_object_share():
@@ -143,9 +177,9 @@ def test_fsr_of_an_outside_token_and_own_object_share():
     token_box = smallest_containing_box(torch.tensor([[0.2, 0.2], [0.5, 0.8]]), gt)
     assert token_box.tolist() == [1, -1]
     sums = metrics.foreground_sampling(locations, weights, token_box, gt)
-    assert (sums.fg_in / sums.all_in).tolist() == pytest.approx([0.75])
-    assert (sums.own_in / sums.all_in).tolist() == pytest.approx([0.25])
-    assert (sums.fg_out / sums.all_out).tolist() == pytest.approx([0.6])
+    assert (sums.fg_in / sums.img_in).tolist() == pytest.approx([0.75])
+    assert (sums.own_in / sums.img_in).tolist() == pytest.approx([0.25])
+    assert (sums.fg_out / sums.img_out).tolist() == pytest.approx([0.6])
 
 
 def test_foreground_sums_per_level():
@@ -154,7 +188,7 @@ def test_foreground_sums_per_level():
     weights = torch.tensor([0.3, 0.7]).view(1, 1, 2, 1)
     sums = metrics.foreground_sampling(locations, weights, torch.tensor([0]), gt)
     assert sums.fg_in.tolist() == pytest.approx([0.3, 0.0])
-    assert sums.all_in.tolist() == pytest.approx([0.3, 0.7])
+    assert sums.img_in.tolist() == pytest.approx([0.3, 0.7])
 
 
 # ----------------------------------------------------------------------------- D5
@@ -250,7 +284,8 @@ def test_multiset_signature():
 
 
 def test_tally_leaves_out_keys_without_items_and_scopes():
-    assert scoped_keys("D4/fsr_in", "enc0", "lvl1") == ["D4/fsr_in", "D4/fsr_in/enc0", "D4/fsr_in/enc0/lvl1"]
+    assert scoped_keys("D4/off_image", "enc0", "lvl1") == ["D4/off_image", "D4/off_image/enc0",
+                                                           "D4/off_image/enc0/lvl1"]
     tally = Tally()
     tally.add(["a", "a/x"], torch.tensor(3.0), torch.tensor(2.0))
     tally.add(["a"], 1.0, 2)

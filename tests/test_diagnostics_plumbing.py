@@ -29,6 +29,7 @@ VARIANTS = {"v3.0.4": ["--variant", "v3.0.4", "--stages", "1:1,1:1"],
             "baseline": ["--variant", "baseline", "--stages", "2:2"]}
 COMMON = ["--epochs", "2", "--lr_drop", "1", "--backbone_norm", "bn", "--dropout", "0.1"]
 NUM_VAL = 4
+ACROSS_EVALUATIONS = ("D3/token_instability", "D3/matching_instability")
 
 
 class _Ids:
@@ -163,16 +164,20 @@ def test_negative_diag_images_is_a_one_line_error(capsys, tmp_path):
 
 def test_resumed_log_keeps_one_diag_record_per_finished_epoch(tmp_path):
     """A kill between an epoch's diag record and its epoch record: the tail is redone, so that diag
-    record goes; so do those of epochs trained again. Finished epochs keep theirs."""
+    record goes; so do those of epochs trained again. Finished epochs keep theirs, and the record at
+    initialisation (epoch -1, which has no epoch record) stays."""
     from util.logger import JsonlLogger, read_jsonl
 
-    lines = [{"type": "diag", "epoch": 0, "N": 2}, {"type": "epoch", "epoch": 0},
+    lines = [{"type": "diag", "epoch": -1, "N": 2},
+             {"type": "diag", "epoch": 0, "N": 2}, {"type": "epoch", "epoch": 0},
              {"type": "diag", "epoch": 1, "N": 2},                          # epoch 1's tail was cut here
              {"type": "diag", "epoch": 2, "N": 2}, {"type": "epoch", "epoch": 2}]
     path = tmp_path / "log.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert JsonlLogger(str(path)).drop_epochs_from(2) == (3, 0)
-    assert read_jsonl(str(path)) == lines[:2]
+    assert read_jsonl(str(path)) == lines[:3]
+    assert JsonlLogger(str(path)).drop_epochs_from(0) == (2, 0)  # a run restarted before its first checkpoint
+    assert read_jsonl(str(path)) == lines[:1]
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -214,7 +219,8 @@ def _families(record):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_diagnostics_change_nothing_in_training(variant, data_dir, run_root):
     """With and without diagnostics (more probe images than the split: all 4 used): bit-identical
-    weights after each epoch, identical losses and AP."""
+    weights after each epoch, identical losses and AP. The diagnostics run before the first training
+    step (epoch -1) and after each evaluation."""
     off, _ = _run(data_dir, run_root, variant, 0)
     on, printed = _run(data_dir, run_root, variant, 6)
     for name in ("checkpoint0000.pth", "checkpoint0001.pth"):
@@ -230,32 +236,85 @@ def test_diagnostics_change_nothing_in_training(variant, data_dir, run_root):
     assert comparable(off, "epoch") == comparable(on, "epoch")  # losses and every COCO number
     assert not [r for r in _read_log(off / "log.jsonl") if r["type"] == "diag"]
     assert printed.count("the reference diagnostics use all 4") == 1
+    kinds = [(r["type"], r.get("epoch")) for r in _read_log(on / "log.jsonl") if r["type"] in ("diag", "train")]
+    assert kinds[0] == ("diag", -1) and kinds.count(("diag", -1)) == 1  # before the first training window
 
 
 def test_diag_records_guided_and_stock(data_dir, run_root):
-    """One diag record per evaluation: D1-D6 for v3.0.4; D4-D5 for the baseline, whose second
-    evaluation adds D3's matching instability (DN-DETR's, defined for any learned-query detector)."""
+    """One diag record at initialisation (epoch -1) and one per evaluation: D1-D6 for v3.0.4; D4-D5
+    for the baseline."""
     guided, _ = _run(data_dir, run_root, "v3.0.4", 6)
     records = [r for r in _read_log(guided / "log.jsonl") if r["type"] == "diag"]
-    assert [(r["epoch"], r["N"]) for r in records] == [(0, NUM_VAL), (1, NUM_VAL)]
-    assert set().union(*map(_families, records)) == {"D1", "D2", "D3", "D4", "D5", "D6"}
+    assert [(r["epoch"], r["N"]) for r in records] == [(-1, NUM_VAL), (0, NUM_VAL), (1, NUM_VAL)]
+    # one guidance update per forward (stages 1:1,1:1): D3 is the across-evaluation one, absent at init
+    assert _families(records[0]) == {"D1", "D2", "D4", "D5", "D6"}
+    assert all(_families(r) == {"D1", "D2", "D3", "D4", "D5", "D6"} for r in records[1:])
     assert all(v == v for r in records for v in r.values() if isinstance(v, float))  # never NaN
-    assert "D4/fsr_in" in records[0] and "D4/fsr_in/enc0/lvl0" in records[0]  # overall and per layer/level
-    # across evaluations: only from the second one on
+    for key in ("D4/off_image", "D4/off_image/enc0/lvl0", "D4/fg_in_img", "D4/fg_in_img/enc0/lvl0",
+                "D4/fg_in_chance", "D4/own_in_img", "D6/coverage/lvl0"):
+        assert key in records[0], key  # overall and per layer/level
+    assert not any(key.startswith("D4/fsr") or key.startswith("D4/own_obj") for r in records for key in r)
+    # across evaluations: from the first evaluation on, compared with the pass at initialisation
     assert "D3/token_instability" not in records[0] and "D3/token_instability" in records[1]
+    # at initialisation the attention weights are uniform: values fixed by construction (4 heads here)
+    assert records[0]["D5/entropy"] == pytest.approx(1.0, abs=1e-6)
+    assert records[0]["D5/n_eff"] == pytest.approx(16.0, rel=1e-6)
+    assert records[0]["D5/self_share"] == pytest.approx(0.25, abs=1e-7)
+    assert records[0]["D5/distance"] == pytest.approx(2.5, rel=1e-6)
 
     stock, _ = _run(data_dir, run_root, "baseline", 6)
     records = [r for r in _read_log(stock / "log.jsonl") if r["type"] == "diag"]
-    assert [r["epoch"] for r in records] == [0, 1]
-    assert _families(records[0]) == {"D4", "D5"}
-    assert _families(records[1]) == {"D4", "D5"}
+    assert [r["epoch"] for r in records] == [-1, 0, 1]
+    assert all(_families(r) == {"D4", "D5"} for r in records)
+
+
+def _diag_epochs(run_dir):
+    return [r["epoch"] for r in _read_log(run_dir / "log.jsonl") if r["type"] == "diag"]
+
+
+def test_the_record_at_initialisation_is_written_once_per_run(data_dir, run_root, tmp_path):
+    """A resumed run never measures the initialisation again: resumed with the epoch -1 record in its
+    log it keeps that one; resumed from a checkpoint whose log has none it does not invent one. A run
+    restarted before its first checkpoint (no checkpoint, the record logged) keeps the record it has."""
+    import shutil
+
+    trained, _ = _run(data_dir, run_root, "v3.0.4", 6)
+    flags = COMMON + VARIANTS["v3.0.4"] + ["--diag_images", str(NUM_VAL)]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained, resumed)
+    main_module.main(parse_args(one_epoch_smoke_flags(data_dir, resumed, num_val=NUM_VAL) + flags
+                                + ["--resume", str(resumed / "checkpoint0000.pth")]))  # trains epoch 1 again
+    assert _diag_epochs(resumed) == [-1, 0, 1]
+
+    without = tmp_path / "without"
+    shutil.copytree(trained, without)
+    lines = (without / "log.jsonl").read_text().splitlines(keepends=True)
+    (without / "log.jsonl").write_text("".join(line for line in lines if '"epoch": -1' not in line))
+    assert _diag_epochs(without) == [0, 1]
+    main_module.main(parse_args(one_epoch_smoke_flags(data_dir, without, num_val=NUM_VAL) + flags
+                                + ["--resume", str(without / "checkpoint0000.pth")]))
+    assert _diag_epochs(without) == [0, 1]
+
+    restarted = tmp_path / "restarted"
+    restarted.mkdir()
+    (restarted / "log.jsonl").write_text(json.dumps({"type": "diag", "epoch": -1, "N": 99}) + "\n")
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    printed = StringIO()
+    with redirect_stdout(printed):
+        main_module.main(parse_args(one_epoch_smoke_flags(data_dir, restarted, num_val=NUM_VAL)
+                                    + VARIANTS["v3.0.4"] + ["--diag_images", "2", "--auto_resume"]))
+    records = [r for r in _read_log(restarted / "log.jsonl") if r["type"] == "diag"]
+    assert [(r["epoch"], r["N"]) for r in records] == [(-1, 99), (0, 2)]
+    assert "already holds the reference diagnostics at initialisation" in printed.getvalue()
 
 
 def test_eval_runs_the_diagnostics_when_asked(data_dir, run_root, tmp_path):
     trained, _ = _run(data_dir, run_root, "v3.0.4", 0)
     flags = one_epoch_smoke_flags(data_dir, tmp_path / "eval", num_val=NUM_VAL) + COMMON + VARIANTS["v3.0.4"]
     main_module.main(parse_args(flags + ["--eval", "--resume", str(trained / "checkpoint.pth"), "--diag_images", "2"]))
-    records = [r for r in _read_log(tmp_path / "eval" / "log.jsonl") if r["type"] == "diag"]
+    records = [r for r in _read_log(tmp_path / "eval" / "log.jsonl") if r["type"] == "eval_diag"]  # --eval's own type
     assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["N"] == 2
     assert "D6/coverage" in records[0]
 
@@ -271,10 +330,12 @@ def test_diagnose_script_on_consecutive_checkpoints(data_dir, run_root, tmp_path
     report = json.load(open(out / "diagnostics.json"))
     assert report["N"] == NUM_VAL and [e["epoch"] for e in report["evaluations"]] == [0, 1]
     assert report["config"]["variant"] == "v3.0.4" and any(k.startswith("D4") for k in report["describe"])
-    logged = [r for r in _read_log(trained / "log.jsonl") if r["type"] == "diag"]
-    for evaluation, record in zip(report["evaluations"], logged):
+    logged = [r for r in _read_log(trained / "log.jsonl") if r["type"] == "diag" and r["epoch"] >= 0]
+    for index, (evaluation, record) in enumerate(zip(report["evaluations"], logged)):
         metrics = evaluation["metrics"]
-        assert metrics.keys() == {k for k in record if k[:1] == "D"}
+        # the run's first evaluation compared with its pass at initialisation; the script has none before it
+        expected = {k for k in record if k[:1] == "D" and (index > 0 or not k.startswith(ACROSS_EVALUATIONS))}
+        assert metrics.keys() == expected
         assert all(metrics[k] == pytest.approx(record[k], rel=1e-6, abs=1e-9) for k in metrics)
     assert "D3/token_instability" in report["evaluations"][1]["metrics"]
     assert (out / "diagnostics.png").stat().st_size > 10_000
@@ -311,5 +372,5 @@ def test_two_processes_diagnose_on_rank_zero_only(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = _read_log(tmp_path / "out" / "log.jsonl")
-    assert [(r["epoch"], r["N"]) for r in records if r["type"] == "diag"] == [(0, 2), (1, 2)]
-    assert proc.stdout.count("reference diagnostics on 2 probe images") == 2
+    assert [(r["epoch"], r["N"]) for r in records if r["type"] == "diag"] == [(-1, 2), (0, 2), (1, 2)]
+    assert proc.stdout.count("reference diagnostics on 2 probe images") == 3

@@ -5,6 +5,7 @@ weight on that pixel, so ``sampling_from_map`` turns any dense (bs, T, Q) map in
 sampling that reproduces it. The CPU benchmark of the guidance at COCO scale is
 ``scripts/bench_guidance.py``.
 """
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from models.cross_attn_map import cross_attention_map
 from models.enc_reference import (CandidateSet, EncoderReferenceGenerator, build_enc_reference_generator,
                                   make_candidates)
+from models.guidance import ColumnMap
 from models.level_layout import LevelLayout
 from tests.helpers import tiny_args
 
@@ -125,7 +127,8 @@ def test_v301_per_level_centres_in_score_order():
     gen = EncoderReferenceGenerator("per_level", n_levels=2, n_points=4, ref_rank="cls")
     stock = stock_refs()
     state = new_state(gen, valid_ratios=VR)
-    assert state.references(stock) is stock  # nothing observed yet
+    with pytest.raises(RuntimeError, match="no decoder layer observed"):
+        state.references(stock)  # the transformer guides only encoder layers after a decoder layer
     state.observe(None, None, hybrid_candidates())
     refs = state.references(stock)
     assert refs.shape == (1, T, 2, 2)
@@ -323,7 +326,7 @@ def test_accumulation_modes_change_ranking():
     second = torch.zeros(1, T, 3, dtype=torch.float64)
     first[0, 0, :2] = torch.tensor([0.5, 0.3], dtype=torch.float64)
     second[0, 0] = torch.tensor([0.0625, 0.3, 0.4375], dtype=torch.float64)
-    cands = CandidateSet(BOXES[:, :3], SCORES[:, :3])
+    cands = CandidateSet(BOXES[:, :3], SCORES[:, :3], columns=ColumnMap(3))  # map column q is candidate q
     winners = {}
     for accum in ("none", "sum", "max"):
         gen = EncoderReferenceGenerator("per_point", 2, 1, ref_rank="attn", attn_map_accum=accum)
@@ -358,7 +361,7 @@ def test_per_point_matches_loop_reference(rank, keep_self, accum, form):
         cands = make_candidates(quantised_logits(num_q), torch.rand(bs, num_q, 4, generator=g), 2,
                                 "o2o" if form == "hybrid_o2o" else "all")
     # sigmoid(logit(k / 8)) in float32 may be off by an ulp: snap back so products tie exactly
-    cands = CandidateSet(cands.boxes, cands.scores.mul(8).round().div(8))
+    cands = dataclasses.replace(cands, scores=cands.scores.mul(8).round().div(8))
     gen = EncoderReferenceGenerator("per_point", 2, points, ref_rank=rank, ref_keep_self=keep_self,
                                     attn_map_accum=accum)
     state = new_state(gen, bs=bs, valid_ratios=vr, padding_mask=mask)
@@ -418,7 +421,8 @@ def test_generator_has_no_parameters_and_validates():
     with pytest.raises(ValueError):
         new_state(EncoderReferenceGenerator("per_point", 2, 2)).observe(None, None, hybrid_candidates())
     args = SimpleNamespace(enc_ref_mode="per_point", num_feature_levels=4, enc_n_points=4, ref_rank="attn",
-                           ref_keep_self=True, ref_grad=False, attn_map_accum="sum", ref_queries="o2o")
+                           ref_keep_self=True, ref_grad=False, attn_map_accum="sum", ref_queries="o2o",
+                           ref_source="decoder")
     built = build_enc_reference_generator(args)
     assert (built.ref_keep_self, built.attn_map_accum, built.ref_queries, built.n_points) == (True, "sum", "o2o", 4)
 

@@ -23,9 +23,9 @@ from tests.helpers import simple_targets, tiny_args, two_padded_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_STAGE_REFINE = ["--with_box_refine", "--two_stage"]
-# guidance ranks candidates by keys built from float32 bit patterns (models/enc_reference.py):
+# guidance ranks candidates by keys built from float32 bit patterns (models/guidance/top_per_token.py):
 # these casts order candidates and carry no gradient, so they are the only ones allowed
-RANKING_ONLY = {"_class_scores", "_entry_keys"}
+RANKING_ONLY = {"_class_scores", "entry_keys"}
 
 
 class DowncastRecorder(TorchDispatchMode):

@@ -21,6 +21,7 @@ import visualize_refs  # noqa: E402
 from cli.config import expand_stages, load_variants, parse_args  # noqa: E402
 
 VARIANTS = ["baseline", "cascade", "v3.0.1", "v3.0.2", "v3.0.3", "v3.0.4"]
+CONTROLS = ["v3.0.4_gt", "v3.0.4_gt_distance", "v3.0.4_random"]
 
 # a small model whose cascade schedule has one guided encoder layer (the second)
 TINY_GUIDED = ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32",
@@ -167,6 +168,20 @@ def test_summarize_seeds_means_spreads_and_paired_differences(tmp_path, capsys):
     assert out_png.stat().st_size > 1000
 
 
+def test_summarize_labels_controls(tmp_path, capsys):
+    """A run whose config.yaml says ``control: oracle`` (references from ground truth) reads as a control
+    in every table; it is still paired with the control variant by seed."""
+    _seeded(tmp_path, "cascade", 0, [0.30])
+    _write_run(tmp_path / "v3.0.4_gt" / "seed0", {"variant": "v3.0.4_gt", "seed": 0, "epochs": 1, "control": "oracle"},
+               [_epoch(0, 0.40)])
+    assert summarize.main([str(tmp_path / "cascade"), str(tmp_path / "v3.0.4_gt"), "--control", "cascade",
+                           "--out", "", "--plot", ""]) == 0
+    tables = _tables(capsys.readouterr().out)
+    assert "v3.0.4_gt (oracle control)" in tables["Variants over seeds"]
+    paired = tables["Paired difference to cascade"]["v3.0.4_gt (oracle control)"]
+    assert paired[:3] == ["1", "0", "+10.0 ± n/a [+10.0]"]
+
+
 def test_summarize_resumed_log_keeps_the_last_record_per_epoch(tmp_path):
     """A resume that logs epochs 1 and 2 again: one point per epoch, the later record's numbers."""
     records = [_train(0, 10, 0.5), _epoch(0, 0.1), _train(1, 10, 0.5), _epoch(1, 0.2), _train(2, 10, 0.5),
@@ -196,7 +211,7 @@ def test_summarize_reads_upstream_list_form(tmp_path):
 
 def _diag(epoch, fsr, coverage=None):
     """A diag record as main.py writes it: overall means under short keys, per-layer keys below them."""
-    record = {"type": "diag", "epoch": epoch, "N": 8, "D4/fsr_in": fsr, "D4/fsr_in/enc0/lvl0": fsr + 1.0,
+    record = {"type": "diag", "epoch": epoch, "N": 8, "D4/fg_in_img": fsr, "D4/fg_in_img/enc0/lvl0": fsr + 1.0,
               "diag_time": 0.5}
     if coverage is not None:
         record["D6/coverage"] = coverage
@@ -221,13 +236,13 @@ def test_summarize_reference_diagnostics_table_and_plot(tmp_path, capsys):
     assert diag["AP (%)"] == ["35.0 ± 7.07 (n=2)", "20.0 ± n/a (n=1)"]
     assert diag["epochs diagnosed"] == ["1", "1"]
     # 0.2, 0.4: mean 0.3, sample std sqrt(0.02) = 0.141; per-layer keys are not rows
-    assert diag["D4/fsr_in"] == ["0.300 ± 0.141 (n=2)", "0.300 ± n/a (n=1)"]
+    assert diag["D4/fg_in_img"] == ["0.300 ± 0.141 (n=2)", "0.300 ± n/a (n=1)"]
     assert diag["D6/coverage"] == ["0.600 ± 0.141 (n=2)", "–"]
     assert not any(key.count("/") > 1 for key in diag)
     # diag records neither evaluate nor train: the AP curve and the epoch count are the epoch records'
     run = summarize.load_run(str(tmp_path / "baseline" / "seed0"))
     assert [p["epoch"] for p in run.curve] == [0, 1] and run.epochs_logged == 2 and not run.notes
-    assert [p["D4/fsr_in"] for p in run.diag_curve] == pytest.approx([0.1, 0.3])
+    assert [p["D4/fg_in_img"] for p in run.diag_curve] == pytest.approx([0.1, 0.3])
     assert (tmp_path / "ap_diag.png").stat().st_size > 1000
     # the tables of runs without diagnostics are unchanged: no new section, no diag plot
     capsys.readouterr()
@@ -242,35 +257,69 @@ def test_summarize_diagnostics_per_epoch_table(tmp_path, capsys):
     is counted."""
     def diag(epoch, same_obj, dec0, fsr):
         return {"type": "diag", "epoch": epoch, "N": 4, "D2/same_obj": same_obj, "D2/same_obj/dec0": dec0,
-                "D2/same_obj/enc1": 0.0, "D4/fsr_in": fsr, "D5/entropy": 0.5}
+                "D2/same_obj/enc1": 0.0, "D4/fg_in_img": fsr, "D4/fsr_in": 0.5, "D5/entropy": 0.5}
     _write_run(tmp_path / "v3.0.4" / "seed0", {"variant": "v3.0.4", "seed": 0, "epochs": 2},
                [_epoch(0, 0.1), diag(0, 0.6, 0.5, 0.2), _epoch(1, 0.2), diag(1, 0.8, 0.7, 0.3)])
     _write_run(tmp_path / "v3.0.4" / "seed1", {"variant": "v3.0.4", "seed": 1, "epochs": 2},
                [_epoch(0, 0.1), diag(0, 0.4, 0.3, 0.4)])                      # still training epoch 1
     _write_run(tmp_path / "cascade" / "seed0", {"variant": "cascade", "seed": 0, "epochs": 2},
-               [_epoch(0, 0.1), {"type": "diag", "epoch": 0, "N": 4, "D4/fsr_in": 0.25},
-                _epoch(1, 0.2), {"type": "diag", "epoch": 1, "N": 4, "D4/fsr_in": 0.35}])
+               [_epoch(0, 0.1), {"type": "diag", "epoch": 0, "N": 4, "D4/fg_in_img": 0.25},
+                _epoch(1, 0.2), {"type": "diag", "epoch": 1, "N": 4, "D4/fg_in_img": 0.35}])
     argv = [str(tmp_path / "v3.0.4"), str(tmp_path / "cascade"), "--out", "", "--plot", ""]
     assert summarize.main(argv) == 0
     out = capsys.readouterr().out
     rows = [line.split(" | ") for line in out.split("## Reference diagnostics per epoch")[1].splitlines()
             if line.startswith("| D")]
     table = {(r[0].lstrip("| "), r[1]): [c.rstrip(" |") for c in r[2:]] for r in rows}
+    # D5 is a default too; no enc1, and no key of the old D4 names (not selected: nobody compares them)
     assert sorted(table) == [("D2/same_obj", "v3.0.4"), ("D2/same_obj/dec0", "v3.0.4"),
-                             ("D4/fsr_in", "cascade"), ("D4/fsr_in", "v3.0.4")]    # no D5 (not selected), no enc1
+                             ("D4/fg_in_img", "cascade"), ("D4/fg_in_img", "v3.0.4"), ("D5/entropy", "v3.0.4")]
     # epoch 0: (0.6, 0.4) -> 0.5 ± 0.141; epoch 1: seed 0 only
     assert table[("D2/same_obj", "v3.0.4")] == ["0.500 ± 0.141", "0.800 (n=1)"]
     assert table[("D2/same_obj/dec0", "v3.0.4")] == ["0.400 ± 0.141", "0.700 (n=1)"]
-    assert table[("D4/fsr_in", "v3.0.4")] == ["0.300 ± 0.141", "0.300 (n=1)"]
-    assert table[("D4/fsr_in", "cascade")] == ["0.250", "0.350"]
+    assert table[("D4/fg_in_img", "v3.0.4")] == ["0.300 ± 0.141", "0.300 (n=1)"]
+    assert table[("D4/fg_in_img", "cascade")] == ["0.250", "0.350"]
     # the last-epoch table has the D2 stage row too
     assert "| D2/same_obj/dec0 |" in out.split("## Reference diagnostics over seeds")[1]
     # --diag_epochs with a prefix selects; alone it turns the table off
-    assert summarize.main(argv + ["--diag_epochs", "D5/"]) == 0
+    assert summarize.main(argv + ["--diag_epochs", "D2/same_obj/"]) == 0
     out = capsys.readouterr().out.split("## Reference diagnostics per epoch")[1]
-    assert "| D5/entropy | v3.0.4 | 0.500 ± 0.000 | 0.500 (n=1) |" in out and "D2/" not in out
+    assert "| D2/same_obj/dec0 | v3.0.4 | 0.400 ± 0.141 | 0.700 (n=1) |" in out and "D5/" not in out
     assert summarize.main(argv + ["--diag_epochs"]) == 0
     assert "per epoch" not in capsys.readouterr().out
+
+
+def test_summarize_shows_the_record_at_initialisation_as_the_first_point(tmp_path, capsys):
+    """A hand-made log as main.py writes it: the diag record of epoch -1 before any training, then one
+    per evaluation. It is the first column of the per-epoch table ('init'), the first point of the
+    curves, and neither an evaluation nor a trained epoch; D6 coverage per level is tabulated."""
+    def diag(epoch, fsr, cov0):
+        return {"type": "diag", "epoch": epoch, "N": 4, "D4/fg_in_img": fsr, "D4/fg_in_img/enc1/lvl0": 0.0,
+                "D6/coverage": 0.9, "D6/coverage/lvl0": cov0, "D6/coverage/lvl1": 1.0,
+                "D6/coverage/enc1/lvl0": 0.0}
+    for seed, shift in enumerate([0.0, 0.2]):
+        _write_run(tmp_path / "v3.0.4" / f"seed{seed}", {"variant": "v3.0.4", "seed": seed, "epochs": 2},
+                   [diag(-1, 0.1 + shift, 0.5), _train(0, 10, 0.5), _epoch(0, 0.1), diag(0, 0.2 + shift, 0.6),
+                    _train(1, 10, 0.5), _epoch(1, 0.2), diag(1, 0.3 + shift, 0.7)])
+    _write_run(tmp_path / "cascade" / "seed0", {"variant": "cascade", "seed": 0, "epochs": 2},
+               [diag(-1, 0.5, 0.5)])                                      # started: only the record at init
+    png = tmp_path / "ap.png"
+    assert summarize.main([str(tmp_path / "v3.0.4"), str(tmp_path / "cascade"), "--out", "", "--plot",
+                           str(png)]) == 0
+    out = capsys.readouterr().out
+    per_epoch = out.split("## Reference diagnostics per epoch")[1]
+    assert "| metric | variant | init | epoch 0 | epoch 1 |" in per_epoch
+    assert "| D4/fg_in_img | v3.0.4 | 0.200 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 |" in per_epoch
+    assert "| D4/fg_in_img | cascade | 0.500 | – | – |" in per_epoch
+    assert "| D6/coverage/lvl0 | v3.0.4 | 0.500 ± 0.000 | 0.600 ± 0.000 | 0.700 ± 0.000 |" in per_epoch
+    assert "| D6/coverage/lvl1 | v3.0.4 |" in per_epoch and "enc1" not in out
+    final = _tables(out)["Reference diagnostics over seeds"]
+    assert final["epochs diagnosed"] == ["1", "init"]
+    assert final["D6/coverage/lvl0"] == ["0.700 ± 0.000 (n=2)", "0.500 ± n/a (n=1)"]
+    run = summarize.load_run(str(tmp_path / "v3.0.4" / "seed0"))
+    assert [p["epoch"] for p in run.diag_curve] == [-1, 0, 1]
+    assert [p["epoch"] for p in run.curve] == [0, 1] and run.epochs_logged == 2 and not run.notes
+    assert (tmp_path / "ap_diag.png").stat().st_size > 1000
 
 
 # ----------------------------------------------------------------------------- visualize_refs
@@ -342,6 +391,27 @@ def test_visualize_refs_on_synthetic_image(tmp_path):
     assert visualize_refs.main(argv) == 0
     assert sorted(os.listdir(out)) == ["attn_map.png", "predictions.png", "refs_token_0.png"]
     assert all((out / name).stat().st_size > 1000 for name in os.listdir(out))
+
+
+@pytest.mark.parametrize("variant", ["v3.0.4_gt", "v3.0.4_random"])
+def test_visualize_refs_runs_the_controls(tmp_path, capsys, variant):
+    """The oracle reads the synthetic image's ground truth (a file has none: one line, exit 2); the
+    random ranking gets its seed."""
+    data = ["--dataset_file", "synthetic", "--coco_path", str(tmp_path / "data"), "--synthetic_num_train", "1",
+            "--synthetic_num_val", "3", "--synthetic_image_size", "64", "--eval_size", "64", "--max_size", "96",
+            "--num_classes", "7"]
+    out = tmp_path / "vis"
+    argv = ["--image", "synthetic:1", "--out", str(out), "--tokens", "1"] + TINY_GUIDED + data + ["--variant", variant]
+    assert visualize_refs.main(argv) == 0
+    assert sorted(os.listdir(out)) == ["attn_map.png", "predictions.png", "refs_token_0.png"]
+    if variant == "v3.0.4_gt":
+        from PIL import Image
+        Image.new("RGB", (40, 30)).save(tmp_path / "img.png")
+        argv[1] = str(tmp_path / "img.png")
+        capsys.readouterr()
+        assert visualize_refs.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--image synthetic" in err[0]
 
 
 @pytest.mark.parametrize("height, width, expected", [
@@ -465,7 +535,7 @@ def test_config_file_parses(path):
     assert args.device == "cpu"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + CONTROLS)
 def test_variant_config_keeps_its_preset(variant):
     """The research base file must not override the knobs the variant preset sets."""
     args = parse_args(["--config", os.path.join(ROOT, "configs", f"{variant}.yaml"), "--device", "cpu",
@@ -541,6 +611,16 @@ def test_ablation_runs_every_seed_of_every_variant(tmp_path):
                                                                    "outputs/ablation.png"]]
 
 
+def test_ablation_runs_the_controls_when_asked(tmp_path):
+    trains, summary = _ablation(tmp_path, VARIANTS="cascade v3.0.4", STAGE_MODES="single", CONTROLS="1")
+    rows = ["cascade", "v3.0.4"] + CONTROLS
+    assert [t[t.index("--output_dir") + 1] for t in trains] == [f"outputs/{v}" for v in rows]
+    assert all(t[t.index("--config") + 1].endswith(f"configs/{v}.yaml")
+               for t, v in zip(trains, rows))
+    trains, _ = _ablation(tmp_path, VARIANTS="cascade", STAGE_MODES="single")
+    assert len(trains) == 1
+
+
 def test_ablation_without_seeds_runs_once_as_before(tmp_path):
     trains, summary = _ablation(tmp_path, VARIANTS="baseline cascade", STAGE_MODES="single")
     assert [t[t.index("--output_dir") + 1] for t in trains] == ["outputs/baseline", "outputs/cascade"]
@@ -558,10 +638,11 @@ def test_summarize_reads_diagnostics_computed_after_the_run(tmp_path):
     logged record of the same epoch wins."""
     run_dir = tmp_path / "v3.0.4" / "seed0"
     _write_run(str(run_dir), {"variant": "v3.0.4", "seed": 0, "epochs": 2},
-               [_epoch(0, 0.1), _epoch(1, 0.2), {"type": "diag", "epoch": 1, "N": 4, "D4/fsr_in": 0.9}])
+               [_epoch(0, 0.1), _epoch(1, 0.2), {"type": "diag", "epoch": 1, "N": 4, "D4/fg_in_img": 0.9}])
     os.makedirs(run_dir / "diagnostics")
-    evaluations = [{"checkpoint": "ckpt_epoch0.pth", "epoch": 0, "metrics": {"D4/fsr_in": 0.5, "D4/fsr_in/enc0/lvl0": 0.4}},
-                   {"checkpoint": "ckpt_epoch1.pth", "epoch": 1, "metrics": {"D4/fsr_in": 0.7}}]
+    evaluations = [{"checkpoint": "ckpt_epoch0.pth", "epoch": 0,
+                    "metrics": {"D4/fg_in_img": 0.5, "D4/fg_in_img/enc0/lvl0": 0.4}},
+                   {"checkpoint": "ckpt_epoch1.pth", "epoch": 1, "metrics": {"D4/fg_in_img": 0.7}}]
     (run_dir / "diagnostics" / "diagnostics.json").write_text(json.dumps({"N": 4, "evaluations": evaluations}))
     run = summarize.load_run(str(run_dir))
-    assert run.diag_curve == [{"epoch": 0.0, "D4/fsr_in": 0.5}, {"epoch": 1.0, "D4/fsr_in": 0.9}]
+    assert run.diag_curve == [{"epoch": 0.0, "D4/fg_in_img": 0.5}, {"epoch": 1.0, "D4/fg_in_img": 0.9}]

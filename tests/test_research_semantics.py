@@ -148,7 +148,7 @@ def test_box_path_stays_float32_under_half_autocast(form, half):
 
 @pytest.mark.parametrize("flags,named", [
     (["--variant", "v3.0.2", "--enc_ref_progressive"], ["--enc_ref_progressive", "--enc_ref_mode"]),
-    (["--variant", "v3.0.1", "--attn_map_accum", "sum"], ["--attn_map_accum", "per_level"]),
+    (["--variant", "v3.0.1", "--attn_map_accum", "sum"], ["--attn_map_accum", "--ref_rank cls", "reads no map"]),
     (["--variant", "v3.0.3", "--use_ms_detr", "--no-ref_eval_one2many"], ["--no-ref_eval_one2many", "--ref_queries"]),
     (["--variant", "v3.0.2", "--no-ref_eval_one2many"], ["--no-ref_eval_one2many", "--use_ms_detr"]),
     (["--variant", "cascade", "--no-ref_eval_one2many"], ["--ref_eval_one2many", "--enc_ref_mode"]),

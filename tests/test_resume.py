@@ -46,6 +46,6 @@ def test_resume_rejects_a_checkpoint_of_another_model(tmp_path):
     data = tmp_path / "data"
     _run(_flags(data, tmp_path / "a", "--epochs", "1", "--num_workers", "0"))
     # the checkpoint records its flags: the error names the one that differs, before any load
-    with pytest.raises(InputError, match=r"another model configuration: --two_stage True \(checkpoint: False\)"):
+    with pytest.raises(InputError, match=r"other experiment-defining flags: --two_stage True \(checkpoint: False\)"):
         _run(_flags(data, tmp_path / "b", "--epochs", "2", "--num_workers", "0", "--two_stage",
                     "--resume", str(tmp_path / "a" / "checkpoint.pth")))

@@ -5,8 +5,10 @@ detections, the rewritten log) goes through ``atomic_write``: a temporary file i
 directory, flushed to disk, renamed over the destination, then the directory synced. ``os.replace``
 is atomic on POSIX file systems when source and destination are on the same file system (hence
 the same directory), so a reader sees either the previous complete file or the new complete file,
-never a torn one. Resuming: ``check_resume_configuration`` refuses a checkpoint of another model
-before anything loads, ``resume_training_state`` restores optimiser, schedule, scaler and RNG state.
+never a torn one. Resuming: ``saved_config`` reads the configuration a checkpoint records (also
+upstream's ``argparse.Namespace``), ``differing_flags`` compares the flags the caller names with it
+(which flags must match is the command line's business: ``cli.checkpoint_config``), and
+``resume_training_state`` restores optimiser, schedule, scaler and RNG state.
 """
 import argparse
 import glob
@@ -15,12 +17,11 @@ import random
 import re
 import shutil
 import tempfile
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from util.dist import say
 from util.errors import InputError
 from util.optim import lr_drop_epochs
 
@@ -29,19 +30,6 @@ _NUMBERED = re.compile(r"checkpoint(\d+)\.pth$")
 # test-only fault injection (see ``fault_point``)
 FAULT_ENV = "DETR_FAULT_POINT"
 _fault_counts: Dict[str, int] = {}
-
-# flags that change the model's parameters or the optimiser's parameter groups: a checkpoint made
-# with other values cannot be resumed (lr_backbone matters only as zero / non-zero, see below)
-ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "num_feature_levels", "enc_layers", "dec_layers",
-                      "stages", "dim_feedforward", "hidden_dim", "nheads", "num_queries_one2one",
-                      "num_queries_one2many", "dec_n_points", "enc_n_points", "with_box_refine", "two_stage",
-                      "mixed_selection", "look_forward_twice", "use_ms_detr", "use_aux_ffn", "num_classes",
-                      "enc_ref_mode", "use_dn", "sgd", "lr_backbone_names", "lr_linear_proj_names")
-# flags that never affect what a checkpoint holds (left out when listing differences after a failed load)
-_RUN_FLAGS = {"epochs", "output_dir", "eval", "eval_every", "print_freq", "max_iters_per_epoch", "tensorboard",
-              "num_workers", "device", "start_epoch", "coco_path", "local_rank", "find_unused_parameters",
-              "skip_bad_images", "pretrained", "variant", "seed", "train_ann", "val_ann", "diag_images"}
-
 
 def fault_point(name: str) -> None:
     """Die here, as ``kill -9`` would, when the environment asks for it (tests of crash recovery).
@@ -183,26 +171,65 @@ class UnreadableCheckpointError(InputError, RuntimeError):
     """A checkpoint file that torch cannot load (a RuntimeError, and bad input: exit 2)."""
 
 
+def _numpy_globals(core) -> List[Any]:
+    """What numpy arrays and scalars of every built-in dtype unpickle through: the array and dtype
+    classes, the two reconstructors, and the class of each dtype (bool, every int and uint size,
+    float16-longdouble, complex, bytes, str, void / structured, object, datetime64, timedelta64;
+    numpy 2's variable-width StringDType through its constructor helper). Object arrays are safe
+    here: their elements are unpickled by the same restricted unpickler. Not included: subclasses
+    such as masked arrays (``numpy.ma``), which unpickle through their own functions."""
+    allowed: List[Any] = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    allowed += sorted({type(np.dtype(code)) for code in np.typecodes["All"]}, key=lambda cls: cls.__name__)
+    string_dtype = getattr(getattr(np, "dtypes", None), "StringDType", None)
+    internal = getattr(core, "_internal", None)
+    if string_dtype is not None and hasattr(internal, "_convert_to_stringdtype_kwargs"):
+        allowed += [string_dtype, internal._convert_to_stringdtype_kwargs]
+    return allowed
+
+
 def _safe_globals() -> List[Any]:
     """What this project's and upstream Deformable-DETR / H-DETR checkpoints hold beyond tensors and
-    containers: the argparse.Namespace of upstream's ``args``, numpy arrays / scalars (numpy's RNG
-    state in ours). Each entry is a class or function the unpickler may name; nothing else loads.
-    numpy 1.x pickles name the same functions under ``numpy.core``; both spellings are allowed."""
+    containers: the argparse.Namespace of upstream's ``args``, numpy arrays / scalars of any built-in
+    dtype (numpy's RNG state in ours). Each entry is a class or function the unpickler may name;
+    nothing else loads. numpy 1.x pickles name the same functions under ``numpy.core``; both
+    spellings are allowed."""
     core = np._core if hasattr(np, "_core") else np.core
-    allowed: List[Any] = [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct,
-                          core.multiarray.scalar]
-    allowed += [type(np.dtype(kind)) for kind in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64,
-                                                  np.bool_)]
+    allowed: List[Any] = [argparse.Namespace, *_numpy_globals(core)]
     if core is not getattr(np, "core", None):
         allowed += [(core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
                     (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
     return allowed
 
 
+# how torch's weights-only unpickler names what it refused, one pattern per message form:
+# a global off the allowlist; one in a blocked module (os, posix, sys, nt); older torch's form;
+# an object of a class it may not build or create; a function it may not call
+_REFUSAL_FORMS = (r"GLOBAL (\S+) was not an allowed global", r"unsupported GLOBAL (\S+) whose module",
+                  r"Unsupported class (\S+)", r"but got <class '([^']+)'>",
+                  r"unrecognized function (.+?)(?: which belongs to .*)?$")
+
+
 def _refused_global(exc: Exception) -> Optional[str]:
-    """The global a weights-only load refused ('os.system'), from torch's message; None if not that."""
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-    return match.group(1) if match else None
+    """The global a weights-only load refused ('posix.system', 'io.open'), from torch's message in
+    any of its forms; None if the failure was not such a refusal."""
+    text = str(exc)
+    for form in _REFUSAL_FORMS:
+        match = re.search(form, text, flags=re.MULTILINE)
+        if match:
+            return match.group(1).rstrip(".")
+    return None
+
+
+def _unpickler_reason(text: str) -> str:
+    """What torch's weights-only loader says went wrong, without its advice to load with full
+    pickle (``weights_only=False``: the opposite of what is wanted here) or its documentation link."""
+    kept = []
+    for line in text.splitlines():
+        line = re.sub(r"^Weights only load failed\.\s*", "", line.strip())
+        line = line.split("WeightsUnpickler error:")[-1].strip()
+        if line and "weights_only" not in line and not line.startswith(("Check the documentation", "(1)", "(2)")):
+            kept.append(line)
+    return " ".join(kept)
 
 
 def load_checkpoint(path: str, trusted: bool = False, flag: str = "checkpoint") -> Dict[str, Any]:
@@ -231,7 +258,10 @@ def load_checkpoint(path: str, trusted: bool = False, flag: str = "checkpoint") 
                 f"{flag} {path}: refused to load: unpickling it would import or call '{refused}', which can run "
                 "code; nothing from it was executed. If you trust this file, pass --unsafe_trust_checkpoint "
                 f"{path}") from None
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        if "Weights only load failed" in str(exc):  # no global named: not a pickle it reads (garbage, a new opcode)
+            first_line = _unpickler_reason(str(exc))
+        else:
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise UnreadableCheckpointError(f"{flag} {path}: cannot read checkpoint: {type(exc).__name__}: "
                                         f"{first_line}") from exc
 
@@ -310,10 +340,31 @@ def numbered_checkpoint_paths(output_dir: str, epoch: int, config) -> List[str]:
     return []
 
 
+def plain_value(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays (upstream checkpoints' ``args`` hold them) turned into
+    Python numbers and lists, and tuples into lists, recursively: comparable with flag values and
+    writable as YAML."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [plain_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain_value(item) for key, item in value.items()}
+    return value
+
+
 def saved_config(checkpoint: Any) -> Dict[str, Any]:
-    """The configuration a checkpoint records ({} for a bare state dict or a foreign file)."""
+    """The configuration a checkpoint records, as {flag name: plain value}: this project's dict, or
+    upstream's ``argparse.Namespace`` (its keys are upstream's flag names; those that are not this
+    project's are simply never asked for). {} for a bare state dict or a foreign file."""
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    return saved or {}
+    if isinstance(saved, argparse.Namespace):
+        saved = vars(saved)
+    if not isinstance(saved, dict):
+        return {}
+    return {str(key): plain_value(value) for key, value in saved.items()}
 
 
 def saved_class_names(checkpoint: Any) -> Dict[int, str]:
@@ -322,87 +373,47 @@ def saved_class_names(checkpoint: Any) -> Dict[int, str]:
     return {int(k): str(v) for k, v in (names or {}).items()}
 
 
-def _as_list(value):
-    return list(value) if isinstance(value, tuple) else value
+def has_upstream_args(checkpoint: Any) -> bool:
+    """Whether the checkpoint's ``args`` is an argparse.Namespace, as in upstream Deformable-DETR /
+    H-DETR files: upstream's flags, not this project's configuration (its names and meanings differ)."""
+    return isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace)
 
 
-def _flag_value(saved: Dict, config, name: str):
-    """(saved, current) value of a flag, as compared on resume; lists and tuples alike."""
-    saved_value, current = _as_list(saved.get(name)), _as_list(getattr(config, name))
-    if name == "lr_backbone":  # only freezing (0) versus training (> 0) changes the parameter groups
-        return (saved_value or 0) > 0, (current or 0) > 0
-    return saved_value, current
-
-
-def differing_flags(saved: Dict, config, names) -> List[str]:
-    """'--flag now (checkpoint: then)' for each flag in ``names`` recorded in ``saved`` with another value."""
+def differing_flags(saved: Dict, config, names: Iterable[str]) -> List[Tuple[str, Any, Any]]:
+    """(flag, value now, the checkpoint's value) for each flag in ``names`` that ``saved`` (a
+    ``saved_config``) records with another value; flags it does not record are not compared."""
     out = []
     for name in names:
         if name not in saved or not hasattr(config, name):
             continue
-        then, now = _flag_value(saved, config, name)
+        then, now = saved[name], plain_value(getattr(config, name))
         if then != now:
-            out.append(f"--{name} {now} (checkpoint: {then})")
+            out.append((name, now, then))
     return out
 
 
-def check_resume_configuration(saved: Dict, config, path: str, flag: str) -> None:
-    """A checkpoint made with another architecture or other optimiser groups cannot continue: one
-    error naming every flag that differs (before a load fails somewhere inside torch).
-    ``saved``: the checkpoint's configuration (``saved_config``)."""
-    names = ARCHITECTURE_FLAGS + (() if config.eval else ("lr_backbone",))
-    different = differing_flags(saved, config, names)
-    if different:
-        raise InputError(f"{flag} {path} was made with another model configuration: {'; '.join(different)}")
+def describe_differences(differences: Sequence[Tuple[str, Any, Any]]) -> str:
+    """'--flag now (checkpoint: then); ...' of ``differing_flags``' answer."""
+    return "; ".join(f"--{name} {now} (checkpoint: {then})" for name, now, then in differences)
 
 
-def all_differences(saved: Dict, config) -> str:
-    """'; flags that differ from the checkpoint's: ...' (every flag that can matter), or ''."""
-    different = differing_flags(saved, config, [n for n in saved if n not in _RUN_FLAGS])
-    return f"; flags that differ from the checkpoint's: {'; '.join(different)}" if different else ""
-
-
-def resume_training_state(checkpoint: Dict, path: str, optimizer, lr_scheduler, scaler, config) -> Tuple[int, Dict]:
+def resume_training_state(checkpoint: Dict, path: str, optimizer, lr_scheduler, scaler,
+                          differences: str = "", flag: str = "--resume") -> Tuple[int, Dict]:
     """Load optimiser, scheduler, scaler and RNG state from the read ``checkpoint`` (of file
-    ``path``); returns (epoch to start from, the training statistics of the checkpoint's epoch)."""
+    ``path``, named by ``flag``: --resume or --auto_resume); returns (epoch to start from, the
+    training statistics of the checkpoint's epoch). ``differences``: added to the error when the
+    optimiser's parameter groups do not fit (which flags differ from the checkpoint's)."""
     missing = [k for k in ("optimizer", "lr_scheduler", "epoch") if k not in checkpoint]
     if missing:
-        raise InputError(f"--resume {path}: not a training checkpoint (no {', '.join(missing)}); "
+        raise InputError(f"{flag} {path}: not a training checkpoint (no {', '.join(missing)}); "
                          "use --pretrained to start from its weights")
-    saved = saved_config(checkpoint)
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as exc:  # torch: "loaded state dict contains a parameter group that doesn't match..."
-        raise InputError(f"--resume {path}: the optimiser's parameter groups do not match this run's ({exc})"
-                         + all_differences(saved, config)) from None
+        raise InputError(f"{flag} {path}: the optimiser's parameter groups do not match this run's ({exc})"
+                         + differences) from None
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     restore_rng_state(checkpoint.get("rng_state"))
     return int(checkpoint["epoch"]) + 1, checkpoint.get("train_stats") or {}
-
-
-# flags whose values a resumed run takes from the checkpoint: the optimiser's parameter groups
-# (learning rates, weight decay) and the lr schedule's state are loaded from it, so those win
-SCHEDULE_FLAGS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop", "lr_drop_epochs")
-
-
-def schedule_from_checkpoint(saved: Dict[str, Any], config, path: str) -> Dict[str, Any]:
-    """{flag: the checkpoint's value} for each ``SCHEDULE_FLAGS`` flag given another value now, each
-    with a warning; the caller records these in the run's configuration, so that config.yaml says
-    what the resumed run actually trains with. A changed --batch_size is used, with a warning."""
-    kept = {}
-    for name in SCHEDULE_FLAGS + ("batch_size",):
-        if name not in saved or not hasattr(config, name):
-            continue
-        then, now = _as_list(saved[name]), _as_list(getattr(config, name))
-        if then == now:
-            continue
-        if name == "batch_size":
-            say(f"warning: --batch_size is {now} now but was {then} in {path}; the learning rates continue from "
-                "the checkpoint unchanged", flush=True)
-            continue
-        say(f"warning: --{name} {now} is not used: the optimiser and lr schedule continue from {path}, which has "
-            f"{then} (config.yaml records {then})", flush=True)
-        kept[name] = then
-    return kept

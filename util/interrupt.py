@@ -61,6 +61,13 @@ class StopSignals:
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
+    @property
+    def requested(self) -> bool:
+        """Whether a signal arrived in this process. No collective: for a pass that runs on one rank
+        only (the reference diagnostics, the pictures), which stops early and leaves the decision
+        to the next ``check`` that every rank reaches."""
+        return self.signum is not None
+
     def check(self, where: str, device: torch.device) -> None:
         """Raise ``RunInterrupted`` if a signal arrived here or, in a distributed run, on any rank.
 

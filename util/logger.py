@@ -14,6 +14,7 @@ from typing import Dict, List, NamedTuple, Optional, TextIO
 import torch
 
 from util.dist import get_world_size, is_dist_avail_and_initialized
+from util.jsonl import parse_line, read_jsonl  # noqa: F401  (read_jsonl: part of this module's interface)
 
 
 def format_seconds(seconds: float) -> str:
@@ -167,24 +168,6 @@ class ProgressBar:
             self.stream.flush()
 
 
-def _parse_line(raw: bytes) -> Optional[Dict]:
-    """One log line as a record; None for a line that is not a JSON object in UTF-8 (a write cut
-    short by a kill, a stray byte from a full disk or another program)."""
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def read_jsonl(path: str) -> List[Dict]:
-    """The records of a JSON-lines log; unreadable lines (see ``_parse_line``) are skipped."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, "rb") as f:
-        return [record for record in map(_parse_line, f) if record is not None]
-
-
 class LogCleanup(NamedTuple):
     """What ``JsonlLogger.drop_epochs_from`` removed: records of redone epochs, and unreadable lines."""
 
@@ -195,6 +178,8 @@ class LogCleanup(NamedTuple):
 # record types that belong to one training epoch; a rerun of that epoch writes them again
 # ('diag': the reference diagnostics of the epoch's evaluation)
 EPOCH_RECORD_TYPES = ("train", "epoch", "diag")
+# the epoch of the diag record measured before the first training step (the model at initialisation)
+INIT_EPOCH = -1
 
 
 class JsonlLogger:
@@ -228,13 +213,14 @@ class JsonlLogger:
 
         Called at start-up, so an epoch interrupted and redone is in the log once. A ``diag``
         record of an epoch without its epoch record belongs to a tail cut short, which is redone,
-        so it goes too. Other records (errors, evaluations, data summaries) are history and stay.
+        so it goes too, except the one at initialisation (epoch ``INIT_EPOCH``), which has no epoch
+        record and is never redone. Other records (errors, evaluations, data summaries) are history and stay.
         """
         if not self.path or not os.path.isfile(self.path):
             return LogCleanup(0, 0)
         with open(self.path, "rb") as f:
             lines = f.readlines()
-        parsed = [(line, _parse_line(line)) for line in lines]
+        parsed = [(line, parse_line(line)) for line in lines]
         unreadable = sum(record is None for _, record in parsed)
         finished = {r["epoch"] for _, r in parsed
                     if r is not None and r.get("type") == "epoch" and isinstance(r.get("epoch"), int)}
@@ -245,7 +231,7 @@ class JsonlLogger:
             if record.get("type") in EPOCH_RECORD_TYPES and isinstance(record.get("epoch"), int):
                 if record["epoch"] >= first_epoch:
                     continue
-                if record["type"] == "diag" and record["epoch"] not in finished:
+                if record["type"] == "diag" and record["epoch"] not in finished and record["epoch"] != INIT_EPOCH:
                     continue
                 if record["type"] == "epoch":
                     if record["epoch"] in seen_epochs:

@@ -21,12 +21,14 @@ def _process_alive(pid: int) -> bool:
 class OutputDirLock:
     """Ownership of an output directory by one run: the file ``.lock`` holding "pid host [slurm job id]".
 
-    ``acquire`` creates it exclusively. If it exists: a lock of a process that is gone (same
-    host) is taken over with a message, and so is one left by the same SLURM job (a requeued job
-    restarts under its old job id, possibly on another node, after its first run was preempted);
-    any other lock is an ``InputError`` naming the owner. A lock from another host cannot be
-    checked, so it is an error too (delete the file if that run is known to be dead). ``release``
-    removes the file if it is still ours.
+    ``acquire`` creates it exclusively. If it exists, it is taken over (with a message) only when
+    its owner is known to be gone: on this host, a process id that no longer runs; on another host,
+    a lock of this SLURM job (a requeued job restarts under its old job id on whichever node it
+    gets, after its first run was preempted). A live process on this host owns the directory even
+    under the same SLURM job id (a second launch inside one allocation), so that, and any lock from
+    another host that is not this job's, is an ``InputError`` naming the owner (delete the file if
+    that run is known to be dead).
+    ``release`` removes the file if it is still ours.
     """
 
     def __init__(self, output_dir: str):
@@ -48,10 +50,12 @@ class OutputDirLock:
         """Why an existing lock may be taken over, or None when it belongs to a live (or unknown) run."""
         if pid is None:
             return None
+        if host == socket.gethostname():
+            if not _process_alive(pid):
+                return f"of process {pid} (no longer running)"
+            return None
         if self.job and job == self.job:
             return f"left by this SLURM job's earlier run (job {job}, process {pid} on {host}; requeued)"
-        if host == socket.gethostname() and not _process_alive(pid):
-            return f"of process {pid} (no longer running)"
         return None
 
     def acquire(self) -> None:
@@ -70,6 +74,8 @@ class OutputDirLock:
                     continue
                 owner = f"process {pid} on host {host}" if pid is not None else "an unreadable owner"
                 owner += f" (SLURM job {job})" if job else ""
+                if pid is not None and self.job and job == self.job:
+                    owner += ", still running under this same SLURM job (a second launch in one allocation?)"
                 raise InputError(f"--output_dir {os.path.dirname(self.path)} is in use by {owner} (lock file "
                                  f"{self.path}); use another --output_dir, or delete the lock file if that run "
                                  "is dead") from None

@@ -17,22 +17,49 @@ from .geometry import inside_any_box, inside_box
 
 
 class ForegroundSums(NamedTuple):
-    """Attention weight sums per sampled level (L,) for D4 (tokens split by whether a GT box contains them)."""
-    fg_in: torch.Tensor   # weight on foreground locations, tokens inside a GT box
-    all_in: torch.Tensor  # all weight of tokens inside a GT box
-    fg_out: torch.Tensor  # weight on foreground locations, tokens outside every GT box
-    all_out: torch.Tensor
-    own_in: torch.Tensor  # weight of inside tokens that lies in their own (smallest containing) box
+    """Attention weight sums per sampled level (L,) for D4; tokens split by whether a GT box contains them.
+
+    Only weight that lands inside the image's valid region counts towards the foreground: weight
+    off the image can never be on an object, so shares are taken of the in-image weight.
+    """
+    fg_in: torch.Tensor   # in-image weight inside any GT box, tokens inside a GT box
+    img_in: torch.Tensor  # in-image weight of tokens inside a GT box
+    fg_out: torch.Tensor  # in-image weight inside any GT box, tokens outside every GT box
+    img_out: torch.Tensor
+    own_in: torch.Tensor  # in-image weight of inside tokens that lies in their own (smallest containing) box
+
+
+# the valid region of an image in its own normalised coordinates (xyxy)
+_WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
+
+
+def inside_image(locations: torch.Tensor) -> torch.Tensor:
+    """locations (..., 2) in valid-region coordinates -> (...) bool, True inside [0, 1] x [0, 1] (borders in)."""
+    return inside_box(locations, locations.new_tensor(_WHOLE_IMAGE))
+
+
+def off_image_sampling(locations: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """D4 OffImage sums of one encoder layer on one image: the weight outside the valid region.
+
+    locations (T, H, L, P, 2) in valid-region coordinates, weights (T, H, L, P).
+    Returns (off-image weight (L,), all weight (L,)) per sampled level.
+    """
+    weights = weights.float()
+    off = weights * ~inside_image(locations)
+    return off.sum((0, 1, 3)), weights.sum((0, 1, 3))
 
 
 def foreground_sampling(locations: torch.Tensor, weights: torch.Tensor, token_box: torch.Tensor,
                         gt_boxes: torch.Tensor) -> ForegroundSums:
     """D4 sums of one encoder layer on one image.
 
-    locations (T, H, L, P, 2), weights (T, H, L, P), token_box (T,) int64 index of the smallest GT box
-    containing each token (-1: none), gt_boxes (G, 4) xyxy. Returns ForegroundSums of (L,) tensors.
+    locations (T, H, L, P, 2) in valid-region coordinates, weights (T, H, L, P), token_box (T,) int64
+    index of the smallest GT box containing each token (-1: none), gt_boxes (G, 4) xyxy.
+    Returns ForegroundSums of (L,) tensors. A location counts as foreground only inside the image
+    (a GT box reaching past the border does not make off-image weight foreground), so with one GT
+    box covering the whole image fg_in == img_in exactly.
     """
-    weights = weights.float()
+    weights = weights.float() * inside_image(locations)  # in-image weight only
     foreground = inside_any_box(locations, gt_boxes)  # (T, H, L, P)
     inside_token = token_box >= 0
     own = gt_boxes[token_box.clamp(min=0)]  # (T, 4); rows of outside tokens are ignored below
@@ -49,8 +76,13 @@ def foreground_sampling(locations: torch.Tensor, weights: torch.Tensor, token_bo
 
 
 def weight_entropy(weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """D5: weights (..., L, P), summing to 1 over L x P -> normalised entropy (...) in [0, 1]
-    (1 = uniform) and the effective number of samples N_eff = exp(entropy) (...) in [1, L * P]."""
+    """D5: weights (..., L, P), summing to 1 over L x P -> (normalised entropy, N_eff), each (...).
+
+    With the entropy in nats E = -sum w log w over the L * P samples: the normalised entropy is
+    E / log(L * P), in [0, 1] (1 = uniform weights); N_eff = exp(E), the effective number of
+    samples, in [1, L * P] (L * P = uniform, 1 = one sample takes all). N_eff is exp of the entropy
+    in nats, not of the normalised entropy: they are different numbers (uniform: 1 and L * P).
+    """
     flat = weights.float().flatten(-2)
     entropy = -torch.special.xlogy(flat, flat).sum(-1)
     samples = flat.shape[-1]
@@ -61,6 +93,11 @@ def weight_entropy(weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def sampling_distance(locations: torch.Tensor, references: torch.Tensor, level_sizes: torch.Tensor) -> torch.Tensor:
     """D5: distance of each sampling location from its reference, in pixels (strides) of its level.
 
+    At initialisation it is fixed by the offset init (models/ms_deform_attn.py): head h's point p
+    sits (p + 1) cells along a direction whose larger coordinate is 1, so the mean over points is
+    (P + 1) / 2 and over heads the mean direction length; with H = 8 four directions are axis
+    aligned (length 1) and four diagonal (sqrt 2): 2.5 * (1 + sqrt 2) / 2 = 3.018 cells at P = 4.
+
     locations (T, H, L, P, 2) and references broadcastable to it, both normalised to the padded level
     as the operator reads them; level_sizes (L, 2) float (W, H) of each level.
     Returns (T, H, L, P).
@@ -70,7 +107,10 @@ def sampling_distance(locations: torch.Tensor, references: torch.Tensor, level_s
 
 
 def slot_share(weights: torch.Tensor) -> torch.Tensor:
-    """D5, per-point references: weights (T, H, L, P) -> (T, P) share of each point slot (mean over heads)."""
+    """D5, per-point references: weights (T, H, L, P) -> (T, P) share of each point slot (mean over heads).
+
+    Under uniform weights (as at initialisation) every slot holds 1 / P.
+    """
     return weights.float().sum(2).mean(1)
 
 

@@ -4,17 +4,24 @@
     diag.start()                         # each evaluation
     for samples, targets in probe_batches:
         diag.update(samples, targets)    # one no_grad forward in eval mode, hooks attached only here
-    metrics = diag.finish()              # {"D4/fsr_in": ..., "D4/fsr_in/enc0/lvl1": ..., ...}
+    metrics = diag.finish()              # {"D4/fg_in_img": ..., "D4/fg_in_img/enc0/lvl1": ..., ...}
 
 Keys are '<family>[/<scope>...]': a family alone is the overall mean, scopes narrow it to an
 encoder layer (encN), a level (lvlN: the token's level for D5 entropy/N_eff and D6, the sampled
 level for D4 and D5 distance), a decoder layer (decN: references made after it) or a reference
-slot (slotN). Means pool the items of every probe image (tokens, references, weight); the
-chance-normalised FSR is a per-image ratio averaged over images. A metric with no item (no GT
-boxes, no guidance, first evaluation for the across-evaluation ones) is absent, never NaN.
+slot (slotN); D6/coverage also has lvlN alone (over the guided layers). Means pool the items of
+every probe image (tokens, references, weight): every ratio is a ratio of sums over the probe
+set, so no single image dominates. A metric with no item (no GT boxes, no guidance, first
+evaluation for the across-evaluation ones) is absent, never NaN.
+
+Read each number against chance and against initialisation (``describe()`` says what is fixed
+by construction: under the offset and weight initialisation of MSDeformAttn the attention
+weights are uniform, so D5/entropy = 1, D5/n_eff = L * P, D5/slot_share = 1 / P, and
+D5/distance = (P + 1) / 2 times the mean initial direction length, 3.018 cells at H = 8, P = 4).
+Runs log one pass before the first training step (epoch -1) for exactly that comparison.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -23,8 +30,10 @@ from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 from ..deformable_transformer import encoder_reference_points
 from ..enc_reference import GuidancePicks
+from ..guidance import guidance_inputs
 from ..level_layout import LevelLayout, valid_size
 from ..matcher import HungarianMatcher
+from ..stages import guided_encoder_layers
 from . import metrics
 from .geometry import covered_area_fraction, inside_any_box, match_to_ground_truth, smallest_containing_box
 from .recording import EncoderLayerRecord, record_encoder
@@ -49,19 +58,29 @@ DESCRIPTIONS = {
     "D3/matching_instability": "across evaluations, guided learned-query configurations: of the one-to-one queries matched in "
                                "either evaluation (Hungarian, scipy, the criterion's default costs), the "
                                "fraction whose matched GT changed (DN-DETR)",
-    "D4/fsr_in": "attention-weighted fraction of sampling locations inside any GT box, tokens inside a GT box",
-    "D4/fsr_out": "as D4/fsr_in for tokens outside every GT box",
-    "D4/fsr_in_norm": "D4/fsr_in of each image divided by its GT-covered area fraction (1 = chance), "
-                      "mean over images",
-    "D4/fsr_out_norm": "D4/fsr_out of each image divided by its GT-covered area fraction (1 = chance)",
-    "D4/own_obj": "for tokens inside a GT box, the attention weight share inside that (smallest containing) box",
+    "D4/off_image": "share of the attention weight whose sampling location lies outside the image's valid "
+                    "region (all tokens; never foreground; fixed by geometry at init, large on coarse levels)",
+    "D4/fg_in_img": "tokens inside a GT box: of their in-image attention weight, the share at locations inside "
+                    "any GT box (1.0 when one box covers the whole image)",
+    "D4/fg_out_img": "as D4/fg_in_img for tokens outside every GT box",
+    "D4/fg_in_chance": "D4/fg_in_img over the GT-covered area fraction, pooled: sum of in-box weight / sum of "
+                       "(covered fraction x in-image weight) over images (1 = chance, i.e. in-image weight "
+                       "spread uniformly over the image)",
+    "D4/fg_out_chance": "as D4/fg_in_chance for tokens outside every GT box",
+    "D4/own_in_img": "tokens inside a GT box: of their in-image attention weight, the share inside that "
+                     "(smallest containing) box",
     "D5/entropy": "per token and head, entropy of the attention weights over levels x points / log(L*P) "
-                  "(1 = uniform)",
-    "D5/n_eff": "per token and head, effective number of samples exp(entropy), between 1 and L*P",
-    "D5/distance": "mean distance of sampling locations from their reference, in pixels (strides) of the level",
-    "D5/slot_share": "per-point references: mean attention weight share of each reference slot",
-    "D5/self_share": "v3.0.4 (ref_keep_self): weight share of slot 0, the token's own location",
-    "D6/coverage": "fraction of tokens with at least one reference from the map (not the own-location fallback)",
+                  "(1 = uniform weights, which is also its value at init)",
+    "D5/n_eff": "per token and head, effective number of samples exp(entropy in nats), between 1 and L*P "
+                "(L*P under uniform weights and at init; not exp of D5/entropy)",
+    "D5/distance": "mean distance of sampling locations from their reference, in pixels (strides) of the level; "
+                   "at init (P+1)/2 x the mean offset-direction length: 2.5(1+sqrt2)/2 = 3.018 at H=8, P=4",
+    "D5/slot_share": "per-point references: mean attention weight share of each reference slot "
+                     "(1/P under uniform weights and at init)",
+    "D5/self_share": "v3.0.4 (ref_keep_self): weight share of slot 0, the token's own location "
+                     "(1/P = 0.25 at P=4 under uniform weights and at init)",
+    "D6/coverage": "fraction of tokens with at least one reference from the map (not the own-location fallback); "
+                   "lvlN alone: over the guided layers, per token level",
     "D6/slot_coverage": "fraction of map-derived reference slots filled from the map",
 }
 
@@ -85,16 +104,6 @@ class _ProbeImage:
         return self.boxes.shape[0] > 0
 
 
-def _guides_some_layer(stages: Sequence[Tuple[int, int]]) -> bool:
-    """Whether an encoder layer runs after a decoder layer in the stage schedule."""
-    decoder_layers_run = 0
-    for n_enc, n_dec in stages:
-        if n_enc and decoder_layers_run:
-            return True
-        decoder_layers_run += n_dec
-    return False
-
-
 def _per_group(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """values (N, ...) and groups (N,) -> per group sums (num_groups,) and item counts (num_groups,)."""
     per_row = values.float().reshape(values.shape[0], -1)
@@ -108,18 +117,23 @@ class ReferenceDiagnostics:
 
     model: the eager DeformableDETR. matcher: the one-to-one matcher of D3's matching instability
     (default: HungarianMatcher with the flags' default costs; pass the criterion's to use its costs).
+    seed: the run's --seed; a guidance that draws random numbers gets (seed, probe batch index).
+    A guidance that reads the ground truth (the oracle source) gets the probe images' targets.
     """
 
-    def __init__(self, model, matcher: Optional[HungarianMatcher] = None, match_threshold: float = 0.5):
+    def __init__(self, model, matcher: Optional[HungarianMatcher] = None, match_threshold: float = 0.5,
+                 seed: int = 0):
         self.model = model
         transformer = model.transformer
         self.generator = transformer.enc_reference_generator
-        self.guided = self.generator is not None and _guides_some_layer(transformer.stages)
+        self.guided = self.generator is not None and bool(guided_encoder_layers(transformer.stages))
         # D3 describes guidance like D1, D2 and D6: a stock configuration reports D4-D5 only, the
         # comparison every variant is read against (issue 18); two-stage queries are not learned
         self.learned_queries = self.guided and not model.two_stage
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.match_threshold = match_threshold
+        self.seed = seed
+        self._batches = 0  # probe batches of this pass (the random ranking's seed)
         self._previous: Dict[int, dict] = {}  # image_id -> what the previous evaluation saw
         self._current: Dict[int, dict] = {}
         self._tally = Tally()
@@ -135,6 +149,7 @@ class ReferenceDiagnostics:
             self._previous = self._current
         self._current = {}
         self._tally = Tally()
+        self._batches = 0
 
     def finish(self) -> Dict[str, float]:
         """The pass's metrics: flat {key: float}; metrics without any item are absent."""
@@ -155,11 +170,13 @@ class ReferenceDiagnostics:
             samples = nested_tensor_from_tensor_list(list(samples))
         samples = samples.to(device)
         images = self._probe_images(samples, targets, device)
+        guidance = guidance_inputs(self.generator, targets, (self.seed, self._batches))
+        self._batches += 1
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
             with record_encoder(self.model, lambda record: self._encoder_layer(record, images)) as updates:
-                outputs = self.model(samples)
+                outputs = self.model(samples, guidance=guidance)
         finally:
             for module, mode in modes:
                 module.training = mode
@@ -217,9 +234,10 @@ class ReferenceDiagnostics:
             references = self._sample_references(record.reference_points[b], layout)[valid]
             per_point = record.reference_points.dim() == 5  # (bs, T, L, P, 2): one reference per point slot
             self._concentration(record.index, locations, weights, references, per_point, image, layout)
+            # image-region coordinates: the operator's locations are fractions of the padded level
+            region = locations.float() / layout.valid_ratios[b].float()[None, None, :, None, :]
+            self._add_per_level("D4/off_image", record.index, *metrics.off_image_sampling(region, weights))
             if image.has_boxes:
-                # image-region coordinates: the operator's locations are fractions of the padded level
-                region = locations.float() / layout.valid_ratios[b].float()[None, None, :, None, :]
                 self._foreground(record.index, region, weights, image)
             if record.picks is not None:
                 self._guided_tokens(record.index, record.picks, b, image, len(layout.shapes))
@@ -234,10 +252,13 @@ class ReferenceDiagnostics:
             return references[:, None]
         return references
 
-    def _add_per_level(self, name: str, layer: int, totals: torch.Tensor, counts: torch.Tensor) -> None:
-        """Per-level sums (L,) and item counts (L,) of one layer -> keys name[/encN[/lvlL]] (one host read)."""
+    def _add_per_level(self, name: str, layer: int, totals: torch.Tensor, counts: torch.Tensor,
+                       level_alone: bool = False) -> None:
+        """Per-level sums (L,) and item counts (L,) of one layer -> keys name[/encN[/lvlL]], and name/lvlL
+        (over the layers) when ``level_alone`` (one host read)."""
         for lvl, (total, count) in enumerate(zip(totals.tolist(), counts.tolist())):
-            self._tally.add(scoped_keys(name, f"enc{layer}", f"lvl{lvl}"), total, count)
+            keys = scoped_keys(name, f"enc{layer}", f"lvl{lvl}") + ([f"{name}/lvl{lvl}"] if level_alone else [])
+            self._tally.add(keys, total, count)
 
     def _concentration(self, layer: int, locations, weights, references, per_point: bool, image: _ProbeImage,
                        layout: LevelLayout) -> None:
@@ -260,23 +281,20 @@ class ReferenceDiagnostics:
                 self._tally.add(scoped_keys("D5/self_share", f"enc{layer}"), shares[0], count)
 
     def _foreground(self, layer: int, locations, weights, image: _ProbeImage) -> None:
-        """D4 of one encoder layer on one image with GT boxes; locations in image-region coordinates."""
-        sums = metrics.foreground_sampling(locations, weights, image.token_box, image.boxes_xyxy)
-        self._add_per_level("D4/fsr_in", layer, sums.fg_in, sums.all_in)
-        self._add_per_level("D4/fsr_out", layer, sums.fg_out, sums.all_out)
-        self._add_per_level("D4/own_obj", layer, sums.own_in, sums.all_in)
-        cover = float(image.cover)
-        fg_in, all_in, fg_out, all_out = (values.tolist() for values in sums[:4])
-        for lvl in range(len(fg_in)):
-            self._add_chance_normalised([f"D4/fsr_in_norm/enc{layer}/lvl{lvl}"], fg_in[lvl], all_in[lvl], cover)
-            self._add_chance_normalised([f"D4/fsr_out_norm/enc{layer}/lvl{lvl}"], fg_out[lvl], all_out[lvl], cover)
-        self._add_chance_normalised(scoped_keys("D4/fsr_in_norm", f"enc{layer}"), sum(fg_in), sum(all_in), cover)
-        self._add_chance_normalised(scoped_keys("D4/fsr_out_norm", f"enc{layer}"), sum(fg_out), sum(all_out), cover)
+        """D4 of one encoder layer on one image with GT boxes; locations in image-region coordinates.
 
-    def _add_chance_normalised(self, keys, foreground: float, total: float, cover: float) -> None:
-        """One image's FSR (foreground / total weight) over its GT-covered fraction; one item when defined."""
-        if total > 0 and cover > 0:
-            self._tally.add(keys, foreground / total / cover, 1)
+        Shares are of the in-image weight. The chance ratio adds this image's in-box weight over the
+        in-box weight chance would give it (its in-image weight spread uniformly over the image, so
+        covered fraction x in-image weight): the tally's total / count is then a ratio of sums over
+        images, the pooled share over the pooled covered fraction.
+        """
+        sums = metrics.foreground_sampling(locations, weights, image.token_box, image.boxes_xyxy)
+        self._add_per_level("D4/fg_in_img", layer, sums.fg_in, sums.img_in)
+        self._add_per_level("D4/fg_out_img", layer, sums.fg_out, sums.img_out)
+        self._add_per_level("D4/own_in_img", layer, sums.own_in, sums.img_in)
+        cover = image.cover.to(sums.img_in)
+        self._add_per_level("D4/fg_in_chance", layer, sums.fg_in, cover * sums.img_in)
+        self._add_per_level("D4/fg_out_chance", layer, sums.fg_out, cover * sums.img_out)
 
     # ------------------------------------------------------------------ guided tokens: D1, D3 across, D6
 
@@ -295,7 +313,7 @@ class ReferenceDiagnostics:
         """D1, D6 and the across-evaluation token instability of one guided encoder layer on one image."""
         chosen, valid, (candidate_gt, _) = self._slots(picks, b, image)
         guided = valid.any(1)
-        self._add_per_level("D6/coverage", layer, *_per_group(guided, image.levels, num_levels))
+        self._add_per_level("D6/coverage", layer, *_per_group(guided, image.levels, num_levels), level_alone=True)
         self._tally.add_values(scoped_keys("D6/slot_coverage", f"enc{layer}"), valid.reshape(-1))
         boxes = picks.candidates.boxes[b].detach()[chosen]  # (T', S, 4)
         for name, threshold in (("D1/dup_iou07", 0.7), ("D1/dup_iou05", 0.5)):

@@ -7,7 +7,7 @@ Number = Union[torch.Tensor, float]
 
 
 def scoped_keys(name: str, *scopes: str) -> list:
-    """'D4/fsr_in', 'enc0', 'lvl1' -> ['D4/fsr_in', 'D4/fsr_in/enc0', 'D4/fsr_in/enc0/lvl1']: a value
+    """'D4/off_image', 'enc0', 'lvl1' -> ['D4/off_image', 'D4/off_image/enc0', 'D4/off_image/enc0/lvl1']: a value
     counts towards its own scope and every wider one (the short key is the overall mean)."""
     return [name + "".join(f"/{scope}" for scope in scopes[:depth]) for depth in range(len(scopes) + 1)]
 

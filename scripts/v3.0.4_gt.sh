@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Ablation row "v3.0.4_gt" (a control; see configs/v3.0.4_gt.yaml) on COCO minitrain.
+# usage: bash scripts/v3.0.4_gt.sh [NGPUS=4] [extra main.py flags]
+#        TWO_STAGE=1 bash scripts/v3.0.4_gt.sh ...   # two-stage + mixed selection, outputs/v3.0.4_gt-two_stage
+#        env: COCO_PATH (default data/coco), TAG (outputs/v3.0.4_gt-TAG), SEED
+exec bash "$(dirname "${BASH_SOURCE[0]}")/_run_variant.sh" v3.0.4_gt "$@"
