@@ -50,13 +50,14 @@ def autocast(device: torch.device, amp: str):
 
 
 def outputs_to_float(value):
-    """Cast floating tensors in a (nested) output structure to float32.
+    """Cast half-precision floating tensors in a (nested) output structure to float32.
 
     The criterion runs outside autocast: the Hungarian matcher hands its cost matrix to scipy,
-    which cannot read bf16, and losses are better summed in full precision.
+    which cannot read bf16, and losses are better summed in full precision. Wider tensors are
+    kept: a float64 model (the upstream-equivalence checks) stays float64 through the loss.
     """
     if torch.is_tensor(value):
-        return value.float() if value.is_floating_point() else value
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
     if isinstance(value, dict):
         return {k: outputs_to_float(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

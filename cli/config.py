@@ -118,9 +118,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="loss weight: focal classification")
     g.add_argument("--bbox_loss_coef", role=TRAINING, default=5.0, type=float, help="loss weight: L1 box")
     g.add_argument("--giou_loss_coef", role=TRAINING, default=2.0, type=float, help="loss weight: GIoU")
-    g.add_argument("--enc_cls_loss_coef", role=TRAINING, default=None, type=float, help="unset: --cls_loss_coef")
-    g.add_argument("--enc_bbox_loss_coef", role=TRAINING, default=None, type=float, help="unset: --bbox_loss_coef")
-    g.add_argument("--enc_giou_loss_coef", role=TRAINING, default=None, type=float, help="unset: --giou_loss_coef")
+    g.add_argument("--enc_cls_loss_coef", role=TRAINING, default=None, type=float,
+                   help="two-stage proposals' loss weight: classification; unset: --cls_loss_coef, or 2 with "
+                        "--use_ms_detr (MS-DETR's default)")
+    g.add_argument("--enc_bbox_loss_coef", role=TRAINING, default=None, type=float,
+                   help="two-stage proposals' loss weight: L1 box; unset: --bbox_loss_coef, or 5 with --use_ms_detr")
+    g.add_argument("--enc_giou_loss_coef", role=TRAINING, default=None, type=float,
+                   help="two-stage proposals' loss weight: GIoU; unset: --giou_loss_coef, or 2 with --use_ms_detr")
     g.add_argument("--focal_alpha", role=TRAINING, default=0.25, type=float, help="alpha of the sigmoid focal loss")
     g.add_argument("--k_one2many", role=TRAINING, default=6, type=int,
                    help="hybrid: ground truth repeated this many times for the one-to-many queries")
@@ -617,6 +621,9 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("--k_one2many must be >= 1 with --num_queries_one2many > 0")
     if args.use_ms_detr and (args.o2m_matcher_k < 1 or not 0.0 <= args.o2m_matcher_threshold <= 1.0):
         fail("--o2m_matcher_k must be >= 1 and --o2m_matcher_threshold in [0, 1]")
+    if args.use_ms_detr and args.set_cost_bbox == 0 and args.set_cost_giou == 0:
+        fail("--use_ms_detr matches encoder proposals by box costs alone (no class cost, as MS-DETR): "
+             "--set_cost_bbox and --set_cost_giou cannot both be 0")
     if args.topk_eval < 1:
         fail("--topk_eval must be >= 1")
     if args.backbone_weights not in (None, "none") and not os.path.isfile(args.backbone_weights):

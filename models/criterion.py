@@ -13,6 +13,10 @@ the logging-only ``class_error``); the engine weights them with
 One-to-many supervision comes in two forms:
     'hybrid' (H-DETR): extra queries, targets repeated k_one2many times, Hungarian matching.
     'mixed'  (MS-DETR): the same queries' one-to-many head, ``TopkIoUAssigner``.
+
+The encoder proposals are matched to class-agnostic targets as the form's upstream does: the
+one-to-one matcher on the refined proposal boxes (Deformable DETR, H-DETR), or, in the 'mixed'
+form, ``ProposalAnchorMatcher`` on the proposals' anchors without class cost (MS-DETR).
 """
 import copy
 from typing import Dict, List, Optional
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from util.dist import all_reduce_sum, get_world_size
 
-from .matcher import TopkIoUAssigner, build_matcher
+from .matcher import TopkIoUAssigner, build_matcher, build_proposal_matcher
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 
@@ -79,6 +83,14 @@ def _src_index(indices):
     return batch, query
 
 
+def _last_pair_of_each_query(batch_idx: Tensor, query_idx: Tensor, shape) -> Tensor:
+    """(M,) bool: True on the last of the M (batch, query) pairs that name each query of a (B, Q) grid."""
+    key = batch_idx * shape[1] + query_idx
+    position = torch.arange(len(key), device=key.device)
+    last = torch.full((shape[0] * shape[1],), -1, dtype=torch.int64, device=key.device)
+    return position == last.scatter_reduce(0, key, position, reduce="amax")[key]
+
+
 class SetCriterion(nn.Module):
     """Matches predictions to targets and computes focal / L1 / GIoU losses.
 
@@ -92,11 +104,15 @@ class SetCriterion(nn.Module):
         o2m_matcher: assigner for the one-to-many branch: ``HungarianMatcher`` on
             repeated targets for 'hybrid', ``TopkIoUAssigner`` for 'mixed'.
         k_one2many: target repetition for 'hybrid'.
+        enc_matcher: matcher of the two-stage encoder proposals ('enc_outputs') to the class-agnostic
+            targets; None: ``matcher`` (on the refined proposal boxes). The losses always train the
+            refined boxes and scores of the matched proposals.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
                  focal_alpha: float = 0.25, aux_loss: bool = True, one2many: Optional[str] = None,
-                 o2m_matcher: Optional[nn.Module] = None, k_one2many: int = 6):
+                 o2m_matcher: Optional[nn.Module] = None, k_one2many: int = 6,
+                 enc_matcher: Optional[nn.Module] = None):
         super().__init__()
         if one2many not in (None, "hybrid", "mixed"):
             raise ValueError(f"SetCriterion: one2many must be None, 'hybrid' or 'mixed', got {one2many!r}")
@@ -110,19 +126,25 @@ class SetCriterion(nn.Module):
         self.one2many = one2many
         self.o2m_matcher = o2m_matcher
         self.k_one2many = k_one2many
+        self.enc_matcher = matcher if enc_matcher is None else enc_matcher
 
     # ----- individual losses -------------------------------------------------
 
     def loss_labels(self, outputs, targets, indices, num_boxes, log: bool = False) -> Dict[str, Tensor]:
         """Focal loss over all queries and classes; matched queries are positive on their label.
 
+        A query with two pairs (the one-to-many assigner's step 5) is positive on one label,
+        its last pair's, as upstream's label write leaves it.
         outputs['pred_logits']: (B, Q, K). Returns {'loss_ce'} (+ 'class_error' if log).
         """
         logits = outputs["pred_logits"]
         batch_idx, query_idx = _src_index(indices)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        last = _last_pair_of_each_query(batch_idx, query_idx, logits.shape[:2])
         onehot = torch.zeros_like(logits)
-        onehot[batch_idx, query_idx, matched_labels] = 1
+        # a sum of 1 (last pair) and 0s (earlier pairs): exact in any order, and no boolean
+        # indexing (which would wait for the device)
+        onehot.index_put_((batch_idx, query_idx, matched_labels), last.to(logits.dtype), accumulate=True)
         loss = sigmoid_focal_loss(logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=2.0)
         # upstream scales by Q: the focal loss averages over queries, the DETR
         # recipe's coefficients were tuned for a sum
@@ -167,11 +189,16 @@ class SetCriterion(nn.Module):
     # ----- normalisation -----------------------------------------------------
 
     @staticmethod
-    def num_boxes(targets: List[Dict[str, Tensor]], device) -> Tensor:
-        """Average number of targets per process, >= 1, as a 0-dim tensor (no host sync)."""
+    def boxes_per_process(targets: List[Dict[str, Tensor]], device) -> Tensor:
+        """Average number of targets per process (summed over all processes), 0-dim, no host sync."""
         local = float(sum(len(t["labels"]) for t in targets))
         total = all_reduce_sum(torch.tensor(local, dtype=torch.float32, device=device))
-        return (total / get_world_size()).clamp(min=1.0)
+        return total / get_world_size()
+
+    @staticmethod
+    def num_boxes(targets: List[Dict[str, Tensor]], device) -> Tensor:
+        """The losses' normaliser: ``boxes_per_process``, at least 1."""
+        return SetCriterion.boxes_per_process(targets, device).clamp(min=1.0)
 
     # ----- groups of outputs ---------------------------------------------------
 
@@ -187,14 +214,15 @@ class SetCriterion(nn.Module):
                     losses[f"{k}{suffix}_{i}"] = v
         return losses
 
-    def _one2many_losses(self, outputs, targets, num_boxes) -> Dict[str, Tensor]:
+    def _one2many_losses(self, outputs, targets, num_boxes, boxes_per_process) -> Dict[str, Tensor]:
         main = {"pred_logits": outputs["pred_logits_one2many"], "pred_boxes": outputs["pred_boxes_one2many"]}
         aux = outputs.get("aux_outputs_one2many", [])
         if self.one2many == "hybrid":
-            # H-DETR runs the criterion again on k-times repeated targets, so its
-            # normaliser is the repeated count too
+            # H-DETR runs the criterion again on k-times repeated targets, so its normaliser is
+            # the repeated count's average, clamped to >= 1 after the repetition (a batch without
+            # boxes divides by 1, not by k)
             targets = repeat_targets(targets, self.k_one2many)
-            num_boxes = num_boxes * self.k_one2many
+            num_boxes = (boxes_per_process * self.k_one2many).clamp(min=1.0)
         return self._decoder_losses(main, aux, targets, self.o2m_matcher, num_boxes, "_one2many", log=False)
 
     def _denoising_losses(self, dn_outputs: Dict, targets, num_boxes) -> Dict[str, Tensor]:
@@ -217,27 +245,33 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """Args:
             outputs: model output dict ('pred_logits' (B, Q, K), 'pred_boxes' (B, Q, 4), optional
-                'aux_outputs', 'enc_outputs', 'pred_logits_one2many', 'pred_boxes_one2many',
+                'aux_outputs', 'enc_outputs' (with 'anchors' for the 'mixed' form's proposal matching),
+                'pred_logits_one2many', 'pred_boxes_one2many',
                 'aux_outputs_one2many', 'dn_outputs').
             targets: B dicts with 'labels' (N_b,) int64 and 'boxes' (N_b, 4) cxcywh in [0, 1].
         Returns:
             dict of unweighted 0-dim losses (+ 'class_error' for logging).
         """
-        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        boxes_per_process = self.boxes_per_process(targets, outputs["pred_logits"].device)
+        num_boxes = boxes_per_process.clamp(min=1.0)
         main = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
         losses = self._decoder_losses(main, outputs.get("aux_outputs", []), targets, self.matcher,
                                       num_boxes, suffix="", log=True)
         if "enc_outputs" in outputs:
-            enc = self._match_and_loss(outputs["enc_outputs"], _class_agnostic(targets), self.matcher, num_boxes)
+            enc = self._match_and_loss(outputs["enc_outputs"], _class_agnostic(targets), self.enc_matcher, num_boxes)
             losses.update({k + "_enc": v for k, v in enc.items()})
         if self.one2many is not None and "pred_logits_one2many" in outputs:
-            losses.update(self._one2many_losses(outputs, targets, num_boxes))
+            losses.update(self._one2many_losses(outputs, targets, num_boxes, boxes_per_process))
         if "dn_outputs" in outputs:
             losses.update(self._denoising_losses(outputs["dn_outputs"], targets, num_boxes))
         return losses
 
 
 # ----- construction -------------------------------------------------------------
+
+# MS-DETR's own encoder-proposal loss weights: its parser defaults, which do not follow the main weights
+MS_DETR_ENC_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
 
 def _coef(value: Optional[float], fallback: float) -> float:
     """An optional loss weight flag: unset (None) takes the weight it defaults to."""
@@ -248,7 +282,8 @@ def build_weight_dict(args) -> Dict[str, float]:
     """Loss weights for every key the criterion can produce under ``args``.
 
     main: cls/bbox/giou_loss_coef (2, 5, 2), repeated for each aux layer (dec_layers - 1);
-    enc: enc_*_loss_coef, None -> the main coefficient;
+    enc: enc_*_loss_coef, None -> each form's upstream default: MS-DETR's (2, 5, 2) in the 'mixed'
+        form, else the main coefficient (Deformable DETR, H-DETR);
     one-to-many: hybrid -> main weights * lambda_one2many; mixed -> o2m_*_loss_coef (2, 5, 2);
     denoising (--use_dn): dn_*_loss_coef, None -> the main coefficient, on every layer.
     """
@@ -261,13 +296,14 @@ def build_weight_dict(args) -> Dict[str, float]:
             out.update({f"{k}{suffix}_{i}": v for k, v in weights.items()})
         return out
 
+    mode = one2many_mode(args)
+    enc_default = MS_DETR_ENC_WEIGHTS if mode == "mixed" else base
     weight_dict = with_aux(base, "")
     weight_dict.update({
-        "loss_ce_enc": _coef(args.enc_cls_loss_coef, base["loss_ce"]),
-        "loss_bbox_enc": _coef(args.enc_bbox_loss_coef, base["loss_bbox"]),
-        "loss_giou_enc": _coef(args.enc_giou_loss_coef, base["loss_giou"]),
+        "loss_ce_enc": _coef(args.enc_cls_loss_coef, enc_default["loss_ce"]),
+        "loss_bbox_enc": _coef(args.enc_bbox_loss_coef, enc_default["loss_bbox"]),
+        "loss_giou_enc": _coef(args.enc_giou_loss_coef, enc_default["loss_giou"]),
     })
-    mode = one2many_mode(args)
     if mode == "hybrid":
         lam = args.lambda_one2many
         weight_dict.update(with_aux({k: v * lam for k, v in base.items()}, "_one2many"))
@@ -295,14 +331,19 @@ def one2many_mode(args) -> Optional[str]:
 
 
 def build_criterion(args, num_classes: int) -> SetCriterion:
-    """SetCriterion (with ``.weight_dict``) configured from parsed flags."""
+    """SetCriterion (with ``.weight_dict``) configured from parsed flags.
+
+    Every choice follows the form's upstream: the 'mixed' form (MS-DETR) matches the encoder
+    proposals with ``ProposalAnchorMatcher``, the others with the one-to-one matcher.
+    """
     matcher = build_matcher(args)
     mode = one2many_mode(args)
-    o2m_matcher = None
+    o2m_matcher, enc_matcher = None, None
     if mode == "hybrid":
         o2m_matcher = copy.deepcopy(matcher)
     elif mode == "mixed":
         o2m_matcher = TopkIoUAssigner(k=args.o2m_matcher_k, threshold=args.o2m_matcher_threshold)
+        enc_matcher = build_proposal_matcher(args)
     return SetCriterion(num_classes, matcher, build_weight_dict(args), focal_alpha=args.focal_alpha,
                         aux_loss=args.aux_loss, one2many=mode, o2m_matcher=o2m_matcher,
-                        k_one2many=args.k_one2many)
+                        k_one2many=args.k_one2many, enc_matcher=enc_matcher)

@@ -1,11 +1,14 @@
 """Assignment of predictions to ground-truth boxes.
 
 * ``HungarianMatcher``: one-to-one bipartite matching (DETR / Deformable DETR).
+* ``ProposalAnchorMatcher``: MS-DETR's one-to-one matching of two-stage encoder proposals, on
+  their anchors and by box costs alone.
 * ``TopkIoUAssigner``: one-to-many assignment used by MS-DETR's mixed supervision.
 
-Both return, per image, a pair ``(index_i, index_j)`` of int64 tensors of equal
+Each returns, per image, a pair ``(index_i, index_j)`` of int64 tensors of equal
 length: ``index_i`` indexes predictions (queries), ``index_j`` indexes that image's
-targets. A prediction appears at most once in ``index_i``.
+targets. The one-to-one matchers give a prediction at most one target; the top-k
+assigner can give it two (its step 5).
 """
 from typing import Dict, List, Tuple
 
@@ -13,7 +16,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from util.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from util.box_ops import box_cxcywh_to_xyxy, box_dtype, box_iou, generalized_box_iou
 
 Indices = List[Tuple[Tensor, Tensor]]
 
@@ -69,14 +72,17 @@ class HungarianMatcher(nn.Module):
             tgt_labels: (T,) int64.
             tgt_boxes: (T, 4) cxcywh.
         Returns:
-            (P, T) float32 cost.
+            (P, T) cost in ``box_dtype(pred_boxes.dtype)``: float32, or float64 for a float64 model.
         """
-        # float32 even under autocast: the assignment is sensitive to small differences
-        prob = pred_logits.float().sigmoid()
-        pred_boxes = pred_boxes.float()
-        tgt_boxes = tgt_boxes.float()
+        # float32 even under autocast: the assignment is sensitive to small differences (and a
+        # float64 model keeps float64, so its assignment breaks ties as a float64 upstream does)
+        dtype = box_dtype(pred_boxes.dtype)
+        prob = pred_logits.to(dtype).sigmoid()
+        pred_boxes = pred_boxes.to(dtype)
+        tgt_boxes = tgt_boxes.to(dtype)
         cost = self.cost_bbox * torch.cdist(pred_boxes, tgt_boxes, p=1)
-        cost = cost + self.cost_class * focal_class_cost(prob, tgt_labels, self.focal_alpha, self.focal_gamma)
+        if self.cost_class != 0:  # a box-only matcher skips the class term (and any non-finite logit in it)
+            cost = cost + self.cost_class * focal_class_cost(prob, tgt_labels, self.focal_alpha, self.focal_gamma)
         giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))
         return cost - self.cost_giou * giou
 
@@ -110,6 +116,29 @@ class HungarianMatcher(nn.Module):
         return indices
 
 
+class ProposalAnchorMatcher(nn.Module):
+    """MS-DETR's matching of the two-stage encoder proposals to the (class-agnostic) targets.
+
+    Each proposal is matched by where it started, its anchor, not by where the head moved it, and
+    by box costs alone: Hungarian matching with ``cost_class = 0`` on ``outputs['anchors']``
+    (B, P, 4) cxcywh, the generated proposal boxes before refinement. The criterion then trains the
+    matched proposals' refined boxes and scores. (Deformable DETR and H-DETR instead match the
+    refined boxes with the full one-to-one cost.)
+    """
+
+    def __init__(self, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+        super().__init__()
+        self.hungarian = HungarianMatcher(cost_class=0.0, cost_bbox=cost_bbox, cost_giou=cost_giou)
+
+    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> Indices:
+        """Args: 'pred_logits' (B, P, K) and 'anchors' (B, P, 4) cxcywh; targets as ``HungarianMatcher``.
+        Returns B pairs (index_i, index_j), CPU int64."""
+        if "anchors" not in outputs:
+            raise KeyError("ProposalAnchorMatcher: the encoder outputs have no 'anchors' (the proposals "
+                           "before refinement), which MS-DETR's proposal matching needs")
+        return self.hungarian({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["anchors"]}, targets)
+
+
 def _empty_pair(device=None) -> Tuple[Tensor, Tensor]:
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     return empty, empty.clone()
@@ -130,18 +159,18 @@ class TopkIoUAssigner(nn.Module):
        are kept at random (detectron2-style fg subsampling).
     4. Target t is given ``n_t = min(k, #kept candidates with g(q) = t)`` predictions:
        its ``n_t`` highest-scoring predictions over *all* Q (not only the candidates).
-    5. Step 4 can give one prediction to two targets. Upstream keeps both pairs
-       (box losses see both; the class target is whichever is written last, which
-       its ascending-score order makes the higher-scoring one). With
-       ``unique_predictions=True`` (default) only the higher-scoring pair is kept,
-       so a prediction has at most one target; ``False`` reproduces upstream.
+    5. Step 4 can give one prediction to two targets (overlapping ground truth, good
+       predictions). Both pairs are kept, as upstream keeps them: the box losses train
+       the prediction toward both boxes, and ``SetCriterion`` gives it one class target,
+       its last pair's, which the ascending order makes the higher-scoring one (upstream
+       writes the labels in that order, so the last write stays).
 
     Returned pairs are on the predictions' device, in ascending score order.
     Images without targets get no pairs.
     """
 
     def __init__(self, k: int = 6, threshold: float = 0.4, coef_box: float = 0.7, coef_cls: float = 0.3,
-                 positive_fraction: float = 0.25, unique_predictions: bool = True):
+                 positive_fraction: float = 0.25):
         super().__init__()
         if k < 1:
             raise ValueError(f"TopkIoUAssigner: k must be >= 1, got {k}")
@@ -150,12 +179,12 @@ class TopkIoUAssigner(nn.Module):
         self.coef_box = coef_box
         self.coef_cls = coef_cls
         self.positive_fraction = positive_fraction
-        self.unique_predictions = unique_predictions
 
     def score_matrix(self, pred_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
-        """Match quality, (T, Q): coef_box * IoU + coef_cls * class probability."""
-        iou, _ = box_iou(box_cxcywh_to_xyxy(tgt_boxes.float()), box_cxcywh_to_xyxy(pred_boxes.float()))
-        prob = pred_logits.float().sigmoid()[:, tgt_labels].t()
+        """Match quality, (T, Q): coef_box * IoU + coef_cls * class probability (float32 or wider)."""
+        dtype = box_dtype(pred_boxes.dtype)
+        iou, _ = box_iou(box_cxcywh_to_xyxy(tgt_boxes.to(dtype)), box_cxcywh_to_xyxy(pred_boxes.to(dtype)))
+        prob = pred_logits.to(dtype).sigmoid()[:, tgt_labels].t()
         return self.coef_box * iou + self.coef_cls * prob
 
     def _candidate_counts(self, scores: Tensor) -> Tensor:
@@ -171,16 +200,6 @@ class TopkIoUAssigner(nn.Module):
             keep = torch.randperm(cand_idx.numel(), device=cand_idx.device)[:max_pos]
             cand_idx = cand_idx[keep]
         return torch.bincount(best_target[cand_idx], minlength=num_targets)
-
-    def _keep_best_per_prediction(self, pred_idx: Tensor, tgt_idx: Tensor, score: Tensor):
-        """Step 5: drop all but the highest-scoring pair of each prediction."""
-        order = score.argsort(descending=True, stable=True)
-        pred_idx, tgt_idx, score = pred_idx[order], tgt_idx[order], score[order]
-        unique_pred, group = torch.unique(pred_idx, return_inverse=True)
-        position = torch.arange(len(pred_idx), device=pred_idx.device)
-        first = torch.full((len(unique_pred),), len(pred_idx), dtype=torch.int64, device=pred_idx.device)
-        first.scatter_reduce_(0, group, position, reduce="amin")
-        return pred_idx[first], tgt_idx[first], score[first]
 
     def assign_one(self, pred_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor):
         """Assignment for one image.
@@ -200,8 +219,6 @@ class TopkIoUAssigner(nn.Module):
         take = rank[None, :] < counts[:, None]
         tgt_idx = torch.arange(len(tgt_labels), device=scores.device)[:, None].expand_as(top_pred)[take]
         pred_idx, score = top_pred[take], top_score[take]
-        if self.unique_predictions and len(pred_idx) > 0:
-            pred_idx, tgt_idx, score = self._keep_best_per_prediction(pred_idx, tgt_idx, score)
         order = score.argsort(stable=True)
         return pred_idx[order], tgt_idx[order]
 
@@ -212,6 +229,11 @@ class TopkIoUAssigner(nn.Module):
             self.assign_one(outputs["pred_logits"][b], outputs["pred_boxes"][b], t["labels"], t["boxes"])
             for b, t in enumerate(targets)
         ]
+
+
+def build_proposal_matcher(args) -> ProposalAnchorMatcher:
+    """MS-DETR's encoder-proposal matcher: the one-to-one box costs (``--set_cost_bbox/giou``), no class cost."""
+    return ProposalAnchorMatcher(cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou)
 
 
 def build_matcher(args) -> HungarianMatcher:

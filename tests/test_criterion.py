@@ -47,6 +47,24 @@ def test_box_losses_hand_values():
     assert losses["loss_giou"].item() == pytest.approx(((1 - 0.6) + (1 + 1 / 3)) / 2)
 
 
+def test_query_with_two_pairs_is_positive_on_its_last_pairs_label_only():
+    # the one-to-many assigner can pair query 0 with t1 (label 1) and, scoring higher, with t0
+    # (label 0); as upstream, the box losses see both pairs and the class target is the last's.
+    # All logits 0 (p = 1/2): q0 positive on class 0: 1/4 (1/2)^2 log 2; q0 class 1 and q1's two
+    # classes negative: 3/4 (1/2)^2 log 2 each -> (1/16 + 3 * 3/16) log 2 = 5/8 log 2 (sum over
+    # queries: the mean over Q times Q), divided by num_boxes 1
+    criterion = SetCriterion(num_classes=2, matcher=HungarianMatcher(), weight_dict={})
+    logits = torch.zeros(1, 2, 2, dtype=torch.float64)
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]], dtype=torch.float64)
+    targets = [{"labels": torch.tensor([0, 1]),
+                "boxes": torch.tensor([[0.55, 0.5, 0.2, 0.2], [0.5, 0.4, 0.2, 0.2]], dtype=torch.float64)}]
+    indices = [(torch.tensor([0, 0]), torch.tensor([1, 0]))]
+    loss_ce = criterion.loss_labels({"pred_logits": logits}, targets, indices, num_boxes=1)["loss_ce"]
+    assert loss_ce.item() == pytest.approx(5 / 8 * math.log(2), rel=1e-12)
+    loss_bbox = criterion.loss_boxes({"pred_boxes": boxes}, targets, indices, num_boxes=1)["loss_bbox"]
+    assert loss_bbox.item() == pytest.approx(0.1 + 0.05, rel=1e-12)  # |0.5 - 0.4| and |0.5 - 0.55|
+
+
 def test_box_losses_without_matches_are_zero():
     criterion = SetCriterion(num_classes=1, matcher=HungarianMatcher(), weight_dict={})
     pred = torch.rand(1, 3, 4, requires_grad=True)
@@ -86,6 +104,8 @@ def _fake_outputs(one2many_queries):
     out = _leaf_prediction(g, 2, NUM_QUERIES)
     out["aux_outputs"] = [_leaf_prediction(g, 2, NUM_QUERIES) for _ in range(DEC_LAYERS - 1)]
     out["enc_outputs"] = _leaf_prediction(g, 2, 30)
+    # the proposals before refinement (the model returns them; MS-DETR matches on them)
+    out["enc_outputs"]["anchors"] = _leaf_prediction(g, 2, 30)["pred_boxes"].detach()
     if one2many_queries:
         o2m = _leaf_prediction(g, 2, one2many_queries)
         out["pred_logits_one2many"], out["pred_boxes_one2many"] = o2m["pred_logits"], o2m["pred_boxes"]
@@ -159,6 +179,13 @@ def test_weight_dict_values():
     mixed = build_criterion(_args(use_ms_detr=True, o2m_cls_loss_coef=3.0), NUM_CLASSES).weight_dict
     assert mixed["loss_ce_one2many"] == 3.0 and mixed["loss_giou_one2many_2"] == 2.0
 
+    # unset encoder weights follow each form's upstream: the main weights (Deformable DETR, H-DETR),
+    # MS-DETR's fixed 2 / 5 / 2 (its training scripts lower the main classification weight to 1)
+    plain = build_criterion(_args(cls_loss_coef=1.0, bbox_loss_coef=4.0), NUM_CLASSES).weight_dict
+    assert (plain["loss_ce_enc"], plain["loss_bbox_enc"], plain["loss_giou_enc"]) == (1.0, 4.0, 2.0)
+    mixed = build_criterion(_args(use_ms_detr=True, cls_loss_coef=1.0, bbox_loss_coef=4.0), NUM_CLASSES).weight_dict
+    assert (mixed["loss_ce_enc"], mixed["loss_bbox_enc"], mixed["loss_giou_enc"]) == (2.0, 5.0, 2.0)
+
     no_aux = build_criterion(_args(aux_loss=False), NUM_CLASSES)
     assert "loss_ce_0" not in no_aux.weight_dict
     losses = no_aux(_fake_outputs(0), _targets())
@@ -208,6 +235,20 @@ def test_hybrid_normaliser_uses_repeated_count():
     losses = criterion(outputs, targets)
     assert losses["loss_bbox_one2many"].item() == pytest.approx(losses["loss_bbox"].item())
     assert losses["loss_bbox"].item() == pytest.approx(0.05)
+
+
+def test_hybrid_normaliser_of_a_batch_without_boxes_is_one():
+    # H-DETR clamps the repeated count to >= 1 after repeating it: with no box anywhere the
+    # one-to-many focal loss is divided by 1, not by k. One query, logit 0 (p = 1/2), negative:
+    # (1 - alpha) p^2 * -log(1 - p) = 0.75 * 0.25 * log 2, times Q = 1, divided by 1
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    logits, box = torch.zeros(1, 1, 1), torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])
+    outputs = {"pred_logits": logits, "pred_boxes": box, "pred_logits_one2many": logits, "pred_boxes_one2many": box}
+    criterion = SetCriterion(1, HungarianMatcher(), {}, one2many="hybrid", o2m_matcher=HungarianMatcher(),
+                             k_one2many=6)
+    losses = criterion(outputs, targets)
+    assert losses["loss_ce_one2many"].item() == pytest.approx(0.75 * 0.25 * math.log(2))
+    assert losses["loss_ce"].item() == pytest.approx(0.75 * 0.25 * math.log(2))
 
 
 def test_encoder_losses_are_class_agnostic():

@@ -158,3 +158,24 @@ def test_box_path_pieces_pass_gradcheck_in_float64():
     boxes = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
     assert box_sine_embedding(boxes, 16).dtype == torch.float64
     assert torch.autograd.gradcheck(lambda b: box_sine_embedding(b, 16), (boxes,))
+
+
+def test_train_step_keeps_float64_losses_and_gradients():
+    """engine.train_step on a float64 model: the criterion sees float64 predictions (only half types
+    are widened to float32), so the loss, every logged term and every gradient stay float64."""
+    from engine import train_step
+    from util.nested_tensor import nested_tensor_from_tensor_list
+    from util.optim import build_optimizer
+
+    args = tiny_args(*TWO_STAGE_REFINE, "--use_ms_detr")
+    model = perturbed_model(*TWO_STAGE_REFINE, "--use_ms_detr").double().train()
+    _, criterion, _ = build_model(args)
+    optimizer = build_optimizer(model, args)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    samples = nested_tensor_from_tensor_list([image.double() for image in two_padded_images()])
+    targets = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in simple_targets()]
+    values, diverged = train_step(model, criterion, samples, targets, optimizer, torch.device("cpu"), "off",
+                                  0.1, params)
+    assert not bool(diverged)
+    assert values["loss"].dtype == torch.float64 and values["loss_bbox_enc"].dtype == torch.float64
+    assert all(p.grad.dtype == torch.float64 for p in params if p.grad is not None)

@@ -194,8 +194,8 @@ def test_topk_assigner_empty_targets():
     assert len(rows) == 0 and len(cols) == 0
 
 
-def test_topk_assigner_prediction_matched_once():
-    """A prediction in the top-k of two targets keeps only its higher-scoring pair.
+def test_topk_assigner_shared_prediction_keeps_both_pairs():
+    """A prediction in the top-k of two targets keeps both pairs, as upstream, higher score last.
 
     t0 spans x [0.10, 0.30], t1 x [0.23, 0.43] (all boxes 0.2 high, same rows):
         p0 x [0.16, 0.36]: IoU t0 0.538, t1 0.481 -> best t0 (score 0.377)
@@ -211,12 +211,12 @@ def test_topk_assigner_prediction_matched_once():
     # threshold 0.4: only p1 (t0) and p2 (t1) qualify -> one prediction each
     assert _pairs(TopkIoUAssigner(k=6, threshold=0.4)(outputs, targets)[0]) == [(1, 0), (2, 1)]
     # threshold 0.25: candidates p1, p0 (best t0) and p2, p3 (best t1) -> two per target.
-    # t0's top-2 = p1, p0; t1's top-2 = p2, p0 (p0's 0.481 beats p3's 0.429), so p0 is shared:
-    # upstream keeps both pairs; unique mode keeps p0's higher-scoring pair, with t0
-    upstream = TopkIoUAssigner(k=6, threshold=0.25, unique_predictions=False)(outputs, targets)[0]
-    unique = TopkIoUAssigner(k=6, threshold=0.25)(outputs, targets)[0]
-    assert _pairs(upstream) == [(0, 0), (0, 1), (1, 0), (2, 1)]
-    assert _pairs(unique) == [(0, 0), (1, 0), (2, 1)]
+    # t0's top-2 = p1, p0; t1's top-2 = p2, p0 (p0's 0.481 beats p3's 0.429), so p0 is shared
+    # and keeps both pairs; ascending scores: (p0, t1) 0.337 before (p0, t0) 0.377, before the
+    # two 0.7 pairs
+    rows, cols = TopkIoUAssigner(k=6, threshold=0.25)(outputs, targets)[0]
+    assert _pairs((rows, cols)) == [(0, 0), (0, 1), (1, 0), (2, 1)]
+    assert list(zip(rows.tolist(), cols.tolist()))[:2] == [(0, 1), (0, 0)]
 
 
 def test_topk_assigner_caps_candidates():
@@ -234,6 +234,21 @@ def test_topk_assigner_random_invariants():
     outputs, targets = _random_case(g, 2, 40, 4, [3, 6])
     assigner = TopkIoUAssigner(k=4, threshold=0.3)
     for b, (rows, cols) in enumerate(assigner(outputs, targets)):
-        assert len(set(rows.tolist())) == len(rows)  # each prediction at most once
+        pairs = list(zip(rows.tolist(), cols.tolist()))
+        assert len(set(pairs)) == len(pairs)  # each (prediction, target) pair at most once
         assert torch.bincount(cols, minlength=len(targets[b]["labels"])).max() <= 4
         assert len(rows) <= 4 * len(targets[b]["labels"])
+
+
+def test_costs_run_in_float32_or_wider():
+    """Half predictions are scored in float32; float64 ones stay float64, so a float64 model breaks
+    exact ties (as these two boxes, mirror images around the target, are) as float64 upstream does."""
+    boxes = torch.tensor([[0.375, 0.375, 0.4, 0.4], [0.625, 0.625, 0.4, 0.4]])
+    labels, targets = torch.tensor([0]), torch.tensor([[0.5, 0.5, 0.5, 0.6]])
+    matcher = HungarianMatcher(cost_class=0.0)
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                            (torch.float64, torch.float64)):
+        cost = matcher.cost_matrix(torch.zeros(2, 1, dtype=dtype), boxes.to(dtype), labels, targets)
+        assert cost.dtype == expected
+        score = TopkIoUAssigner().score_matrix(torch.zeros(2, 1, dtype=dtype), boxes.to(dtype), labels, targets)
+        assert score.dtype == expected
