@@ -365,15 +365,15 @@ def _prediction_panel(base, scale: float, result: Dict, class_names, score_thr: 
     return draw.draw_caption(picture, f"none > {score_thr}: top 3 dashed" if dashed else f"predictions > {score_thr}")
 
 
-def _reference_panel(base, capture, tokens: int):
+def _reference_panel(base, record, tokens: int):
     """The last encoder layer's references of ``tokens`` high-attention tokens, over ``base``."""
-    from models.capture import choose_tokens, level_shapes, reference_entries, token_map, token_position
+    from models.record_views import choose_tokens, level_shapes, reference_entries, token_map, token_position
     from util import draw
 
-    shapes = level_shapes(capture)
-    chosen = choose_tokens(token_map(capture), shapes, tokens)
-    marks = [(*token_position(t, shapes)[1:], [(x, y) for x, y, _, _ in reference_entries(capture.encoder_refs[-1], t)])
-             for t in chosen]
+    shapes = level_shapes(record)
+    chosen = choose_tokens(token_map(record), shapes, tokens)
+    last = record.encoder_references[-1]
+    marks = [(*token_position(t, shapes)[1:], [(x, y) for x, y, _, _ in reference_entries(last, t)]) for t in chosen]
     caption = f"last encoder layer: references of {len(chosen)} tokens"
     return draw.draw_caption(draw.draw_references(base, marks), caption)
 
@@ -391,7 +391,7 @@ def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices
     the boxes are those the evaluation scores (up to batch padding). ``guidance``: as in ``evaluate``
     (the seed: --seed, the dataset index).
     """
-    from models.capture import run_captured
+    from models.recording import run_recorded
     from util import draw
     from util.box_ops import box_cxcywh_to_xyxy
 
@@ -401,16 +401,15 @@ def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices
         image, target = dataset[index]  # image (3, h, w) normalised; target boxes cxcywh in [0, 1]
         h, w = image.shape[-2:]
         with autocast(device, amp):
-            outputs, capture = run_captured(model, [image.to(device)],
-                                            guidance=step_guidance(guidance, [target], index))
+            outputs, record = run_recorded(model, [image.to(device)], guidance=step_guidance(guidance, [target], index))
         result = postprocessors["bbox"](outputs_to_float(outputs), torch.tensor([[h, w]], device=device))[0]
         result = {k: v.cpu() for k, v in result.items()}
         base, scale = draw.enlarged(draw.to_pil(image))
         truth = box_cxcywh_to_xyxy(target["boxes"].float()) * torch.tensor([w, h, w, h]) * scale
         panels = [draw.draw_caption(draw.draw_boxes(base, truth, target["labels"], None, class_names), "ground truth"),
                   _prediction_panel(base, scale, result, class_names, score_thr)]
-        if references and capture.encoder_refs:
-            panels.append(_reference_panel(base, capture, tokens))
+        if references and record.encoder:
+            panels.append(_reference_panel(base, record, tokens))
         pictures.append((index, draw.side_by_side(panels)))
         if stop is not None and stop.requested:
             return None
