@@ -21,7 +21,7 @@ D5/distance = (P + 1) / 2 times the mean initial direction length, 3.018 cells a
 Runs log one pass before the first training step (epoch -1) for exactly that comparison.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -155,6 +155,19 @@ class ReferenceDiagnostics:
     def finish(self) -> Dict[str, float]:
         """The pass's metrics: flat {key: float}; metrics without any item are absent."""
         return self._tally.means()
+
+    def measure(self, batches: Iterable[Tuple[NestedTensor, List[Dict]]], stop=None) -> Optional[Dict[str, float]]:
+        """One whole pass (``start``, ``update`` per batch, ``finish``) over the probe ``batches``
+        ((NestedTensor (B, 3, H, W), targets), on any device); returns the metrics, or None when a
+        stop signal arrived during it (``stop``: a ``util.interrupt.StopSignals``): the pass then
+        ends after that batch, unfinished. Nothing collective runs inside, so one process can
+        measure alone; random generators are not drawn from here (the caller's data may be)."""
+        self.start()
+        for samples, targets in batches:
+            self.update(samples, targets)
+            if stop is not None and stop.requested:
+                return None
+        return self.finish()
 
     # ------------------------------------------------------------------ one probe batch
 
