@@ -48,6 +48,8 @@ class EvalExtra:
 
     @classmethod
     def runs_before_training(cls) -> bool:
+        """Whether the extra implements ``before_training`` (a property of the class, so the same on
+        every process: the stop point after it is collective)."""
         return cls.before_training is not EvalExtra.before_training
 
 
