@@ -7,14 +7,13 @@ Only the main process (rank 0) writes files: ``checkpoint.pth`` (every epoch, at
 ``detections_val.json``, TensorBoard events under ``tensorboard/`` and, while it runs, the lock
 file ``.lock`` (pid and host of the run that owns the directory).
 
-With ``--diag_images N`` (> 0) every evaluation is followed by the reference diagnostics
-(docs/design.md §9) on the first N validation images, on the main process only: one ``diag``
-record in ``log.jsonl`` and TensorBoard scalars under ``diag/``. A training run that starts from
-initialisation (no checkpoint resumed) also measures them once before its first training step:
-the ``diag`` record of epoch -1 (TensorBoard step 0), what geometry and initialisation alone give.
+Every evaluation is followed by the run's evaluation extras (``extras/``: the reference
+diagnostics of ``--diag_images``, the pictures of ``--vis_images``), on the main process only; a
+training run that starts from initialisation (no checkpoint resumed) also runs those that measure
+the model before its first training step (the ``diag`` record of epoch -1).
 
-``--eval`` writes its own ``config.yaml``, ``log.jsonl`` (an ``eval`` record, and an ``eval_diag``
-record for the diagnostics) and detections; given a training run's output directory, it writes
+``--eval`` writes its own ``config.yaml``, ``log.jsonl`` (an ``eval`` record, and the extras'
+records, e.g. ``eval_diag``) and detections; given a training run's output directory, it writes
 them to that directory's ``eval/`` subfolder, so the run's own files stay the training's.
 
 An epoch is one recoverable unit: training, then ``checkpoint.pth`` (which also holds the epoch's
@@ -25,26 +24,30 @@ or ``--resume`` of the output directory's own checkpoint) to finish that tail be
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader
 
 import util.dist as dist_utils
-from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
 from cli.checkpoint_config import configuration_for_checkpoint, differences_from_checkpoint
-from cli.config import Config, config_dict, derived_keys, parse_args, resolve_config, save_config, validate_paths
+from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
+from cli.config import Config, config_dict, derived_keys, parse_args, save_config
+from cli.prepare import evaluation_output_dir, prepare, resume_flag_name, resume_path
+from extras import build_extras, run_after_evaluation, run_before_training, tail_record_types
+from runner.data import build_data, class_names_of, count_parameters, data_summaries
+from runner.tail import EpochTail, eval_due, run_evaluation
 from util.checkpoint import (CHECKPOINT_NAME, atomic_copy, atomic_save, checkpoint_state, fault_point,
                              find_latest_checkpoint, load_checkpoint, numbered_checkpoint_paths,
                              remove_stale_temp_files, resume_training_state, saved_config)
 from util.dist import DistInfo, say
 from util.errors import InputError, one_line_message
 from util.interrupt import RunInterrupted, StopSignals
-from util.logger import INIT_EPOCH, JsonlLogger, TensorboardLogger, format_seconds
+from util.logger import JsonlLogger, TensorboardLogger, format_seconds
 from util.optim import build_lr_scheduler, build_optimizer
 from util.output_lock import OutputDirLock
-from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everything
+from util.seeding import WorkerSeeder, mix_seed, seed_everything
 
 
 def same_path(a: str, b: str) -> bool:
@@ -82,112 +85,7 @@ class RunContext:
         return self.place.rank == 0 and self.output_dir is not None
 
 
-@dataclass
-class DiagnosticsProbe:
-    """The reference diagnostics of this run: the recorder (kept for the whole run, since the
-    across-evaluation D3 metrics compare with the previous evaluation) and the probe images."""
-
-    diagnostics: Any  # models.diagnostics.ReferenceDiagnostics of the eager model
-    dataset: Any      # the validation dataset
-    indices: List[int]
-
-
-@dataclass
-class EpochTail:
-    """What finishing an epoch (numbered copy, evaluation, log record) needs."""
-
-    config: Config
-    ctx: RunContext
-    model: torch.nn.Module
-    postprocessors: Dict
-    val_loader: DataLoader
-    base_ds: Any
-    logger: JsonlLogger
-    tb_logger: TensorboardLogger
-    trainable: int
-    class_names: Dict[int, str] = field(default_factory=dict)
-    stop: Optional[StopSignals] = None
-    probe: Optional[DiagnosticsProbe] = None
-
-
 # ----------------------------------------------------------------------------- setup helpers
-
-def prepare(args) -> Config:
-    """Check the files the run needs and resolve the parsed ``args`` into the read-only configuration
-    (device after the CPU fallback, classifier size from the dataset when unset); check that the
-    attention implementation ``MSDA_IMPL`` asks for runs on that device. Raises ValueError or
-    FileNotFoundError, before any work."""
-    import datasets
-    import ops
-
-    validate_paths(args)
-    num_classes = args.num_classes if args.num_classes is not None else datasets.num_classes(args)
-    config = resolve_config(args, num_classes)
-    ops.check_impl(config.device)
-    return config
-
-
-def resume_path(args, output_dir: Optional[str]) -> str:
-    """``--resume``, else (``--auto_resume``) the output directory's latest checkpoint, else ''."""
-    if args.resume or not args.auto_resume:
-        return args.resume
-    latest = find_latest_checkpoint(output_dir)
-    if latest:
-        say(f"auto-resume: continuing from {latest}", flush=True)
-    elif args.eval and not args.pretrained:
-        say(f"warning: --eval --auto_resume found no checkpoint in {output_dir}: evaluates an untrained model",
-            flush=True)
-    return latest or ""
-
-
-def resume_flag_name(args, config: Config) -> str:
-    """How the user named the checkpoint the run continues from, for messages: '--resume', or
-    '--auto_resume' when that found it; with '--eval ' in front under --eval."""
-    flag = "--auto_resume" if args.auto_resume and not args.resume else "--resume"
-    return f"--eval {flag}" if config.eval else flag
-
-
-def build_data(config: Config, ctx: RunContext):
-    """Datasets, samplers and loaders. Returns (train_loader, val_loader, train_sampler, seeder, base_ds)."""
-    import datasets
-
-    dataset_train = datasets.build_dataset("train", config) if not config.eval else None
-    dataset_val = datasets.build_dataset("val", config)
-    seeder = WorkerSeeder(config.seed, ctx.place.rank)
-    pin_memory = ctx.device.type == "cuda"
-    train_loader = train_sampler = None
-    if dataset_train is not None:
-        if ctx.place.distributed:
-            train_sampler = DistributedSampler(dataset_train, shuffle=True, seed=config.seed)
-        else:
-            train_sampler = EpochRandomSampler(dataset_train, seed=config.seed)
-        batches = BatchSampler(train_sampler, config.batch_size, drop_last=True)
-        if len(batches) == 0:
-            raise ValueError(f"the training set ({len(dataset_train)} images per process) is smaller than "
-                             f"--batch_size {config.batch_size}")
-        train_loader = DataLoader(dataset_train, batch_sampler=batches, collate_fn=datasets.collate_fn,
-                                  num_workers=config.num_workers, worker_init_fn=seeder, pin_memory=pin_memory)
-    val_sampler = (DistributedSampler(dataset_val, shuffle=False) if ctx.place.distributed
-                   else SequentialSampler(dataset_val))
-    val_loader = DataLoader(dataset_val, batch_size=config.batch_size, sampler=val_sampler, drop_last=False,
-                            collate_fn=datasets.collate_fn, num_workers=config.num_workers, worker_init_fn=seeder,
-                            pin_memory=pin_memory)
-    return train_loader, val_loader, train_sampler, seeder, datasets.get_coco_api(dataset_val)
-
-
-def class_names_of(loader: DataLoader) -> Dict[int, str]:
-    """{category id: name} of the loader's annotation file (stored with every checkpoint)."""
-    import datasets
-
-    return datasets.class_names(loader.dataset)
-
-
-def count_parameters(model: torch.nn.Module) -> Tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
-
 
 def load_model_weights(model, path: str, strict: bool, flag: str = "--resume",
                        saved: Optional[Dict] = None, config: Optional[Config] = None, loaded: Any = None) -> None:
@@ -214,129 +112,10 @@ def compile_if_asked(model: torch.nn.Module, config) -> torch.nn.Module:
     return torch.compile(model) if config.compile else model
 
 
-def data_summaries(loaders, logger: JsonlLogger) -> None:
-    """One line per split (images, annotations in the file, boxes training targets clip and drop), printed
-    and logged."""
-    import datasets
-
-    for split, loader in loaders:
-        if loader is None:
-            continue
-        summary = datasets.data_summary(loader.dataset, split)
-        say(f"data {split}: {summary['images']} images, {summary['annotations']} annotations; as training "
-            f"targets {summary['clipped_boxes']} boxes are clipped to their image and {summary['dropped_boxes']} "
-            f"dropped as degenerate; evaluation scores the file as given ({summary['ann_file']})", flush=True)
-        logger.write({"type": "data", **summary})
-
-
-def eval_due(epoch: int, config: Config) -> bool:
-    return (epoch + 1) % max(config.eval_every, 1) == 0 or epoch + 1 == config.epochs
-
-
-def run_evaluation(tail: EpochTail, epoch: Optional[int] = None) -> Dict[str, float]:
-    """``engine.evaluate`` of the eager model with this run's settings (detections written by the writer)."""
-    from engine import evaluate
-
-    return evaluate(tail.model, tail.postprocessors, tail.val_loader, tail.base_ds, tail.ctx.device,
-                    amp=tail.config.amp, print_freq=tail.config.print_freq, epoch=epoch,
-                    output_dir=tail.ctx.output_dir if tail.ctx.writes else None, stop=tail.stop,
-                    guidance=tail.config)
-
-
-def build_probe(config: Config, model: torch.nn.Module, dataset_val) -> Optional[DiagnosticsProbe]:
-    """The reference diagnostics of ``model`` (eager, unwrapped) on the first ``--diag_images``
-    validation images by id; None when that is 0 or this is not the main process.
-
-    Only the main process measures. The diagnostics run the unwrapped module, so nothing in
-    them is a collective: while rank 0 measures, the other ranks go on and wait for it at the
-    next epoch's first gradient all-reduce, as for any slower rank. A collective in here would
-    be called by one rank only and hang the job.
-    """
-    if config.diag_images == 0 or not dist_utils.is_main_process():
-        return None
-    from datasets.probe import probe_indices
-    from models.diagnostics import ReferenceDiagnostics
-
-    indices, message = probe_indices(dataset_val, config.diag_images)
-    if message:
-        say(message, flush=True)
-    return DiagnosticsProbe(diagnostics=ReferenceDiagnostics(model, seed=config.seed), dataset=dataset_val,
-                            indices=indices)
-
-
-def log_diagnostics(tail: EpochTail, epoch: Optional[int], record_type: str = "diag") -> Dict[str, float]:
-    """Measure the reference diagnostics once (when this process has a probe) and write the
-    ``diag`` record (``record_type``: ``eval_diag`` under ``--eval``) and TensorBoard scalars.
-    Returns the metrics ({} when none were measured, or when a stop signal cut the pass short: then
-    nothing is written)."""
-    from datasets.probe import probe_batches
-    from engine import reference_diagnostics
-
-    if tail.probe is None:
-        return {}
-    start = time.time()
-    # a generator: the images are read and transformed inside reference_diagnostics, whose
-    # restored random state covers the evaluation transform's draw
-    batches = probe_batches(tail.probe.dataset, tail.probe.indices, tail.config.batch_size)
-    metrics = reference_diagnostics(tail.model, tail.probe.diagnostics, batches, tail.ctx.device, stop=tail.stop)
-    if metrics is None:  # a stop signal: no record; the caller's stop point ends the run
-        return {}
-    seconds = time.time() - start
-    tail.logger.write({"type": record_type, "epoch": epoch, "N": len(tail.probe.indices), **metrics,
-                       "diag_time": seconds})
-    if epoch is not None:
-        tail.tb_logger.scalars("diag", metrics, epoch + 1)
-    shown = ", ".join(f"{key} {metrics[key]:.3f}" for key in sorted(metrics) if key.count("/") == 1)
-    say(f"reference diagnostics on {len(tail.probe.indices)} probe images in {format_seconds(seconds)}"
-        + (f": {shown}" if shown else ""), flush=True)
-    return metrics
-
-
-def log_initial_diagnostics(tail: EpochTail) -> None:
-    """The ``diag`` record of the model before its first training step (epoch ``INIT_EPOCH``, -1),
-    once per run: called only when no checkpoint was resumed, and skipped when the log already
-    holds it (a run restarted before its first checkpoint). Training cannot notice the pass, as
-    after an evaluation (generators and train/eval flags restored, nothing collective)."""
-    if tail.probe is None:
-        return
-    if any(r.get("type") == "diag" and r.get("epoch") == INIT_EPOCH for r in tail.logger.records()):
-        say("log.jsonl already holds the reference diagnostics at initialisation (epoch -1): not measured again",
-            flush=True)
-        return
-    log_diagnostics(tail, INIT_EPOCH)
-
-
-def log_pictures(tail: EpochTail, epoch: int) -> None:
-    """``--vis_images`` fixed validation images with ground truth and predictions (and the guided
-    references) to TensorBoard, on the main process; the eager model runs them one by one (none is
-    written when a stop signal cuts the pass short)."""
-    from engine import modes_kept, picture_indices, validation_pictures
-    from util.seeding import rng_untouched
-
-    if not (tail.ctx.writes and tail.config.vis_images > 0 and tail.tb_logger.active):
-        return
-    indices = picture_indices(len(tail.val_loader.dataset), tail.config.vis_images)
-    with rng_untouched(), modes_kept(tail.model):  # the evaluation transform draws from Python's random
-        pictures = validation_pictures(tail.model, tail.postprocessors, tail.val_loader.dataset, indices,
-                                       tail.ctx.device, amp=tail.config.amp, class_names=tail.class_names,
-                                       references=tail.config.enc_ref_mode != "none", guidance=tail.config,
-                                       stop=tail.stop)
-    for index, picture in pictures or ():  # None: a stop signal cut the pass short (the caller stops)
-        tail.tb_logger.image(f"val_images/{index}", picture, epoch + 1)
-
-
-def stop_point(tail: EpochTail, where: str) -> None:
-    """A safe point that every rank reaches (a collective when distributed): ``RunInterrupted`` if a
-    stop signal came, here or on any rank. The passes that run on rank 0 alone (reference
-    diagnostics, pictures) only end early on a signal; the stop point after them acts on it."""
-    if tail.stop is not None:
-        tail.stop.check(where, tail.ctx.device)
-
-
 def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: float) -> Dict:
     """The tail of an epoch whose ``checkpoint.pth`` is written: numbered copy, evaluation (when
-    due, followed by the reference diagnostics when asked for), the ``epoch`` log record (last:
-    its presence marks the epoch complete). Returns the evaluation stats ({} when none was due).
+    due, followed by the run's evaluation extras), the ``epoch`` log record (last: its presence
+    marks the epoch complete). Returns the evaluation stats ({} when none was due).
     Also what a resumed run redoes when a kill cut it short.
     """
     if tail.ctx.writes:
@@ -350,13 +129,8 @@ def finish_epoch(tail: EpochTail, epoch: int, train_stats: Dict, epoch_start: fl
         stats = run_evaluation(tail, epoch)
         record.update({f"test_{k}": v for k, v in stats.items()})
         tail.tb_logger.scalars("val", {k: v for k, v in stats.items()}, epoch + 1)
-        log_diagnostics(tail, epoch)
-        if tail.config.diag_images > 0:
-            stop_point(tail, f"the reference diagnostics of epoch {epoch} (its checkpoint is written)")
-        log_pictures(tail, epoch)
-        if tail.config.vis_images > 0:
-            stop_point(tail, f"the pictures of epoch {epoch} (its checkpoint is written)")
-    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation (+ diagnostics, pictures)
+        run_after_evaluation(tail, epoch)
+    record["epoch_time"] = time.time() - epoch_start  # training + checkpoint + evaluation + extras
     fault_point("before_log")
     tail.logger.write(record)
     tail.tb_logger.scalars("epoch", {k: v for k, v in train_stats.items()}, epoch + 1)
@@ -382,36 +156,6 @@ def unfinished_epoch(ctx: RunContext, logger: JsonlLogger, start_epoch: int) -> 
         own = same_path(os.path.dirname(os.path.abspath(ctx.resume)), ctx.output_dir)
         unfinished = int(own and not logger.has_epoch_record(start_epoch - 1))
     return bool(dist_utils.broadcast_int(unfinished, ctx.device))
-
-
-def holds_training_run(output_dir: str) -> bool:
-    """Whether ``output_dir`` holds a training run's files: a checkpoint, or a config.yaml that is
-    not an ``--eval`` run's (an unreadable one counts: it is not ours to overwrite)."""
-    if find_latest_checkpoint(output_dir) is not None:
-        return True
-    path = os.path.join(output_dir, "config.yaml")
-    if not os.path.isfile(path):
-        return False
-    import yaml
-
-    try:
-        with open(path) as f:
-            saved = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return True
-    return not (isinstance(saved, dict) and saved.get("eval") is True)
-
-
-def evaluation_output_dir(config: Config) -> Config:
-    """``--eval`` into a training run's output directory writes to its ``eval/`` subfolder instead,
-    so that the run's config.yaml, log.jsonl and detections stay the run's (and summaries never
-    mix an evaluation's records with the training's). Other runs: ``config`` unchanged."""
-    if not (config.eval and config.output_dir and holds_training_run(config.output_dir)):
-        return config
-    folder = os.path.join(config.output_dir, "eval")
-    say(f"--eval: {config.output_dir} holds a training run; this evaluation writes to {folder} (config.yaml, "
-        "log.jsonl, detections_val.json)", flush=True)
-    return config.replace(output_dir=folder)
 
 
 # ----------------------------------------------------------------------------- main
@@ -475,7 +219,8 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     if pretrained is not None:
         models.read_state_dict(config.pretrained, loaded=pretrained)  # holds a state dict, or a one-line error
     # annotation files are checked here, before the model is built and long before any training
-    train_loader, val_loader, train_sampler, seeder, base_ds = build_data(config, ctx)
+    train_loader, val_loader, train_sampler, seeder, base_ds = build_data(config, ctx.place.rank,
+                                                                          ctx.place.distributed, ctx.device)
     if ctx.writes:
         save_config(config, os.path.join(ctx.output_dir, "config.yaml"), evaluated=ctx.resume if config.eval else None)
     logger = JsonlLogger(os.path.join(ctx.output_dir, "log.jsonl") if ctx.writes else None)
@@ -497,15 +242,13 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     tail = EpochTail(config=config, ctx=ctx, model=model, postprocessors=postprocessors, val_loader=val_loader,
                      base_ds=base_ds, logger=logger, tb_logger=TensorboardLogger(None, enabled=False),
                      trainable=trainable, class_names=class_names_of(train_loader or val_loader), stop=stop,
-                     probe=build_probe(config, model, val_loader.dataset))
+                     extras=build_extras(config, model, val_loader.dataset))
     if config.eval:
         stats = run_evaluation(tail)
         evaluated_epoch = checkpoint.get("epoch") if checkpoint is not None else None
         logger.write({"type": "eval", "epoch": evaluated_epoch, "checkpoint": ctx.resume or config.pretrained or None,
                       **derived_keys(config), **{f"test_{k}": v for k, v in stats.items()}})
-        log_diagnostics(tail, evaluated_epoch, record_type="eval_diag")
-        if config.diag_images > 0:
-            stop_point(tail, "the reference diagnostics of the evaluation")
+        run_after_evaluation(tail, evaluated_epoch)
         return stats
 
     training_model = model
@@ -526,7 +269,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
         say(f"resumed from {ctx.resume}: starting at epoch {start_epoch}", flush=True)
     del checkpoint  # every part is loaded: do not hold a second copy of the weights through training
     if ctx.writes:
-        cleanup = logger.drop_epochs_from(start_epoch)
+        cleanup = logger.drop_epochs_from(start_epoch, tail_record_types())
         if cleanup.records:
             say(f"log.jsonl: removed {cleanup.records} records of epochs >= {start_epoch} (an interrupted run's; "
                 "they are trained again)", flush=True)
@@ -536,9 +279,7 @@ def _run_locked(config: Config, ctx: RunContext, stop: Optional[StopSignals] = N
     tail.tb_logger = TensorboardLogger(os.path.join(ctx.output_dir, "tensorboard") if ctx.writes else None,
                                        config.tensorboard)
     if at_initialisation:
-        log_initial_diagnostics(tail)
-        if config.diag_images > 0:
-            stop_point(tail, "the reference diagnostics at initialisation")
+        run_before_training(tail)
     stats: Dict = {}
     if unfinished_epoch(ctx, logger, start_epoch):
         say(f"epoch {start_epoch - 1} was interrupted after its checkpoint: finishing it (numbered copy, "

@@ -14,9 +14,9 @@ per_point (v3.0.2-v3.0.4 and the controls): per token, the P candidates the rank
     (bs, T, L, P, 2). A candidate fills at most one slot of a token. Empty slots fall back to the
     token's own location; ``ref_keep_self`` reserves point 0 for it.
 
-The reference diagnostics (``models/diagnostics``) may set ``EncoderReferenceGenerator.picks_listener``
-while they record a pass; it then receives each update's ``GuidancePicks`` (which candidate filled
-which slot). Unset, it costs one attribute check per update.
+The recorder of a forward pass (``models/recording.py``) sets ``EncoderReferenceGenerator.picks_listener``
+while it records; it then receives each update's ``GuidancePicks`` (which candidate filled which
+slot). Unset, it costs one attribute check per update.
 
 Candidates are the same in training and inference when the model keeps its one-to-many queries /
 stream running at inference for them (``reads_one2many``).
@@ -41,7 +41,7 @@ __all__ = ["CandidateSet", "make_candidates", "EncoderReferenceGenerator", "Guid
 class GuidancePicks:
     """Which candidate filled each map-derived reference slot in one guidance update.
 
-    Only the reference diagnostics read it (``EncoderReferenceGenerator.picks_listener``).
+    Only a recorded forward pass sees it (``EncoderReferenceGenerator.picks_listener``, ``models.recording``).
     decoder_layers: decoder layers observed when the references were made (>= 1).
     candidates: the CandidateSet the slots index (its ``valid`` marks padding candidates).
     chosen: (bs, T, S) int64 candidate index per slot; meaningless where not ``valid``.
@@ -234,8 +234,8 @@ class EncoderReferenceGenerator(nn.Module):
         self.ref_rank, self.ref_keep_self, self.ref_grad = ref_rank, ref_keep_self, ref_grad
         self.attn_map_accum, self.ref_queries, self.ref_source = attn_map_accum, ref_queries, ref_source
         self.source, self.ranking = SOURCES.get(ref_source), RANKINGS.get(ref_rank)
-        # set only while the reference diagnostics record a forward pass: called with the
-        # GuidancePicks of every guidance update (never set in training)
+        # set only while models.recording records a forward pass: called with the GuidancePicks of
+        # every guidance update (never set in training)
         self.picks_listener: Optional[Callable[[GuidancePicks], None]] = None
 
     @property

@@ -45,11 +45,12 @@ def build(config_file: str, variant: str, main_flags: Sequence[str], resume: str
     import main as main_module
     import models
     from cli.config import parse_args
+    from cli.prepare import prepare
 
     extra = [] if variant == "stock" else ["--variant", variant]
     args = parse_args(["--config", config_file, *extra, "--output_dir", "", *main_flags])
     args.eval = True  # only the validation split is read (and checked)
-    config = main_module.prepare(args)
+    config = prepare(args)
     torch.manual_seed(config.seed)
     model, _, postprocessors = models.build_model(config)
     if resume:
@@ -72,15 +73,13 @@ def time_evaluation(config, model, loader, base_ds, postprocessors) -> float:
     return time.perf_counter() - start
 
 
-def time_diagnostics(config, model, diagnostics, dataset, images: int) -> float:
+def time_diagnostics(config, diagnostics, dataset, images: int) -> float:
     """Seconds of one diagnostics pass over the first ``images`` validation images."""
     from datasets.probe import probe_batches, probe_indices
-    from engine import reference_diagnostics
 
     start = time.perf_counter()
     indices, _ = probe_indices(dataset, images)
-    reference_diagnostics(model, diagnostics, probe_batches(dataset, indices, config.batch_size),
-                          torch.device(config.device))
+    diagnostics.measure(probe_batches(dataset, indices, config.batch_size))
     return time.perf_counter() - start
 
 
@@ -91,13 +90,13 @@ def bench_variant(variant: str, own, main_flags: Sequence[str]) -> List[Dict]:
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries JSON lines only
         config, model, dataset, loader, base_ds, postprocessors = build(own.config, variant, main_flags, own.resume)
     diagnostics = ReferenceDiagnostics(model, seed=config.seed)
-    time_diagnostics(config, model, diagnostics, dataset, min(own.images))  # warm-up (first-call costs)
+    time_diagnostics(config, diagnostics, dataset, min(own.images))  # warm-up (first-call costs)
     samples: Dict[int, Dict[str, List[float]]] = {n: {"off": [], "on": [], "diag": [], "ratio": []}
                                                   for n in own.images}
     for repeat in range(own.repeats):
         off = time_evaluation(config, model, loader, base_ds, postprocessors)
         for images in own.images:
-            diag = time_diagnostics(config, model, diagnostics, dataset, images)
+            diag = time_diagnostics(config, diagnostics, dataset, images)
             for key, value in (("off", off), ("on", off + diag), ("diag", diag), ("ratio", (off + diag) / off)):
                 samples[images][key].append(value)
             print(json.dumps({"variant": variant, "N": images, "repeat": repeat, "eval_off_s": off,

@@ -57,8 +57,8 @@ def run_configuration(checkpoint: Dict, path: str, config_file: Optional[str], m
                       images: Optional[int]):
     """The resolved configuration (main.prepare) that checkpoint ``path`` is measured with, with
     ``--diag_images`` set for the probe (``images``; None: the configuration's own, else 32)."""
-    import main as main_module
     from cli.config import parse_args
+    from cli.prepare import prepare
     from cli.checkpoint_config import check_checkpoint_configuration
     from util.checkpoint import has_upstream_args, saved_config
 
@@ -86,7 +86,7 @@ def run_configuration(checkpoint: Dict, path: str, config_file: Optional[str], m
         args.diag_images = FALLBACK_IMAGES
     if args.diag_images < 1:
         raise ValueError(f"--diag_images {args.diag_images} must be >= 1 here (0 would measure nothing)")
-    config = main_module.prepare(args)
+    config = prepare(args)
     if config_file is not None and saved:  # --config for a checkpoint that records another model: refused
         check_checkpoint_configuration(saved, config, path, "--resume", evaluating=True)
     return config
@@ -138,7 +138,6 @@ def diagnose(paths: Sequence[str], config_file: Optional[str], main_flags: Seque
     its own configuration; ``trusted``: the file --unsafe_trust_checkpoint names."""
     from cli.config import config_dict
     from datasets.probe import probe_batches
-    from engine import reference_diagnostics
     from main import load_model_weights, same_path
     from util.checkpoint import load_checkpoint, saved_config
 
@@ -160,7 +159,7 @@ def diagnose(paths: Sequence[str], config_file: Optional[str], main_flags: Seque
         epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
         del checkpoint
         batches = probe_batches(probe.dataset, probe.indices, config.batch_size)
-        metrics = reference_diagnostics(probe.model, probe.diagnostics, batches, torch.device(config.device))
+        metrics = probe.diagnostics.measure(batches)
         evaluations.append({"checkpoint": path, "epoch": epoch, "variant": config.variant,
                             "config": config_dict(config), "metrics": metrics})
         print(f"{path}: {len(metrics)} diagnostics on {len(probe.indices)} images", flush=True)

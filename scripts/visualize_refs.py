@@ -9,8 +9,8 @@ Writes into DIR:
                      per feature level, summed over queries (``--map_queries top``: the top-scoring only)
   refs_token_K.png   for each chosen token, the reference points every encoder layer received,
                      drawn as arrows from the token to each reference, one colour per point
-Nothing in the model is changed: decoder cross-attention and encoder inputs are captured with
-hooks. Without ``--resume`` the model is randomly initialised, which still shows the mechanics.
+Nothing in the model is changed: decoder cross-attention and encoder inputs are recorded with
+hooks (models/recording.py). Without ``--resume`` the model is randomly initialised, which still shows the mechanics.
 ``synthetic:N`` takes image N of the synthetic validation set (``--dataset_file synthetic``).
 """
 import argparse
@@ -27,8 +27,9 @@ if ROOT not in sys.path:
 
 import ops  # noqa: E402
 from cli.config import parse_args, resolve_device  # noqa: E402
-from models.capture import (Capture, choose_tokens, level_shapes, reference_entries, run_captured,  # noqa: E402,F401
-                            token_map, token_position, top_queries)
+from models.record_views import (choose_tokens, level_shapes, reference_entries, token_map,  # noqa: E402,F401
+                                 token_position, top_queries)
+from models.recording import ForwardRecord, run_recorded  # noqa: E402
 from util import draw  # noqa: E402
 from util.errors import InputError  # noqa: E402
 
@@ -137,14 +138,15 @@ def display_image(tensor: torch.Tensor):
     return draw.display_array(tensor)
 
 
-# ----------------------------------------------------------------------------- capture
+# ----------------------------------------------------------------------------- recording
 
-def run_model(model, image: torch.Tensor, device, args=None, target: Optional[Dict] = None) -> Tuple[Dict, Capture]:
-    """One inference pass on one image with the hooks attached; returns (outputs, capture). ``args``,
-    ``target``: what the model's guidance reads beyond the image (the ground truth, a seed), if anything."""
+def run_model(model, image: torch.Tensor, device, args=None, target: Optional[Dict] = None
+              ) -> Tuple[Dict, ForwardRecord]:
+    """One recorded inference pass on one image; returns (outputs, record). ``args``, ``target``: what
+    the model's guidance reads beyond the image (the ground truth, a seed), if anything."""
     from engine import step_guidance
     guidance = step_guidance(args, None if target is None else [target], 0)
-    return run_captured(model, [image.to(device)], guidance=guidance)
+    return run_recorded(model, [image.to(device)], guidance=guidance)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -245,21 +247,21 @@ def visualize(args, image: torch.Tensor, out_dir: str, tokens: int = 4, token_id
     if model is None:
         model, postprocessors = load_model(args)
     os.makedirs(out_dir, exist_ok=True)
-    outputs, capture = run_model(model, image, args.device, args, target)
-    shapes = level_shapes(capture)
+    outputs, record = run_model(model, image, args.device, args, target)
+    shapes = level_shapes(record)
     written = [os.path.join(out_dir, "predictions.png")]
     draw_predictions(image, outputs, postprocessors, score_thresh, written[-1])
 
     queries = top_queries(outputs, 10) if map_queries == "top" else None
-    weights = token_map(capture, map_layer, queries)
-    layer_no = map_layer % len(capture.decoder_sampling)
+    weights = token_map(record, map_layer, queries)
+    layer_no = map_layer % len(record.decoder)
     written.append(os.path.join(out_dir, "attn_map.png"))
     draw_attention_map(image, weights, shapes, written[-1],
                        f"decoder layer {layer_no} cross-attention map ({map_queries} queries)")
 
     for k, token in enumerate(token_ids or choose_tokens(weights, shapes, tokens)):
         written.append(os.path.join(out_dir, f"refs_token_{k}.png"))
-        draw_token_references(image, capture.encoder_refs, token, shapes, written[-1])
+        draw_token_references(image, record.encoder_references, token, shapes, written[-1])
     return written
 
 

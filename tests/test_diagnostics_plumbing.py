@@ -10,7 +10,7 @@ import torch
 
 import main as main_module
 from datasets.probe import probe_batches, probe_indices
-from tests.helpers import one_epoch_smoke_flags, tiny_args
+from tests.helpers import one_epoch_smoke_flags
 from util.checkpoint import load_checkpoint
 from cli.config import parse_args
 
@@ -79,52 +79,6 @@ def _generator_states():
     return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
 
 
-def test_a_diagnostics_pass_restores_generators_and_modes(data_dir):
-    """The evaluation transform draws from Python's random; after the pass every generator and every
-    module's train/eval flag is as before."""
-    import models
-    from engine import reference_diagnostics
-    from models.diagnostics import ReferenceDiagnostics
-
-    dataset = _val_dataset(data_dir)
-    from datasets import synthetic
-
-    args = tiny_args(*VARIANTS["v3.0.4"], "--backbone_norm", "bn", num_classes=synthetic.num_classes())
-    model, _, _ = models.build_model(args)
-    model.train()
-    model.backbone.eval()  # a mixed state must come back as it was, not as all-train
-    modes = [m.training for m in model.modules()]
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    before = _generator_states()
-    metrics = reference_diagnostics(model, ReferenceDiagnostics(model),
-                                    probe_batches(dataset, probe_indices(dataset, 3)[0], 2), torch.device("cpu"))
-    after = _generator_states()
-    assert metrics and before[0] == after[0] and np.array_equal(before[1], after[1])
-    assert torch.equal(before[2], after[2])
-    assert [m.training for m in model.modules()] == modes
-    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # BN statistics too
-    # the transform did draw: without the restore the stream would have moved
-    random.seed(1)
-    dataset[0]
-    assert random.getstate() != before[0]
-
-
-def test_only_the_main_process_builds_a_probe(monkeypatch, data_dir):
-    """Distributed runs measure on rank 0 alone (nothing collective inside, see main.build_probe)."""
-    import models
-
-    flags = one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL)
-    config = main_module.prepare(parse_args(flags + ["--diag_images", "2"]))
-    model, _, _ = models.build_model(config)
-    dataset = _val_dataset(data_dir)
-    assert main_module.build_probe(config, model, dataset).indices == [0, 1]
-    off = main_module.prepare(parse_args(flags + ["--diag_images", "0"]))
-    assert main_module.build_probe(off, model, dataset) is None
-    monkeypatch.setattr(main_module.dist_utils, "is_main_process", lambda: False)
-    assert main_module.build_probe(config, model, dataset) is None
-
-
 class _Scalars:
     """Records what TensorboardLogger.scalars would write."""
 
@@ -135,21 +89,110 @@ class _Scalars:
         self.calls.append((prefix, dict(values), step))
 
 
-def test_one_evaluation_writes_one_diag_record_and_its_scalars(data_dir, tmp_path):
-    """log_diagnostics: the record (type, epoch, N, every metric) and the same metrics as TensorBoard
-    scalars under diag/ at the evaluation's step (epoch + 1)."""
+class _Stops:
+    """A stand-in for StopSignals that records the stop points reached."""
+
+    requested = False
+
+    def __init__(self):
+        self.points = []
+
+    def check(self, where, device):
+        self.points.append(where)
+
+
+def _diagnostics_tail(data_dir, tmp_path, *flags):
+    """(config, an EpochTail of a tiny v3.0.4 model with this run's extras, the model)."""
     import models
+    from extras import build_extras
+    from runner.tail import EpochTail
     from util.logger import JsonlLogger
 
     config = main_module.prepare(parse_args(one_epoch_smoke_flags(data_dir, "", num_val=NUM_VAL)
-                                            + VARIANTS["v3.0.4"] + ["--diag_images", "3"]))
+                                            + VARIANTS["v3.0.4"] + ["--backbone_norm", "bn", *flags]))
     model, _, _ = models.build_model(config)
     dataset = _val_dataset(data_dir)
-    tail = main_module.EpochTail(config=config, ctx=None, model=model, postprocessors={}, val_loader=None,
-                                 base_ds=None, logger=JsonlLogger(str(tmp_path / "log.jsonl")), tb_logger=_Scalars(),
-                                 trainable=0, probe=main_module.build_probe(config, model, dataset))
+    tail = EpochTail(config=config, ctx=None, model=model, postprocessors={}, val_loader=None, base_ds=None,
+                     logger=JsonlLogger(str(tmp_path / "log.jsonl")), tb_logger=_Scalars(), trainable=0,
+                     stop=_Stops(), extras=build_extras(config, model, dataset))
     tail.ctx = main_module.RunContext(place=None, device=torch.device("cpu"), output_dir=str(tmp_path), resume="")
-    metrics = main_module.log_diagnostics(tail, epoch=4)
+    return config, tail, model
+
+
+def test_the_extras_loop_restores_generators_and_modes_around_the_diagnostics(data_dir, tmp_path):
+    """The evaluation transform draws from Python's random and the pass switches to eval mode; after
+    the loop every generator and every module's train/eval flag is as before."""
+    from extras import run_after_evaluation
+
+    _, tail, model = _diagnostics_tail(data_dir, tmp_path, "--diag_images", "3", "--batch_size", "2")
+    model.train()
+    model.backbone.eval()  # a mixed state must come back as it was, not as all-train
+    modes = [m.training for m in model.modules()]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    before = _generator_states()
+    logged = run_after_evaluation(tail, 0)
+    after = _generator_states()
+    assert logged["reference diagnostics"] and before[0] == after[0] and np.array_equal(before[1], after[1])
+    assert torch.equal(before[2], after[2])
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # BN statistics too
+    # the transform did draw: without the restore the stream would have moved
+    random.seed(1)
+    _val_dataset(data_dir)[0]
+    assert random.getstate() != before[0]
+
+
+class _Careless:
+    """An extra that draws from every generator and leaves the model in eval mode."""
+
+    name = "careless pass"
+
+    def after_evaluation(self, tail, epoch):
+        random.random(), np.random.rand(), torch.rand(1)
+        tail.model.eval()
+        return {"drawn": 3}
+
+
+def test_the_loop_protects_every_extra_once_and_stops_after_each(data_dir, tmp_path):
+    """The protection is the loop's, not each extra's: an extra that moves every generator and switches
+    the model to eval leaves no trace; each extra is followed by its own stop point."""
+    from extras import run_after_evaluation
+
+    _, tail, model = _diagnostics_tail(data_dir, tmp_path, "--diag_images", "0")
+    assert tail.extras == []  # --diag_images 0, no output directory: neither extra is on
+    tail.extras = [_Careless()]
+    model.train()
+    before = _generator_states()
+    assert run_after_evaluation(tail, 2) == {"careless pass": {"drawn": 3}}
+    after = _generator_states()
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
+    assert all(m.training for m in model.modules())
+    assert tail.stop.points == ["the careless pass of epoch 2 (its checkpoint is written)"]
+
+
+def test_only_the_main_process_runs_the_extras_every_process_stops_after_them(monkeypatch, data_dir, tmp_path):
+    """Distributed runs measure on rank 0 alone (nothing collective inside); every rank builds the same
+    extras and reaches the stop point after each, which is collective."""
+    import extras.base
+    from extras import run_after_evaluation
+
+    _, tail, _ = _diagnostics_tail(data_dir, tmp_path, "--diag_images", "2")
+    (extra,) = tail.extras
+    assert extra.name == "reference diagnostics" and extra.indices == [0, 1]
+    monkeypatch.setattr(extras.base, "is_main_process", lambda: False)
+    assert run_after_evaluation(tail, 0) == {"reference diagnostics": {}}
+    assert tail.stop.points == ["the reference diagnostics of epoch 0 (its checkpoint is written)"]
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_one_evaluation_writes_one_diag_record_and_its_scalars(data_dir, tmp_path):
+    """The diagnostics extra: the record (type, epoch, N, every metric) and the same metrics as
+    TensorBoard scalars under diag/ at the evaluation's step (epoch + 1)."""
+    from extras import run_after_evaluation
+
+    _, tail, _ = _diagnostics_tail(data_dir, tmp_path, "--diag_images", "3")
+    metrics = run_after_evaluation(tail, 4)["reference diagnostics"]
     (record,) = _read_log(tmp_path / "log.jsonl")
     assert record["type"] == "diag" and record["epoch"] == 4 and record["N"] == 3 and record["diag_time"] > 0
     assert {k: v for k, v in record.items() if k[:1] == "D"} == metrics and "D6/coverage" in metrics
@@ -166,6 +209,7 @@ def test_resumed_log_keeps_one_diag_record_per_finished_epoch(tmp_path):
     """A kill between an epoch's diag record and its epoch record: the tail is redone, so that diag
     record goes; so do those of epochs trained again. Finished epochs keep theirs, and the record at
     initialisation (epoch -1, which has no epoch record) stays."""
+    from extras import tail_record_types
     from util.logger import JsonlLogger, read_jsonl
 
     lines = [{"type": "diag", "epoch": -1, "N": 2},
@@ -174,9 +218,11 @@ def test_resumed_log_keeps_one_diag_record_per_finished_epoch(tmp_path):
              {"type": "diag", "epoch": 2, "N": 2}, {"type": "epoch", "epoch": 2}]
     path = tmp_path / "log.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert JsonlLogger(str(path)).drop_epochs_from(2) == (3, 0)
+    assert "diag" in tail_record_types()  # declared by the diagnostics extra, not known to util/logger
+    assert JsonlLogger(str(path)).drop_epochs_from(2, tail_record_types()) == (3, 0)
     assert read_jsonl(str(path)) == lines[:3]
-    assert JsonlLogger(str(path)).drop_epochs_from(0) == (2, 0)  # a run restarted before its first checkpoint
+    # a run restarted before its first checkpoint
+    assert JsonlLogger(str(path)).drop_epochs_from(0, tail_record_types()) == (2, 0)
     assert read_jsonl(str(path)) == lines[:1]
 
 

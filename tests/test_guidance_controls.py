@@ -14,7 +14,7 @@ import main as main_module
 from cli.config import parse_args
 from models import build_model
 from models.diagnostics import ReferenceDiagnostics
-from models.diagnostics.recording import record_encoder
+from models.recording import record_forward
 from models.guidance import guidance_inputs
 from tests.helpers import TINY, one_epoch_smoke_flags, tiny_args
 from util.checkpoint import load_checkpoint
@@ -52,10 +52,9 @@ def guided_record(variant):
     model, _, _ = build_model(args)
     model.eval()
     samples, targets = one_padded_image()
-    records = []
-    with torch.no_grad(), record_encoder(model, records.append):
+    with torch.no_grad(), record_forward(model) as record:
         model(samples, guidance=guidance_inputs(args, targets, (0,)))
-    return records[1], targets[0]["boxes"]
+    return record.encoder[1], targets[0]["boxes"]
 
 
 @pytest.mark.parametrize("variant", ["v3.0.4_gt", "v3.0.4_gt_distance"])

@@ -1,5 +1,6 @@
 """The import layers: util/ at the bottom, ops/ beside it, models/ and datasets/ above, the
-command line (cli/) above those, engine.py and main.py on top -- and no import circle.
+command line (cli/) above those, then engine.py, the run's plumbing (runner/), the evaluation
+extras (extras/) and main.py on top -- and no import circle.
 
 Every import counts, including those inside functions (a function-local import hides an
 upward dependency; it does not remove it).
@@ -9,16 +10,18 @@ import os
 from typing import Dict, List, Set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("util", "ops", "models", "datasets", "cli")
+PACKAGES = ("util", "ops", "models", "datasets", "cli", "runner", "extras")
 TOP_MODULES = ("engine", "main")
 # what each layer must not import (its own layer and those below are fine)
 FORBIDDEN = {
-    "util": {"ops", "models", "datasets", "cli", "engine", "main"},
-    "ops": {"util", "models", "datasets", "cli", "engine", "main"},
-    "models": {"datasets", "cli", "engine", "main"},
-    "datasets": {"models", "cli", "engine", "main"},
-    "cli": {"engine", "main"},
-    "engine": {"main"},
+    "util": {"ops", "models", "datasets", "cli", "engine", "runner", "extras", "main"},
+    "ops": {"util", "models", "datasets", "cli", "engine", "runner", "extras", "main"},
+    "models": {"datasets", "cli", "engine", "runner", "extras", "main"},
+    "datasets": {"models", "cli", "engine", "runner", "extras", "main"},
+    "cli": {"engine", "runner", "extras", "main"},
+    "engine": {"runner", "extras", "main"},
+    "runner": {"extras", "main"},
+    "extras": {"main"},
 }
 
 
@@ -115,3 +118,11 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
     source.write_text("from .sibling import x\n\ndef f():\n    import util.dist\n")
     found = _imports("models.mod", str(source), {"models.sibling", "util.dist", "models.mod"})
     assert found == {"models.sibling", "util.dist"}
+
+
+def test_every_package_has_a_layer():
+    """A new top-level package must be placed in the layers above (else nothing checks its imports)."""
+    packages = {name for name in os.listdir(ROOT)
+                if os.path.isfile(os.path.join(ROOT, name, "__init__.py"))} - {"tests", "scripts"}
+    assert packages <= set(PACKAGES), sorted(packages - set(PACKAGES))
+    assert set(FORBIDDEN) == set(PACKAGES) | {"engine"}

@@ -7,7 +7,7 @@ from PIL import Image
 
 import main
 from datasets import synthetic
-from engine import picture_indices
+from extras.validation_pictures import picture_indices
 from tests.helpers import one_epoch_smoke_flags
 from util import draw
 from util.checkpoint import load_checkpoint, saved_class_names

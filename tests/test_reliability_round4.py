@@ -491,18 +491,18 @@ def test_sigterm_in_the_last_epochs_diagnostics_or_pictures_stops_there(tmp_path
                                                                          monkeypatch, stage):
     """In the last epoch: exit 143, the checkpoint complete, no epoch record; the resumed run redoes
     the tail, so the log ends with one epoch record and the diag records of initialisation and epoch 0."""
-    import main as main_module
-    import models.capture
+    from extras import reference_diagnostics, validation_pictures
     from util.checkpoint import load_checkpoint
 
     out = tmp_path / "out"
     flags = synthetic_flags(synthetic_dir, out, "--epochs", "1", "--max_iters_per_epoch", "1", "--diag_images", "2")
     if stage == "pictures":
         flags += ["--vis_images", "1", "--tensorboard"]
-        calls = _signal_on_first_call(monkeypatch, models.capture, "run_captured")
+        calls = _signal_on_first_call(monkeypatch, validation_pictures, "run_recorded")
     else:
         # the signal comes as epoch 0's diagnostics start (not in the pass at initialisation)
-        calls = _signal_on_first_call(monkeypatch, main_module, "log_diagnostics", lambda args, kwargs: args[1] == 0)
+        calls = _signal_on_first_call(monkeypatch, reference_diagnostics.ReferenceDiagnosticsExtra,
+                                      "after_evaluation", lambda args, kwargs: args[2] == 0)
     code, err = cli(flags, capsys)
     assert calls and code == 143, err
     last = err.strip().splitlines()[-1]

@@ -353,8 +353,8 @@ def test_visualize_refs_guided_random_init(tmp_path):
     model, postprocessors = visualize_refs.load_model(args)
     image = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(0))
 
-    _, capture = visualize_refs.run_model(model, image, args.device)
-    stock, guided = capture.encoder_refs
+    _, record = visualize_refs.run_model(model, image, args.device)
+    stock, guided = record.encoder_references
     assert guided.shape[:2] == stock.shape[:2] and guided.shape[-3:] == (4, 4, 2)  # (bs, T, L, P, 2)
     # v3.0.4 keeps point 0 at the token itself; the other points come from the map
     assert torch.allclose(guided[..., 0, :], stock, atol=1e-5)

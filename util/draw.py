@@ -1,7 +1,7 @@
 """Pictures of detections: boxes with class names and scores, encoder references, panels side by side.
 
 The one place boxes are drawn: scripts/predict.py (annotated images), the validation pictures
-that training sends to TensorBoard (engine.validation_pictures) and scripts/visualize_refs.py all
+that training sends to TensorBoard (extras/validation_pictures.py) and scripts/visualize_refs.py all
 call ``draw_boxes``. Drawing uses PIL only (no matplotlib), so it is cheap enough to run during
 training. Line widths and fonts grow with the image, so a label is readable at the image's own
 size; images smaller than ``MIN_SIDE`` are enlarged first (a 128-pixel image has no room for text).

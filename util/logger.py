@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional, TextIO
+from typing import Dict, Iterable, List, NamedTuple, Optional, TextIO
 
 import torch
 
@@ -176,9 +176,9 @@ class LogCleanup(NamedTuple):
 
 
 # record types that belong to one training epoch; a rerun of that epoch writes them again
-# ('diag': the reference diagnostics of the epoch's evaluation)
-EPOCH_RECORD_TYPES = ("train", "epoch", "diag")
-# the epoch of the diag record measured before the first training step (the model at initialisation)
+EPOCH_RECORD_TYPES = ("train", "epoch")
+# the epoch of a record written before the first training step (the model at initialisation): it
+# belongs to no epoch and is never redone
 INIT_EPOCH = -1
 
 
@@ -207,14 +207,16 @@ class JsonlLogger:
         """Whether the epoch record (the last step of an epoch) of ``epoch`` was written."""
         return any(r.get("type") == "epoch" and r.get("epoch") == epoch for r in self.records())
 
-    def drop_epochs_from(self, first_epoch: int) -> LogCleanup:
+    def drop_epochs_from(self, first_epoch: int, tail_types: Iterable[str] = ()) -> LogCleanup:
         """Remove the train/epoch records of epochs >= ``first_epoch`` (about to be trained again),
         repeated epoch records, and unreadable lines (a line cut short by a kill, invalid UTF-8).
 
-        Called at start-up, so an epoch interrupted and redone is in the log once. A ``diag``
-        record of an epoch without its epoch record belongs to a tail cut short, which is redone,
-        so it goes too, except the one at initialisation (epoch ``INIT_EPOCH``), which has no epoch
-        record and is never redone. Other records (errors, evaluations, data summaries) are history and stay.
+        Called at start-up, so an epoch interrupted and redone is in the log once. ``tail_types``:
+        the record types written in an epoch's tail before its epoch record (the evaluation extras
+        declare theirs); such a record of an epoch >= ``first_epoch``, or of an epoch without its
+        epoch record (a tail cut short, which is redone), goes too, except at ``INIT_EPOCH``
+        (written before training, in no epoch, never redone). Other records (errors, evaluations,
+        data summaries) are history and stay.
         """
         if not self.path or not os.path.isfile(self.path):
             return LogCleanup(0, 0)
@@ -224,14 +226,15 @@ class JsonlLogger:
         unreadable = sum(record is None for _, record in parsed)
         finished = {r["epoch"] for _, r in parsed
                     if r is not None and r.get("type") == "epoch" and isinstance(r.get("epoch"), int)}
+        tail_types = tuple(tail_types)
         kept, seen_epochs = [], set()
         for line, record in parsed:
             if record is None:
                 continue
-            if record.get("type") in EPOCH_RECORD_TYPES and isinstance(record.get("epoch"), int):
+            if record.get("type") in EPOCH_RECORD_TYPES + tail_types and isinstance(record.get("epoch"), int):
                 if record["epoch"] >= first_epoch:
                     continue
-                if record["type"] == "diag" and record["epoch"] not in finished and record["epoch"] != INIT_EPOCH:
+                if record["type"] in tail_types and record["epoch"] not in finished and record["epoch"] != INIT_EPOCH:
                     continue
                 if record["type"] == "epoch":
                     if record["epoch"] in seen_epochs:

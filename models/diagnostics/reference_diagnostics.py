@@ -21,11 +21,12 @@ D5/distance = (P + 1) / 2 times the mean initial direction length, 3.018 cells a
 Runs log one pass before the first training step (epoch -1) for exactly that comparison.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
 from util.box_ops import box_cxcywh_to_xyxy
+from util.modes import modes_kept
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 from ..deformable_transformer import encoder_reference_points
@@ -33,10 +34,10 @@ from ..enc_reference import GuidancePicks
 from ..guidance import guidance_inputs
 from ..level_layout import LevelLayout, valid_size
 from ..matcher import HungarianMatcher
+from ..recording import EncoderLayerRecord, record_forward
 from ..stages import guided_encoder_layers
 from . import metrics
 from .geometry import covered_area_fraction, inside_any_box, match_to_ground_truth, smallest_containing_box
-from .recording import EncoderLayerRecord, record_encoder
 from .tally import Tally, scoped_keys
 
 DESCRIPTIONS = {
@@ -155,6 +156,19 @@ class ReferenceDiagnostics:
         """The pass's metrics: flat {key: float}; metrics without any item are absent."""
         return self._tally.means()
 
+    def measure(self, batches: Iterable[Tuple[NestedTensor, List[Dict]]], stop=None) -> Optional[Dict[str, float]]:
+        """One whole pass (``start``, ``update`` per batch, ``finish``) over the probe ``batches``
+        ((NestedTensor (B, 3, H, W), targets), on any device); returns the metrics, or None when a
+        stop signal arrived during it (``stop``: a ``util.interrupt.StopSignals``): the pass then
+        ends after that batch, unfinished. Nothing collective runs inside, so one process can
+        measure alone; random generators are not drawn from here (the caller's data may be)."""
+        self.start()
+        for samples, targets in batches:
+            self.update(samples, targets)
+            if stop is not None and stop.requested:
+                return None
+        return self.finish()
+
     # ------------------------------------------------------------------ one probe batch
 
     @torch.no_grad()
@@ -172,17 +186,13 @@ class ReferenceDiagnostics:
         images = self._probe_images(samples, targets, device)
         guidance = guidance_inputs(self.generator, targets, (self.seed, self._batches))
         self._batches += 1
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        try:
-            with record_encoder(self.model, lambda record: self._encoder_layer(record, images)) as updates:
+        with modes_kept(self.model):
+            self.model.eval()
+            with record_forward(self.model, lambda layer: self._encoder_layer(layer, images)) as record:
                 outputs = self.model(samples, guidance=guidance)
-        finally:
-            for module, mode in modes:
-                module.training = mode
-        for picks in updates:
+        for picks in record.picks:
             self._reliability(picks, images)
-        for before, after in zip(updates, updates[1:]):
+        for before, after in zip(record.picks, record.picks[1:]):
             self._update_stability(before, after, images)
         if self.learned_queries:
             self._matching_instability(outputs, images)

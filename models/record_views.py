@@ -1,90 +1,31 @@
-"""What one inference pass computed inside the transformer, captured with forward hooks.
+"""What the pictures show of a recorded forward pass (``models.recording.ForwardRecord``).
 
-The model is not changed: every encoder layer's input references and every decoder layer's
-cross-attention sampling are recorded while it runs. scripts/visualize_refs.py and the
-validation pictures of training (engine.validation_pictures) read the guidance from here.
+The validation pictures of training and scripts/visualize_refs.py read a record through these:
+the feature levels, a decoder layer's cross-attention map over the tokens, the tokens worth
+drawing and the references one token received.
 """
 import math
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str):
-    """A forward argument that may have been passed positionally or by keyword."""
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
+from .cross_attn_map import cross_attention_map
+from .recording import ForwardRecord
 
 
-@dataclass
-class Capture:
-    """What the hooks saw during one forward pass."""
-    encoder_refs: List[torch.Tensor] = field(default_factory=list)       # per encoder layer, as received
-    decoder_sampling: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (locs, weights)
-    spatial_shapes: Optional[torch.Tensor] = None
-    level_start_index: Optional[torch.Tensor] = None
-    padding_mask: Optional[torch.Tensor] = None
-    handles: list = field(default_factory=list)
-
-    def attach(self, model) -> "Capture":
-        """Hook every encoder layer's input and every decoder layer's cross-attention."""
-        transformer = model.transformer
-        for layer in transformer.encoder.layers:
-            self.handles.append(layer.register_forward_pre_hook(self._on_encoder, with_kwargs=True))
-        for layer in transformer.decoder.layers:
-            self.handles.append(layer.cross_attn.register_forward_hook(self._on_cross_attn, with_kwargs=True))
-        return self
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _on_encoder(self, module, args, kwargs):
-        # DeformableEncoderLayer.forward(src, pos, reference_points, layout)
-        self.encoder_refs.append(_arg(args, kwargs, 2, "reference_points").detach())
-        return None
-
-    def _on_cross_attn(self, module, args, kwargs, output):
-        # MSDeformAttn.forward(query, reference_points, input_flatten, layout) -> MSDeformAttnOutput
-        self.decoder_sampling.append((output.sampling_locations.detach(), output.attention_weights.detach()))
-        layout = _arg(args, kwargs, 3, "layout")
-        self.spatial_shapes = layout.spatial_shapes
-        self.level_start_index = layout.level_start_index
-        self.padding_mask = layout.padding_mask
-        return None
-
-
-def run_captured(model, samples, guidance=None) -> Tuple[Dict, Capture]:
-    """One no-grad forward of ``model`` on ``samples`` (NestedTensor or list of (3, H, W)) with the
-    hooks attached; ``guidance``: the forward's ``GuidanceInputs`` (``models.guidance``), when the
-    model's guidance reads the ground truth or a seed. Returns (outputs, capture)."""
-    capture = Capture().attach(model)
-    try:
-        with torch.no_grad():
-            outputs = model(samples, guidance=guidance)
-    finally:
-        capture.detach()
-    return outputs, capture
-
-
-# ----------------------------------------------------------------------------- reading a capture
-
-def level_shapes(capture: Capture) -> List[Tuple[int, int]]:
+def level_shapes(record: ForwardRecord) -> List[Tuple[int, int]]:
     """[(H_l, W_l)] of the feature levels the pass ran on."""
-    return [tuple(int(v) for v in hw) for hw in capture.spatial_shapes.tolist()]
+    return [(int(h), int(w)) for h, w in record.layout.shapes]
 
 
-def token_map(capture: Capture, layer: int = -1, queries: Optional[torch.Tensor] = None,
+def token_map(record: ForwardRecord, layer: int = -1, queries: Optional[torch.Tensor] = None,
               image: int = 0) -> torch.Tensor:
     """Cross-attention map of decoder ``layer`` for batch item ``image``, summed over (the given)
     queries: (T,) on the CPU."""
-    from .cross_attn_map import cross_attention_map
-    locations, weights = capture.decoder_sampling[layer]
-    dense = cross_attention_map(locations.float(), weights.float(), capture.spatial_shapes,
-                                capture.level_start_index, capture.padding_mask)  # (bs, T, Q)
+    decoder = record.decoder[layer]
+    layout = decoder.layout
+    dense = cross_attention_map(decoder.sampling_locations.float(), decoder.attention_weights.float(),
+                                layout.spatial_shapes, layout.level_start_index, layout.padding_mask)  # (bs, T, Q)
     dense = dense[image]
     if queries is not None:
         dense = dense[:, queries]
