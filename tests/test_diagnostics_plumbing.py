@@ -10,7 +10,7 @@ import torch
 
 import main as main_module
 from datasets.probe import probe_batches, probe_indices
-from tests.helpers import one_epoch_smoke_flags
+from tests.helpers import RecordingStops, one_epoch_smoke_flags
 from util.checkpoint import load_checkpoint
 from cli.config import parse_args
 
@@ -89,18 +89,6 @@ class _Scalars:
         self.calls.append((prefix, dict(values), step))
 
 
-class _Stops:
-    """A stand-in for StopSignals that records the stop points reached."""
-
-    requested = False
-
-    def __init__(self):
-        self.points = []
-
-    def check(self, where, device):
-        self.points.append(where)
-
-
 def _diagnostics_tail(data_dir, tmp_path, *flags):
     """(config, an EpochTail of a tiny v3.0.4 model with this run's extras, the model)."""
     import models
@@ -114,7 +102,7 @@ def _diagnostics_tail(data_dir, tmp_path, *flags):
     dataset = _val_dataset(data_dir)
     tail = EpochTail(config=config, ctx=None, model=model, postprocessors={}, val_loader=None, base_ds=None,
                      logger=JsonlLogger(str(tmp_path / "log.jsonl")), tb_logger=_Scalars(), trainable=0,
-                     stop=_Stops(), extras=build_extras(config, model, dataset))
+                     stop=RecordingStops(), extras=build_extras(config, model, dataset))
     tail.ctx = main_module.RunContext(place=None, device=torch.device("cpu"), output_dir=str(tmp_path), resume="")
     return config, tail, model
 

@@ -7,7 +7,7 @@ import torch
 
 import extras
 from extras.base import where
-from tests.helpers import one_epoch_smoke_flags
+from tests.helpers import RecordingStops, one_epoch_smoke_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,19 +48,9 @@ def test_stops_in_an_extra_name_it_and_where_the_run_was():
     assert where("reference diagnostics", 7, evaluating=True) == "the reference diagnostics of the evaluation"
 
 
-class _Stops:
-    requested = False
-
-    def __init__(self):
-        self.points = []
-
-    def check(self, where, device):
-        self.points.append(where)
-
-
 class _Tail:
     def __init__(self, *run_extras):
-        self.model, self.stop, self.extras = torch.nn.Linear(1, 1), _Stops(), list(run_extras)
+        self.model, self.stop, self.extras = torch.nn.Linear(1, 1), RecordingStops(), list(run_extras)
         self.ctx = type("Ctx", (), {"device": torch.device("cpu")})()
 
 
