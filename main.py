@@ -34,6 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 import util.dist as dist_utils
 from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
 from cli.checkpoint_config import configuration_for_checkpoint, differences_from_checkpoint
+from cli.run_loading import load_model_weights, same_path
 from cli.config import Config, config_dict, derived_keys, parse_args, resolve_config, save_config, validate_paths
 from util.checkpoint import (CHECKPOINT_NAME, atomic_copy, atomic_save, checkpoint_state, fault_point,
                              find_latest_checkpoint, load_checkpoint, numbered_checkpoint_paths,
@@ -45,12 +46,6 @@ from util.logger import INIT_EPOCH, JsonlLogger, TensorboardLogger, format_secon
 from util.optim import build_lr_scheduler, build_optimizer
 from util.output_lock import OutputDirLock
 from util.seeding import EpochRandomSampler, WorkerSeeder, mix_seed, seed_everything
-
-
-def same_path(a: str, b: str) -> bool:
-    """Whether two paths name the same file or folder: compared as real paths (symlinks resolved),
-    since an output directory or a checkpoint is often reached through a link."""
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 @dataclass(frozen=True)
@@ -184,26 +179,6 @@ def count_parameters(model: torch.nn.Module) -> Tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
-
-
-def load_model_weights(model, path: str, strict: bool, flag: str = "--resume",
-                       saved: Optional[Dict] = None, config: Optional[Config] = None, loaded: Any = None) -> None:
-    """Weights through ``models.load_pretrained`` (prints what it loaded and what it skipped).
-
-    ``strict`` (``--resume``, also with ``--eval``): a checkpoint that does not fit the model would
-    silently train or evaluate a partly random model, so a missing, unexpected or mis-shaped key is
-    an ``InputError`` naming the keys (and the flags that differ from ``saved``, the configuration
-    the checkpoint records, when given). ``--pretrained`` loads leniently and only lists what it skipped.
-    ``loaded``: the file's contents when already read (the resume checkpoint is read once).
-    """
-    import models
-
-    missing, unexpected = models.load_pretrained(model, path, loaded=loaded)
-    if strict and (missing or unexpected):
-        raise InputError(f"{flag} {path} does not match this model's configuration: "
-                         f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-                         + differences_from_checkpoint(saved, config))
 
 
 def compile_if_asked(model: torch.nn.Module, config) -> torch.nn.Module:

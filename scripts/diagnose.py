@@ -3,10 +3,12 @@
 usage: python scripts/diagnose.py --resume CKPT [CKPT ...] --out DIR [--diag_images N] [--config FILE]
            [--unsafe_trust_checkpoint CKPT] [any main.py flag, e.g. --coco_path DATA --device cpu]
 
-Each checkpoint is measured as itself: with the configuration it records (``args``), or with
-``--config`` when given (needed for a bare state dict and for an upstream-style checkpoint, whose
-``args`` is upstream's argparse.Namespace; a checkpoint whose record disagrees with it is refused);
-main.py flags after it override either. The probe set is the first N validation images by image id
+Each checkpoint (a file, or a run directory: its latest checkpoint) is measured as itself, loaded
+as every script loads a run (``cli/run_loading.py``): with ``--config`` when given, else the
+config.yaml of its run directory, else the configuration it records (``args``); an upstream-style
+checkpoint (``args`` is upstream's argparse.Namespace) or a bare state dict needs ``--config``, and
+a configuration whose model flags disagree with the checkpoint's record is refused. main.py flags
+after it override either. The probe set is the first N validation images by image id
 (``--diag_images``; unset: the first checkpoint's own value, else 32), evaluation transforms. With
 several checkpoints (in the order given, e.g. epochs 3, 7, 11 of one run) the across-evaluation D3
 instabilities are measured between consecutive ones of the same configuration; a checkpoint of
@@ -22,12 +24,10 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -55,41 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_configuration(checkpoint: Dict, path: str, config_file: Optional[str], main_flags: Sequence[str],
                       images: Optional[int]):
-    """The resolved configuration (main.prepare) that checkpoint ``path`` is measured with, with
-    ``--diag_images`` set for the probe (``images``; None: the configuration's own, else 32)."""
-    import main as main_module
-    from cli.config import parse_args
-    from cli.checkpoint_config import check_checkpoint_configuration
-    from util.checkpoint import has_upstream_args, saved_config
+    """The configuration checkpoint ``path`` (read: ``checkpoint``) is measured with, as every script
+    loads a run (``cli.run_loading``: ``config_file`` or the run's config.yaml, else its record;
+    ``main_flags`` over it), its validation data checked, with ``--diag_images`` set for the probe
+    (``images``; None: the configuration's own, else 32)."""
+    from cli.run_loading import checkpoint_configuration, checkpoint_files
 
-    upstream = has_upstream_args(checkpoint)
-    saved = {} if upstream else saved_config(checkpoint)  # upstream's flags are not this project's
-    if config_file is None and upstream:
-        raise InputError(f"--resume {path}: an upstream-style checkpoint (its args are an argparse.Namespace, not "
-                         "this project's configuration): pass --config FILE with the configuration it was trained with")
-    if config_file is None and not saved:
-        raise InputError(f"--resume {path}: the checkpoint records no configuration (a bare state dict): "
-                         "pass --config FILE")
-    with tempfile.TemporaryDirectory() as folder:
-        flags_file = config_file
-        if flags_file is None:
-            flags_file = os.path.join(folder, "saved_config.yaml")
-            with open(flags_file, "w") as f:
-                yaml.safe_dump(saved, f)
-        # the checkpoint holds every weight, and the run's output folder and files are not ours to touch
-        args = parse_args(["--config", flags_file, "--output_dir", "", "--pretrained", "", "--backbone_weights",
-                           "none", *main_flags])
-    args.eval = True  # only the validation split is needed (and checked)
-    if images is not None:
-        args.diag_images = images
-    elif args.diag_images == 0:
-        args.diag_images = FALLBACK_IMAGES
-    if args.diag_images < 1:
-        raise ValueError(f"--diag_images {args.diag_images} must be >= 1 here (0 would measure nothing)")
-    config = main_module.prepare(args)
-    if config_file is not None and saved:  # --config for a checkpoint that records another model: refused
-        check_checkpoint_configuration(saved, config, path, "--resume", evaluating=True)
-    return config
+    config_file = config_file or checkpoint_files(path, "--resume")[1]
+    config = checkpoint_configuration(checkpoint, path, "--resume", config_file, main_flags, check_paths=True)
+    if images is None:
+        images = config.diag_images or FALLBACK_IMAGES
+    if images < 1:
+        raise ValueError(f"--diag_images {images} must be >= 1 here (0 would measure nothing)")
+    return config.replace(diag_images=images)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -138,13 +116,14 @@ def diagnose(paths: Sequence[str], config_file: Optional[str], main_flags: Seque
     its own configuration; ``trusted``: the file --unsafe_trust_checkpoint names."""
     from cli.config import config_dict
     from datasets.probe import probe_batches
+    from cli.run_loading import checkpoint_files, load_model_weights, read_checkpoint
     from engine import reference_diagnostics
-    from main import load_model_weights, same_path
-    from util.checkpoint import load_checkpoint, saved_config
+    from util.checkpoint import saved_config
 
     probe, first, evaluations = None, None, []
-    for path in paths:
-        checkpoint = load_checkpoint(path, trusted=bool(trusted) and same_path(path, trusted), flag="--resume")
+    for given in paths:
+        path = checkpoint_files(given, "--resume")[0]  # a run directory: its latest checkpoint
+        checkpoint = read_checkpoint(path, "--resume", trusted)
         config = run_configuration(checkpoint, path, config_file, main_flags, images)
         images = config.diag_images  # every checkpoint on the same number of probe images
         if first is None:
@@ -155,8 +134,8 @@ def diagnose(paths: Sequence[str], config_file: Optional[str], main_flags: Seque
                 print(f"{path}: another configuration than the checkpoint before it{change}: measured with its own "
                       "model (no across-evaluation D3 against the one before)", flush=True)
             probe = build_probe(config)
-        load_model_weights(probe.model, path, strict=True, saved=saved_config(checkpoint), config=config,
-                           loaded=checkpoint)
+        load_model_weights(probe.model, path, strict=True, flag="--resume", saved=saved_config(checkpoint),
+                           config=config, loaded=checkpoint)
         epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
         del checkpoint
         batches = probe_batches(probe.dataset, probe.indices, config.batch_size)
