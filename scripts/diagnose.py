@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from util.diagnostics_plot import Panel, Series  # noqa: E402
 from util.errors import InputError  # noqa: E402
 
 # probe images when neither --diag_images nor the run's configuration names a number
@@ -205,74 +206,28 @@ def panel_series(values_per_checkpoint: List[Dict[Tuple[str, ...], float]], labe
                for label, values in zip(labels, values_per_checkpoint)]
 
 
-def draw_panel(ax, x: List[str], series: List[Tuple[str, List[float]]], colours) -> None:
-    """Lines over x (layers) when there are several x values, else grouped bars with their values written."""
-    if len(x) > 1:
-        for index, (label, values) in enumerate(series):
-            black = label == "mean"
-            ax.plot(range(len(x)), values, marker="s" if black else "o", markersize=4 if black else 3,
-                    lw=2 if black else 1.2, color="black" if black else colours(index), label=label)
-        ax.set_xticks(range(len(x)), x, fontsize=7)
-    else:
-        width = 0.8 / max(len(series), 1)
-        for index, (label, values) in enumerate(series):
-            value = values[0]
-            position = index * width - 0.4 + width / 2
-            ax.bar(position, 0.0 if value != value else value, width * 0.9, label=label,
-                   color="black" if label == "mean" else colours(index))
-            ax.annotate("n/a" if value != value else f"{value:.3g}", (position, 0.0 if value != value else value),
-                        ha="center", va="bottom", fontsize=6)
-        ax.set_xticks([0], [x[0] or "all probe images"], fontsize=7)
-        ax.set_xlim(-0.6, 0.6)
-    ax.set_xlabel(_scope_label(x[0]) if x[0] else "", fontsize=8)
-    ax.yaxis.get_major_formatter().set_useOffset(False)
-    low, high = ax.get_ylim()
-    least = 0.1 * max(abs(low), abs(high), 1e-6)  # differences far below the value's size stay flat
-    if high - low < least:
-        middle = (high + low) / 2
-        ax.set_ylim(middle - least / 2, middle + least / 2)
-    ax.legend(fontsize=6, ncol=2)
-
-
-def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: str, title: str) -> None:
-    """diagnostics.png: one panel per diagnostic (see ``panel_series``), titled with what it measures."""
-    import textwrap
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def diagnostic_panels(evaluations: List[Dict], describe: Dict[str, str]) -> List[Panel]:
+    """One panel per diagnostic (see ``panel_series``) against the layer, titled with what it measures."""
     per_checkpoint = [panels(e["metrics"]) for e in evaluations]
     names = sorted({name for grouped in per_checkpoint for name in grouped}, key=_natural)
     labels = [f"epoch {e['epoch']}" if e.get("epoch") is not None else os.path.basename(e["checkpoint"])
               for e in evaluations]
     if len({e.get("variant") for e in evaluations}) > 1:  # checkpoints of several variants: say which is which
         labels = [f"{e.get('variant') or 'stock'} {label}" for e, label in zip(evaluations, labels)]
-    columns = min(4, max(len(names), 1))
-    rows = max(1, -(-len(names) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows + 0.6), squeeze=False)
-    several = len(evaluations) > 1
-    cmap = plt.get_cmap("viridis" if several else "tab10")
-
-    def colours(index: int):
-        return cmap(index / max(len(evaluations) - 1, 1) * 0.85) if several else cmap(index % 10)
-
-    for ax, name in zip(axes.flat, names):
+    out = []
+    for name in names:
         x, series = panel_series([grouped.get(name, {}) for grouped in per_checkpoint], labels)
-        draw_panel(ax, x, series, colours)
-        meaning = "\n".join(textwrap.wrap(describe.get(name, ""), 62)[:3])
-        ax.set_title(f"{name}\n{meaning}", fontsize=7, loc="left")
-        ax.set_ylabel(name.split("/")[1], fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    if not names:
-        axes.flat[0].text(0.5, 0.5, "no diagnostic could be computed", ha="center", va="center")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        out.append(Panel(title=name, x=list(range(len(x))), ticks=x, xlabel=_scope_label(x[0]) if x[0] else "",
+                         ylabel=name.split("/")[1], subtitle=describe.get(name, ""),
+                         series=[Series(label, values, emphasised=label == "mean") for label, values in series]))
+    return out
+
+
+def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: str, title: str) -> None:
+    """diagnostics.png: the diagnostics picture (``util.diagnostics_plot``), one panel per diagnostic."""
+    from util.diagnostics_plot import plot_diagnostics as plot
+
+    plot(diagnostic_panels(evaluations, describe), path, title=title, ordered=len(evaluations) > 1)
 
 
 # ----------------------------------------------------------------------------- command line

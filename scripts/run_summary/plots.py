@@ -1,10 +1,12 @@
 """The pictures of a summary: AP against epoch, and the reference diagnostics against epoch."""
-import math
 import os
 from typing import List
 
+from util.diagnostics_plot import Panel, Series
+
 from .runs import Run
-from .statistics import diagnosed_groups, diagnostic_curves, diagnostic_keys, group_runs, mean_curve, mean_std_curve
+from .statistics import (Group, diagnosed_groups, diagnostic_curves, diagnostic_keys, group_runs, mean_curve,
+                         mean_std_curve)
 
 
 def plot_curves(runs: List[Run], path: str) -> None:
@@ -47,52 +49,43 @@ def plot_curves(runs: List[Run], path: str) -> None:
     plt.close(fig)
 
 
+def _epoch_tick(x: float) -> str:
+    """Tick label of the 1-based epoch axis: 0 is the record at initialisation."""
+    return "init" if x == 0 else f"{x:g}"
+
+
+def diagnostic_panel(groups: List[Group], key: str) -> Panel:
+    """One panel of AP ('AP (%)') or an overall diagnostic against epoch: per variant the mean over
+    seeds with a ±std band, each variant in the same colour in every panel."""
+    panel = Panel(title=key, x=[], xlabel="epoch")
+    for index, group in enumerate(groups):
+        if key == "AP (%)":
+            curves = [{p["epoch"]: p["AP"] * 100 for p in run.curve} for run in group.runs if run.curve]
+        else:
+            curves = diagnostic_curves(group, key)
+        epochs, mean, std = mean_std_curve(curves)
+        if not epochs:
+            continue
+        x = [epoch + 1 for epoch in epochs]  # 1-based, as in the AP plot: the initialisation is 0
+        band = None
+        if any(s is not None for s in std):
+            band = ([m - (s or 0.0) for m, s in zip(mean, std)], [m + (s or 0.0) for m, s in zip(mean, std)])
+        panel.series.append(Series(f"{group.label} (n={len(curves)})", mean, band=band, x=x, colour=index))
+        panel.x = sorted(set(panel.x) | set(x))
+    return panel
+
+
 def plot_diagnostics(runs: List[Run], path: str) -> bool:
-    """AP and every overall reference diagnostic against epoch, one panel each; per variant the mean
-    over seeds with a ±std band. Returns False (nothing written) when no run logged diagnostics."""
+    """AP and every overall reference diagnostic against epoch, the diagnostics picture
+    (``util.diagnostics_plot``) with one panel each. Returns False (nothing written) when no run
+    logged diagnostics."""
+    from util.diagnostics_plot import plot_diagnostics as plot
+
     keys = diagnostic_keys(runs)
     if not keys:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
     groups = diagnosed_groups(group_runs(runs))
-    panels = ["AP (%)"] + keys
-    columns = min(4, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, panel in zip(axes.flat, panels):
-        for index, group in enumerate(groups):
-            if panel == "AP (%)":
-                curves = [{p["epoch"]: p["AP"] * 100 for p in run.curve} for run in group.runs if run.curve]
-            else:
-                curves = diagnostic_curves(group, panel)
-            epochs, mean, std = mean_std_curve(curves)
-            if not epochs:
-                continue
-            x = [epoch + 1 for epoch in epochs]  # 1-based, as in the AP plot: the initialisation is 0
-            colour = colours[index % len(colours)]
-            ax.plot(x, mean, marker="o", markersize=3, color=colour, label=f"{group.label} (n={len(curves)})")
-            if any(s is not None for s in std):
-                ax.fill_between(x, [m - (s or 0.0) for m, s in zip(mean, std)],
-                                [m + (s or 0.0) for m, s in zip(mean, std)], color=colour, alpha=0.2, lw=0)
-        ax.set_title(panel, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: "init" if x == 0 else f"{x:g}"))
-        ax.tick_params(labelsize=7)
-        ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4) or 1, fontsize=8,
-               title="variant: mean over seeds, band ±1 std", title_fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.8 * rows)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot([diagnostic_panel(groups, key) for key in ["AP (%)"] + keys], path, format_x=_epoch_tick,
+         legend_title="variant: mean over seeds, band ±1 std", panel_size=(3.6, 2.8), dpi=110)
     return True
