@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import tiny_args
-from tests.test_reliability import assert_one_line_error, cli, synthetic_flags, tiny_checkpoint
+from tests.test_data_checks import assert_one_line_error, cli, synthetic_flags, tiny_checkpoint
 from util.checkpoint import UnreadableCheckpointError, load_checkpoint
 
 
@@ -219,7 +219,7 @@ def _coco_run(tmp_path, capsys, mutate=None, *extra, images=None):
     import json
 
     from tests.test_datasets import ann, rectangle_image, write_coco
-    from tests.test_reliability import coco_flags
+    from tests.test_data_checks import coco_flags
 
     root = tmp_path / "coco"
     images = images or [(i, rectangle_image(32, 32, (4, 4, 20, 20)), (32, 32)) for i in (1, 2)]

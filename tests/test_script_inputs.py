@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.test_reliability import assert_one_line_error, cli, synthetic_flags
+from tests.test_data_checks import assert_one_line_error, cli, synthetic_flags
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 if SCRIPTS not in sys.path:
@@ -167,7 +167,7 @@ def test_numpy_scalars_and_arrays_of_every_dtype_load_weights_only(tmp_path, nam
 
 
 def test_after_auto_resume_the_error_names_auto_resume(tmp_path, synthetic_dir, capsys):
-    from tests.test_reliability import tiny_checkpoint
+    from tests.test_data_checks import tiny_checkpoint
 
     out = tmp_path / "out"
     out.mkdir()
@@ -203,7 +203,7 @@ def test_a_symlinked_output_dir_finishes_the_unfinished_epoch(tmp_path, syntheti
 
 
 def test_unsafe_trust_checkpoint_names_the_file_through_a_link(tmp_path, synthetic_dir, capsys):
-    from tests.test_reliability_round3 import _code_running_checkpoint
+    from tests.test_checkpoint_safety import _code_running_checkpoint
 
     real = tmp_path / "legacy.pth"
     _code_running_checkpoint(real, tmp_path / "code_ran")
@@ -272,7 +272,7 @@ def test_diagnose_measures_each_checkpoint_with_its_own_configuration(tmp_path, 
     import json
 
     import diagnose
-    from tests.test_reliability import tiny_checkpoint
+    from tests.test_data_checks import tiny_checkpoint
 
     base, guided = tmp_path / "baseline.pth", tmp_path / "v3.0.4.pth"
     tiny_checkpoint(base, *_synthetic_model_flags(synthetic_dir), "--variant", "baseline", "--stages", "2:2")
@@ -293,7 +293,7 @@ def test_diagnose_measures_each_checkpoint_with_its_own_configuration(tmp_path, 
 
 def test_diagnose_honours_unsafe_trust_checkpoint(tmp_path, synthetic_dir, capsys):
     import diagnose
-    from tests.test_reliability_round3 import _code_running_checkpoint
+    from tests.test_checkpoint_safety import _code_running_checkpoint
 
     ckpt, marker = tmp_path / "legacy.pth", tmp_path / "code_ran"
     _code_running_checkpoint(ckpt, marker)
@@ -375,7 +375,7 @@ def test_an_unusable_msda_impl_is_one_line_before_anything_is_written(tmp_path, 
 
 def test_predict_checks_msda_impl_against_its_device(tmp_path, synthetic_dir, capsys, monkeypatch):
     import predict
-    from tests.test_reliability import tiny_checkpoint
+    from tests.test_data_checks import tiny_checkpoint
 
     ckpt = tmp_path / "checkpoint.pth"
     tiny_checkpoint(ckpt, *_synthetic_model_flags(synthetic_dir))
@@ -392,7 +392,7 @@ def test_predict_checks_msda_impl_against_its_device(tmp_path, synthetic_dir, ca
 def predict_checkpoint(tmp_path, synthetic_dir):
     from PIL import Image
 
-    from tests.test_reliability import tiny_checkpoint
+    from tests.test_data_checks import tiny_checkpoint
 
     ckpt = tmp_path / "checkpoint.pth"
     tiny_checkpoint(ckpt, *_synthetic_model_flags(synthetic_dir))
@@ -403,7 +403,7 @@ def predict_checkpoint(tmp_path, synthetic_dir):
 def test_visualize_refs_on_a_refused_checkpoint_is_one_line(tmp_path, synthetic_dir, capsys):
     import visualize_refs
     from tests.helpers import TINY
-    from tests.test_reliability_round3 import _code_running_checkpoint
+    from tests.test_checkpoint_safety import _code_running_checkpoint
 
     ckpt, marker = tmp_path / "legacy.pth", tmp_path / "code_ran"
     _code_running_checkpoint(ckpt, marker)
@@ -541,7 +541,7 @@ def test_sigterm_in_the_diagnostics_at_initialisation_stops_before_training(tmp_
 
 def test_sigterm_in_the_diagnostics_of_eval_exits_143(tmp_path, synthetic_dir, capsys, monkeypatch):
     from models.diagnostics import ReferenceDiagnostics
-    from tests.test_reliability import tiny_checkpoint
+    from tests.test_data_checks import tiny_checkpoint
 
     ckpt = tmp_path / "model.pth"
     tiny_checkpoint(ckpt, *_synthetic_model_flags(synthetic_dir))
