@@ -1,6 +1,6 @@
 """Look at what guides the encoder: predictions, the decoder's cross-attention map, encoder references.
 
-usage: python scripts/visualize_refs.py --config configs/v3.0.4.yaml [--resume ckpt.pth]
+usage: python scripts/visualize_refs.py [--resume CKPT|RUN_DIR] [--config FILE]
            --image PATH|synthetic[:N] --out DIR [--tokens 4] [--score_thresh 0.3] [any main.py flag]
 
 Writes into DIR:

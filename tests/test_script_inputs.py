@@ -147,7 +147,7 @@ def test_predict_checks_msda_impl_against_its_device(tmp_path, synthetic_dir, ca
     (tmp_path / "a.png").write_bytes(b"")
     monkeypatch.setenv("MSDA_IMPL", "cuda")
     code, err = run_script(capsys, predict.main, ["--checkpoint", ckpt, "--images", tmp_path / "a.png", "--out",
-                                               tmp_path / "pred", "--device", "cpu"])
+                                                  tmp_path / "pred", "--device", "cpu"])
     assert_one_line_error(code, err, "MSDA_IMPL=cuda", "cpu")
 
 
@@ -184,11 +184,11 @@ def test_out_naming_an_existing_file_is_one_line(tmp_path, predict_checkpoint, c
     taken = tmp_path / "taken"
     taken.write_text("a file\n")
     if script == "predict":
-        code, err = run_script(capsys, predict.main, ["--checkpoint", predict_checkpoint, "--images", tmp_path / "a.png",
-                                                   "--out", taken, "--device", "cpu"])
+        code, err = run_script(capsys, predict.main, ["--checkpoint", predict_checkpoint, "--images",
+                                                      tmp_path / "a.png", "--out", taken, "--device", "cpu"])
     else:
         code, err = run_script(capsys, diagnose.main, ["--resume", predict_checkpoint, "--out", taken, "--diag_images",
-                                                    "1", "--device", "cpu"])
+                                                       "1", "--device", "cpu"])
     assert_one_line_error(code, err, f"--out {taken}", "not a folder")
     assert taken.read_text() == "a file\n"
 
@@ -197,7 +197,7 @@ def test_predict_on_a_device_that_does_not_exist_is_one_line(tmp_path, predict_c
     import predict
 
     code, err = run_script(capsys, predict.main, ["--checkpoint", predict_checkpoint, "--images", tmp_path / "a.png",
-                                               "--out", tmp_path / "pred", "--device", "tpu"])
+                                                  "--out", tmp_path / "pred", "--device", "tpu"])
     assert_one_line_error(code, err, "--device tpu")
 
 
@@ -209,7 +209,7 @@ def test_an_image_that_is_not_a_regular_file_is_named_as_such(tmp_path, predict_
     if kind == "fifo":
         os.mkfifo(path)
     code, err = run_script(capsys, predict.main, ["--checkpoint", predict_checkpoint, "--images", path,
-                                               "--out", tmp_path / "pred", "--device", "cpu"])
+                                                  "--out", tmp_path / "pred", "--device", "cpu"])
     assert_one_line_error(code, err, f"--images {path}: not a regular file or a folder")
     assert "did you mean" not in err
 
@@ -218,6 +218,6 @@ def test_export_batch_size_zero_blames_batch_size(tmp_path, predict_checkpoint, 
     import export
 
     code, err = run_script(capsys, export.main, ["--checkpoint", predict_checkpoint, "--out", tmp_path / "m.pt2",
-                                              "--batch_size", "0"])
+                                                 "--batch_size", "0"])
     assert_one_line_error(code, err, "--batch_size 0 must be >= 1")
     assert "--image_size" not in err

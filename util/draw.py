@@ -2,9 +2,10 @@
 
 The one place boxes are drawn: scripts/predict.py (annotated images), the validation pictures
 that training sends to TensorBoard (engine.validation_pictures) and scripts/visualize_refs.py all
-draw a model's detections with ``prediction_panel`` (ground truth with ``draw_boxes``). Drawing uses PIL only (no matplotlib), so it is cheap enough to run during
-training. Line widths and fonts grow with the image, so a label is readable at the image's own
-size; images smaller than ``MIN_SIDE`` are enlarged first (a 128-pixel image has no room for text).
+draw a model's detections with ``prediction_panel`` (ground truth with ``draw_boxes``). Drawing
+uses PIL only (no matplotlib), so it is cheap enough to run during training. Line widths and fonts
+grow with the image, so a label is readable at the image's own size; images smaller than
+``MIN_SIDE`` are enlarged first (a 128-pixel image has no room for text).
 """
 import colorsys
 from typing import Dict, List, Optional, Sequence, Tuple
