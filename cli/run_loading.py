@@ -155,7 +155,7 @@ def checkpoint_configuration(contents: Any, path: str, flag: str, config_file: O
     config = resolved(args, int(num_classes), check_paths)
     # what defines the model must be the checkpoint's; evaluation flags may differ, as for --eval --resume
     check_checkpoint_configuration(saved, config, path, flag, evaluating=True,
-                                   advice=f"its configuration ({config_file or 'the one it records'}) is not the "
+                                   advice=f"Its configuration ({config_file or 'the one it records'}) is not the "
                                           "one the checkpoint was made with")
     return config
 
