@@ -35,6 +35,7 @@ from cli.checkpoint_config import configuration_for_checkpoint, differences_from
 from cli.config import get_args_parser  # noqa: F401  (main.get_args_parser(): main's interface)
 from cli.config import Config, config_dict, derived_keys, parse_args, save_config
 from cli.prepare import evaluation_output_dir, prepare, resume_flag_name, resume_path
+from cli.run_loading import load_model_weights, same_path
 from extras import build_extras, run_after_evaluation, run_before_training, tail_record_types
 from runner.data import build_data, class_names_of, count_parameters, data_summaries
 from runner.tail import EpochTail, eval_due, run_evaluation
@@ -48,12 +49,6 @@ from util.logger import JsonlLogger, TensorboardLogger, format_seconds
 from util.optim import build_lr_scheduler, build_optimizer
 from util.output_lock import OutputDirLock
 from util.seeding import WorkerSeeder, mix_seed, seed_everything
-
-
-def same_path(a: str, b: str) -> bool:
-    """Whether two paths name the same file or folder: compared as real paths (symlinks resolved),
-    since an output directory or a checkpoint is often reached through a link."""
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 @dataclass(frozen=True)
@@ -87,24 +82,6 @@ class RunContext:
 
 # ----------------------------------------------------------------------------- setup helpers
 
-def load_model_weights(model, path: str, strict: bool, flag: str = "--resume",
-                       saved: Optional[Dict] = None, config: Optional[Config] = None, loaded: Any = None) -> None:
-    """Weights through ``models.load_pretrained`` (prints what it loaded and what it skipped).
-
-    ``strict`` (``--resume``, also with ``--eval``): a checkpoint that does not fit the model would
-    silently train or evaluate a partly random model, so a missing, unexpected or mis-shaped key is
-    an ``InputError`` naming the keys (and the flags that differ from ``saved``, the configuration
-    the checkpoint records, when given). ``--pretrained`` loads leniently and only lists what it skipped.
-    ``loaded``: the file's contents when already read (the resume checkpoint is read once).
-    """
-    import models
-
-    missing, unexpected = models.load_pretrained(model, path, loaded=loaded)
-    if strict and (missing or unexpected):
-        raise InputError(f"{flag} {path} does not match this model's configuration: "
-                         f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-                         + differences_from_checkpoint(saved, config))
 
 
 def compile_if_asked(model: torch.nn.Module, config) -> torch.nn.Module:

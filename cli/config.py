@@ -351,12 +351,19 @@ def load_variants(path: str = VARIANTS_FILE) -> Dict[str, Dict[str, Any]]:
         return yaml.safe_load(f) or {}
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse flags with presets and config files applied, then validate. Raises SystemExit/ValueError."""
+def parse_args(argv: Optional[Sequence[str]] = None, config_values: Optional[Dict[str, Any]] = None,
+               config_source: str = "the recorded configuration") -> argparse.Namespace:
+    """Parse flags with presets and config files applied, then validate. Raises SystemExit/ValueError.
+
+    ``config_values``: {flag: value} read already (a checkpoint's recorded configuration), taken
+    as a ``--config`` file would be when ``argv`` names none; ``config_source`` names it in errors."""
     parser = get_args_parser()
     cli = list(argv) if argv is not None else None
     first = parser.parse_args(cli)
-    file_values = load_yaml_config(first.config) if first.config else {}
+    if first.config:
+        file_values, config_source = load_yaml_config(first.config), f"config {first.config}"
+    else:
+        file_values = dict(config_values or {})
     for key in DERIVED_KEYS:  # a run's config.yaml: recomputed from the flags, never read back
         file_values.pop(key, None)
     variant = first.variant if first.variant is not None else file_values.get("variant")
@@ -366,7 +373,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if variant not in variants:
             raise ValueError(f"--variant {variant}: unknown; choose from {', '.join(variants)}")
         preset_tokens = _to_tokens(variants[variant], parser, f"variant preset '{variant}'")
-    file_tokens = _to_tokens(file_values, parser, f"config {first.config}") if file_values else []
+    file_tokens = _to_tokens(file_values, parser, config_source) if file_values else []
     import sys
     cli_tokens = cli if cli is not None else sys.argv[1:]
     args = parser.parse_args(preset_tokens + file_tokens + cli_tokens)

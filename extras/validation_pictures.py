@@ -56,18 +56,6 @@ def picture_indices(dataset_size: int, count: int) -> List[int]:
     return sorted({round(k * (dataset_size - 1) / (count - 1)) for k in range(count)})
 
 
-def _prediction_panel(base, scale: float, result: Dict, class_names, score_thr: float):
-    """Predictions above ``score_thr`` on ``base`` (boxes in image pixels x ``scale``); the top 3
-    dashed while none pass (an untrained model still shows where it looks)."""
-    keep = result["scores"] > score_thr
-    dashed = not bool(keep.any())
-    if dashed:
-        keep = torch.arange(len(result["scores"])) < 3
-    picture = draw.draw_boxes(base, result["boxes"][keep] * scale, result["labels"][keep], result["scores"][keep],
-                              class_names, dashed)
-    return draw.draw_caption(picture, f"none > {score_thr}: top 3 dashed" if dashed else f"predictions > {score_thr}")
-
-
 def _reference_panel(base, record: ForwardRecord, tokens: int):
     """The last encoder layer's references of ``tokens`` high-attention tokens, over ``base``."""
     shapes = level_shapes(record)
@@ -103,7 +91,7 @@ def validation_pictures(model: nn.Module, postprocessors: Dict, dataset, indices
         base, scale = draw.enlarged(draw.to_pil(image))
         truth = box_cxcywh_to_xyxy(target["boxes"].float()) * torch.tensor([w, h, w, h]) * scale
         panels = [draw.draw_caption(draw.draw_boxes(base, truth, target["labels"], None, class_names), "ground truth"),
-                  _prediction_panel(base, scale, result, class_names, score_thr)]
+                  draw.prediction_panel(base, scale, result, class_names, score_thr)]
         if references and record.encoder:
             panels.append(_reference_panel(base, record, tokens))
         pictures.append((index, draw.side_by_side(panels)))

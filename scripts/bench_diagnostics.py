@@ -42,20 +42,15 @@ def build(config_file: str, variant: str, main_flags: Sequence[str], resume: str
     from torch.utils.data import DataLoader, SequentialSampler
 
     import datasets
-    import main as main_module
-    import models
-    from cli.config import parse_args
-    from cli.prepare import prepare
+    from cli.run_loading import build_loaded_run, random_init_configuration, read_checkpoint
 
     extra = [] if variant == "stock" else ["--variant", variant]
-    args = parse_args(["--config", config_file, *extra, "--output_dir", "", *main_flags])
-    args.eval = True  # only the validation split is read (and checked)
-    config = prepare(args)
-    torch.manual_seed(config.seed)
-    model, _, postprocessors = models.build_model(config)
-    if resume:
-        main_module.load_model_weights(model, resume, strict=True)
-    model.to(config.device)
+    # the validation split only is read (and checked), and nothing is written
+    config = random_init_configuration(["--config", config_file, *extra, "--output_dir", "", *main_flags],
+                                       check_paths=True, evaluating=True)
+    weights = read_checkpoint(resume, "--resume") if resume else None
+    run = build_loaded_run(config, weights, resume, "--resume", seed=config.seed)
+    model, postprocessors = run.model, run.postprocessors
     dataset = datasets.build_dataset("val", config)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=SequentialSampler(dataset),
                         collate_fn=datasets.collate_fn, num_workers=config.num_workers)

@@ -22,6 +22,7 @@ space-separated flag names without dashes, ``name=value`` for valued flags, ``ba
 ``--compile`` each model is ``torch.compile``d as main.py does.
 """
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -41,7 +42,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli.config import parse_args  # noqa: E402
+from cli.config import Config  # noqa: E402
+from cli.run_loading import random_init_configuration  # noqa: E402
+from util.errors import InputError  # noqa: E402
 from util.nested_tensor import nested_tensor_from_tensor_list  # noqa: E402
 
 DTYPE_NAMES = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -64,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- set-up
 
-def model_args(main_argv: Sequence[str], variant: Optional[str] = None, extra: str = "") -> argparse.Namespace:
-    """main.py flags (+ an overriding --variant) -> validated args with num_classes and a usable device.
+def model_args(main_argv: Sequence[str], variant: Optional[str] = None, extra: str = "") -> Config:
+    """main.py flags (+ an overriding --variant) -> the configuration (``cli.run_loading``: the class
+    count from --num_classes or the dataset, the device after the CPU fallback).
 
     Backbone weights are irrelevant to speed, so random init is used unless the flags name a file.
     """
@@ -74,12 +78,8 @@ def model_args(main_argv: Sequence[str], variant: Optional[str] = None, extra: s
         argv += ["--backbone_weights", "none"]
     if variant is not None:
         argv += ["--variant", variant]
-    args = parse_args(argv)
-    if args.num_classes is None:
-        args.num_classes = _dataset_classes(args)
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        args.device = "cpu"
-    return args
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines; a CPU fallback says so on stderr
+        return random_init_configuration(argv)
 
 
 def flag_set_tokens(flag_set: str) -> List[str]:
@@ -91,15 +91,6 @@ def flag_set_tokens(flag_set: str) -> List[str]:
         name, sep, value = item.partition("=")
         tokens += ["--" + name.lstrip("-")] + ([value] if sep else [])
     return tokens
-
-
-def _dataset_classes(args) -> int:
-    """The dataset's class count without reading the dataset when the package can tell it."""
-    try:
-        from datasets import num_classes
-        return int(num_classes(args))
-    except (ImportError, AttributeError, FileNotFoundError):
-        return 91  # COCO's id range, what main.py uses for COCO
 
 
 def default_image_size(args) -> Tuple[int, int]:
@@ -317,7 +308,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     if bench.compare and bench.compare_flags:
         parser.error("give --compare (presets) or --compare_flags (flag sets), not both")
-    run(bench, main_argv)
+    try:
+        run(bench, main_argv)
+    except (InputError, ValueError, FileNotFoundError) as exc:  # bad input: one line (exit 2), as main.py
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

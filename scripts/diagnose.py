@@ -3,10 +3,12 @@
 usage: python scripts/diagnose.py --resume CKPT [CKPT ...] --out DIR [--diag_images N] [--config FILE]
            [--unsafe_trust_checkpoint CKPT] [any main.py flag, e.g. --coco_path DATA --device cpu]
 
-Each checkpoint is measured as itself: with the configuration it records (``args``), or with
-``--config`` when given (needed for a bare state dict and for an upstream-style checkpoint, whose
-``args`` is upstream's argparse.Namespace; a checkpoint whose record disagrees with it is refused);
-main.py flags after it override either. The probe set is the first N validation images by image id
+Each checkpoint (a file, or a run directory: its latest checkpoint) is measured as itself, loaded
+as every script loads a run (``cli/run_loading.py``): with ``--config`` when given, else the
+config.yaml of its run directory, else the configuration it records (``args``); an upstream-style
+checkpoint (``args`` is upstream's argparse.Namespace) or a bare state dict needs ``--config``, and
+a configuration whose model flags disagree with the checkpoint's record is refused. main.py flags
+after it override either. The probe set is the first N validation images by image id
 (``--diag_images``; unset: the first checkpoint's own value, else 32), evaluation transforms. With
 several checkpoints (in the order given, e.g. epochs 3, 7, 11 of one run) the across-evaluation D3
 instabilities are measured between consecutive ones of the same configuration; a checkpoint of
@@ -22,17 +24,16 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from util.diagnostics_plot import Panel, Series  # noqa: E402
 from util.errors import InputError  # noqa: E402
 
 # probe images when neither --diag_images nor the run's configuration names a number
@@ -55,41 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_configuration(checkpoint: Dict, path: str, config_file: Optional[str], main_flags: Sequence[str],
                       images: Optional[int]):
-    """The resolved configuration (main.prepare) that checkpoint ``path`` is measured with, with
-    ``--diag_images`` set for the probe (``images``; None: the configuration's own, else 32)."""
-    from cli.config import parse_args
-    from cli.prepare import prepare
-    from cli.checkpoint_config import check_checkpoint_configuration
-    from util.checkpoint import has_upstream_args, saved_config
+    """The configuration checkpoint ``path`` (read: ``checkpoint``) is measured with, as every script
+    loads a run (``cli.run_loading``: ``config_file`` or the run's config.yaml, else its record;
+    ``main_flags`` over it), its validation data checked, with ``--diag_images`` set for the probe
+    (``images``; None: the configuration's own, else 32)."""
+    from cli.run_loading import checkpoint_configuration, checkpoint_files
 
-    upstream = has_upstream_args(checkpoint)
-    saved = {} if upstream else saved_config(checkpoint)  # upstream's flags are not this project's
-    if config_file is None and upstream:
-        raise InputError(f"--resume {path}: an upstream-style checkpoint (its args are an argparse.Namespace, not "
-                         "this project's configuration): pass --config FILE with the configuration it was trained with")
-    if config_file is None and not saved:
-        raise InputError(f"--resume {path}: the checkpoint records no configuration (a bare state dict): "
-                         "pass --config FILE")
-    with tempfile.TemporaryDirectory() as folder:
-        flags_file = config_file
-        if flags_file is None:
-            flags_file = os.path.join(folder, "saved_config.yaml")
-            with open(flags_file, "w") as f:
-                yaml.safe_dump(saved, f)
-        # the checkpoint holds every weight, and the run's output folder and files are not ours to touch
-        args = parse_args(["--config", flags_file, "--output_dir", "", "--pretrained", "", "--backbone_weights",
-                           "none", *main_flags])
-    args.eval = True  # only the validation split is needed (and checked)
-    if images is not None:
-        args.diag_images = images
-    elif args.diag_images == 0:
-        args.diag_images = FALLBACK_IMAGES
-    if args.diag_images < 1:
-        raise ValueError(f"--diag_images {args.diag_images} must be >= 1 here (0 would measure nothing)")
-    config = prepare(args)
-    if config_file is not None and saved:  # --config for a checkpoint that records another model: refused
-        check_checkpoint_configuration(saved, config, path, "--resume", evaluating=True)
-    return config
+    config_file = config_file or checkpoint_files(path, "--resume")[1]
+    config = checkpoint_configuration(checkpoint, path, "--resume", config_file, main_flags, check_paths=True)
+    if images is None:
+        images = config.diag_images or FALLBACK_IMAGES
+    if images < 1:
+        raise ValueError(f"--diag_images {images} must be >= 1 here (0 would measure nothing)")
+    return config.replace(diag_images=images)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -138,12 +117,13 @@ def diagnose(paths: Sequence[str], config_file: Optional[str], main_flags: Seque
     its own configuration; ``trusted``: the file --unsafe_trust_checkpoint names."""
     from cli.config import config_dict
     from datasets.probe import probe_batches
-    from main import load_model_weights, same_path
-    from util.checkpoint import load_checkpoint, saved_config
+    from cli.run_loading import checkpoint_files, load_model_weights, read_checkpoint
+    from util.checkpoint import saved_config
 
     probe, first, evaluations = None, None, []
-    for path in paths:
-        checkpoint = load_checkpoint(path, trusted=bool(trusted) and same_path(path, trusted), flag="--resume")
+    for given in paths:
+        path = checkpoint_files(given, "--resume")[0]  # a run directory: its latest checkpoint
+        checkpoint = read_checkpoint(path, "--resume", trusted)
         config = run_configuration(checkpoint, path, config_file, main_flags, images)
         images = config.diag_images  # every checkpoint on the same number of probe images
         if first is None:
@@ -154,8 +134,8 @@ def diagnose(paths: Sequence[str], config_file: Optional[str], main_flags: Seque
                 print(f"{path}: another configuration than the checkpoint before it{change}: measured with its own "
                       "model (no across-evaluation D3 against the one before)", flush=True)
             probe = build_probe(config)
-        load_model_weights(probe.model, path, strict=True, saved=saved_config(checkpoint), config=config,
-                           loaded=checkpoint)
+        load_model_weights(probe.model, path, strict=True, flag="--resume", saved=saved_config(checkpoint),
+                           config=config, loaded=checkpoint)
         epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
         del checkpoint
         batches = probe_batches(probe.dataset, probe.indices, config.batch_size)
@@ -225,74 +205,28 @@ def panel_series(values_per_checkpoint: List[Dict[Tuple[str, ...], float]], labe
                for label, values in zip(labels, values_per_checkpoint)]
 
 
-def draw_panel(ax, x: List[str], series: List[Tuple[str, List[float]]], colours) -> None:
-    """Lines over x (layers) when there are several x values, else grouped bars with their values written."""
-    if len(x) > 1:
-        for index, (label, values) in enumerate(series):
-            black = label == "mean"
-            ax.plot(range(len(x)), values, marker="s" if black else "o", markersize=4 if black else 3,
-                    lw=2 if black else 1.2, color="black" if black else colours(index), label=label)
-        ax.set_xticks(range(len(x)), x, fontsize=7)
-    else:
-        width = 0.8 / max(len(series), 1)
-        for index, (label, values) in enumerate(series):
-            value = values[0]
-            position = index * width - 0.4 + width / 2
-            ax.bar(position, 0.0 if value != value else value, width * 0.9, label=label,
-                   color="black" if label == "mean" else colours(index))
-            ax.annotate("n/a" if value != value else f"{value:.3g}", (position, 0.0 if value != value else value),
-                        ha="center", va="bottom", fontsize=6)
-        ax.set_xticks([0], [x[0] or "all probe images"], fontsize=7)
-        ax.set_xlim(-0.6, 0.6)
-    ax.set_xlabel(_scope_label(x[0]) if x[0] else "", fontsize=8)
-    ax.yaxis.get_major_formatter().set_useOffset(False)
-    low, high = ax.get_ylim()
-    least = 0.1 * max(abs(low), abs(high), 1e-6)  # differences far below the value's size stay flat
-    if high - low < least:
-        middle = (high + low) / 2
-        ax.set_ylim(middle - least / 2, middle + least / 2)
-    ax.legend(fontsize=6, ncol=2)
-
-
-def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: str, title: str) -> None:
-    """diagnostics.png: one panel per diagnostic (see ``panel_series``), titled with what it measures."""
-    import textwrap
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def diagnostic_panels(evaluations: List[Dict], describe: Dict[str, str]) -> List[Panel]:
+    """One panel per diagnostic (see ``panel_series``) against the layer, titled with what it measures."""
     per_checkpoint = [panels(e["metrics"]) for e in evaluations]
     names = sorted({name for grouped in per_checkpoint for name in grouped}, key=_natural)
     labels = [f"epoch {e['epoch']}" if e.get("epoch") is not None else os.path.basename(e["checkpoint"])
               for e in evaluations]
     if len({e.get("variant") for e in evaluations}) > 1:  # checkpoints of several variants: say which is which
         labels = [f"{e.get('variant') or 'stock'} {label}" for e, label in zip(evaluations, labels)]
-    columns = min(4, max(len(names), 1))
-    rows = max(1, -(-len(names) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows + 0.6), squeeze=False)
-    several = len(evaluations) > 1
-    cmap = plt.get_cmap("viridis" if several else "tab10")
-
-    def colours(index: int):
-        return cmap(index / max(len(evaluations) - 1, 1) * 0.85) if several else cmap(index % 10)
-
-    for ax, name in zip(axes.flat, names):
+    out = []
+    for name in names:
         x, series = panel_series([grouped.get(name, {}) for grouped in per_checkpoint], labels)
-        draw_panel(ax, x, series, colours)
-        meaning = "\n".join(textwrap.wrap(describe.get(name, ""), 62)[:3])
-        ax.set_title(f"{name}\n{meaning}", fontsize=7, loc="left")
-        ax.set_ylabel(name.split("/")[1], fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    if not names:
-        axes.flat[0].text(0.5, 0.5, "no diagnostic could be computed", ha="center", va="center")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        out.append(Panel(title=name, x=list(range(len(x))), ticks=x, xlabel=_scope_label(x[0]) if x[0] else "",
+                         ylabel=name.split("/")[1], subtitle=describe.get(name, ""),
+                         series=[Series(label, values, emphasised=label == "mean") for label, values in series]))
+    return out
+
+
+def plot_diagnostics(evaluations: List[Dict], describe: Dict[str, str], path: str, title: str) -> None:
+    """diagnostics.png: the diagnostics picture (``util.diagnostics_plot``), one panel per diagnostic."""
+    from util.diagnostics_plot import plot_diagnostics as plot
+
+    plot(diagnostic_panels(evaluations, describe), path, title=title, ordered=len(evaluations) > 1)
 
 
 # ----------------------------------------------------------------------------- command line

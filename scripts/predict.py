@@ -24,10 +24,9 @@ import glob
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -126,100 +125,20 @@ class Predictor:
     checkpoint_path: str
 
 
-def checkpoint_files(path: str) -> Tuple[str, Optional[str]]:
-    """(checkpoint file, config.yaml or None) of a run directory or a checkpoint file."""
-    from util.checkpoint import find_latest_checkpoint
-    if os.path.isdir(path):
-        checkpoint = find_latest_checkpoint(path)
-        if checkpoint is None:
-            raise InputError(f"--checkpoint {path}: the folder holds no checkpoint.pth or checkpointNNNN.pth")
-        config = os.path.join(path, "config.yaml")
-        if not os.path.isfile(config):
-            raise InputError(f"--checkpoint {path}: the run directory has no config.yaml")
-        return checkpoint, config
-    if not os.path.isfile(path):
-        raise InputError(f"--checkpoint {path}: no such file or folder")
-    config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
-    return path, (config if os.path.isfile(config) else None)
-
-
-def run_configuration(config_file: Optional[str], saved: Dict, checkpoint_path: str, device: str,
-                      upstream: bool = False):
-    """Parsed, validated flags of the run: from ``config_file``, else from the checkpoint's record
-    ``saved``. ``upstream``: the checkpoint's ``args`` is upstream's Namespace (not usable here)."""
-    import yaml
-    from cli.config import parse_args
-    temporary = None
-    if config_file is None:
-        if upstream:
-            raise InputError(f"--checkpoint {checkpoint_path}: an upstream-style checkpoint (its args are an "
-                             "argparse.Namespace, not this project's configuration): pass --config FILE with the "
-                             "configuration it was trained with")
-        if not saved:
-            raise InputError(f"--checkpoint {checkpoint_path}: no config.yaml beside it and the checkpoint "
-                             "records no configuration: pass --config FILE")
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(saved, f)
-        config_file = temporary = f.name
-    try:
-        args = parse_args(["--config", config_file, "--device", device, "--amp", "off"])  # --amp: our own flag
-    finally:
-        if temporary is not None:
-            os.remove(temporary)
-    if args.num_classes is None:
-        if saved.get("num_classes") is None:
-            import datasets
-            args.num_classes = datasets.num_classes(args)
-        else:
-            args.num_classes = int(saved["num_classes"])
-    return args
-
-
 def load_predictor(checkpoint: str, device: str = "cuda", topk: Optional[int] = None, trusted: str = "",
                    config: Optional[str] = None) -> Predictor:
     """The model of ``checkpoint`` (run directory or file) in eval mode on ``device`` (cuda falls back
-    to cpu). ``InputError`` when the checkpoint cannot be read or does not fit its configuration.
-    ``trusted``: a file the user vouches for (--unsafe_trust_checkpoint), read with full pickle.
-    ``config``: a YAML configuration (--config) instead of the run directory's or the checkpoint's."""
-    import models
-    import ops
-    from main import load_model_weights
+    to cpu), loaded as every script loads a run (``cli.run_loading``). ``InputError`` when the
+    checkpoint cannot be read, does not fit its configuration, or is a control that reads the ground
+    truth. ``trusted``: a file the user vouches for (--unsafe_trust_checkpoint), read with full
+    pickle. ``config``: a YAML configuration (--config) instead of the run directory's or the
+    checkpoint's."""
+    from cli.run_loading import load_run
     from models.postprocess import PostProcess
-    from util.checkpoint import has_upstream_args, load_checkpoint, saved_class_names, saved_config
-    from cli.checkpoint_config import check_checkpoint_configuration
-    from cli.config import resolve_device
 
-    path, config_file = checkpoint_files(checkpoint)
-    if config is not None:
-        if not os.path.isfile(config):
-            raise InputError(f"--config {config}: no such file")
-        config_file = config
-    trust = bool(trusted) and os.path.isfile(trusted) and os.path.samefile(trusted, path)
-    contents = load_checkpoint(path, trusted=trust, flag="--checkpoint")
-    upstream = has_upstream_args(contents)
-    saved = {} if upstream else saved_config(contents)  # upstream's flags are not this project's
-    args = run_configuration(config_file, saved, path, resolve_device(device), upstream)
-    refuse_controls(args, path)
-    ops.check_impl(args.device)  # MSDA_IMPL against the device, before the model is built
-    args.eval = True
-    # what defines the experiment must be the checkpoint's; evaluation flags may differ, as for --eval
-    check_checkpoint_configuration(saved, args, path, "--checkpoint", evaluating=True,
-                                   advice=f"its configuration ({config_file or 'the one it records'}) is not the "
-                                          "one the checkpoint was made with")
-    model, _, postprocessors = models.build_model(args)
-    load_model_weights(model, path, strict=True, flag="--checkpoint", saved=saved, config=args, loaded=contents)
-    device_ = torch.device(args.device)
-    postprocess = PostProcess(topk) if topk is not None else postprocessors["bbox"]
-    return Predictor(model.to(device_).eval(), postprocess, args, device_, saved_class_names(contents), path)
-
-
-def refuse_controls(args, path: str) -> None:
-    """``InputError`` (one line) when the run's guidance reads the ground truth: such a model (the
-    oracle control, --ref_source gt) cannot run on images without annotations."""
-    from models.guidance import guidance_needs
-    if guidance_needs(args)[0]:
-        raise InputError(f"--checkpoint {path}: its encoder guidance reads the ground-truth boxes (--ref_source "
-                         f"{args.ref_source}): a control, not a detector; it cannot run on images alone")
+    run = load_run(checkpoint, "--checkpoint", config, ["--device", device], trusted, images_only=True)
+    postprocess = PostProcess(topk) if topk is not None else run.postprocessors["bbox"]
+    return Predictor(run.model, postprocess, run.config, run.device, run.class_names, run.checkpoint)
 
 
 # ----------------------------------------------------------------------------- running
@@ -244,12 +163,11 @@ def predict_batch(predictor: Predictor, images: List, amp: str = "off", batch_in
 
 
 def annotate(image, result: Dict[str, torch.Tensor], class_names: Dict[int, str], score_thr: float):
-    """The image with its detections above ``score_thr`` drawn (enlarged first when small)."""
+    """The image with its detections scoring at least ``score_thr`` drawn (enlarged first when small);
+    none drawn when none does."""
     from util import draw
-    keep = result["scores"] >= score_thr
     picture, scale = draw.enlarged(image)
-    return draw.draw_boxes(picture, result["boxes"][keep] * scale, result["labels"][keep], result["scores"][keep],
-                           class_names)
+    return draw.prediction_panel(picture, scale, result, class_names, score_thr, fallback=0, caption=False)
 
 
 def picture_name(path: str, used: set) -> str:

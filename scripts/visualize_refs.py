@@ -1,6 +1,6 @@
 """Look at what guides the encoder: predictions, the decoder's cross-attention map, encoder references.
 
-usage: python scripts/visualize_refs.py --config configs/v3.0.4.yaml [--resume ckpt.pth]
+usage: python scripts/visualize_refs.py [--resume CKPT|RUN_DIR] [--config FILE]
            --image PATH|synthetic[:N] --out DIR [--tokens 4] [--score_thresh 0.3] [any main.py flag]
 
 Writes into DIR:
@@ -10,8 +10,14 @@ Writes into DIR:
   refs_token_K.png   for each chosen token, the reference points every encoder layer received,
                      drawn as arrows from the token to each reference, one colour per point
 Nothing in the model is changed: decoder cross-attention and encoder inputs are recorded with
-hooks (models/recording.py). Without ``--resume`` the model is randomly initialised, which still shows the mechanics.
-``synthetic:N`` takes image N of the synthetic validation set (``--dataset_file synthetic``).
+hooks (models/recording.py). ``--resume CKPT`` (a checkpoint file or a run directory) is loaded as
+every script loads a run (``cli/run_loading.py``): its configuration is ``--config`` when given,
+else its run directory's config.yaml, else the one it records, the other main.py flags over it;
+the weights must fit exactly (a checkpoint drawn partly random would show nothing true). Without
+``--resume`` the model is randomly initialised from ``--seed`` (the flags' configuration; the class
+count from ``--num_classes`` or the dataset), which still shows the mechanics. ``synthetic:N`` takes
+image N of the synthetic validation set (``--dataset_file synthetic``); a model whose guidance reads
+the ground truth (the oracle control) runs on those only.
 """
 import argparse
 import math
@@ -25,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import ops  # noqa: E402
-from cli.config import parse_args, resolve_device  # noqa: E402
+from cli.run_loading import (LoadedRun, build_loaded_run, load_run, random_init_configuration,  # noqa: E402
+                              refuse_ground_truth_guidance)
 from models.record_views import (choose_tokens, level_shapes, reference_entries, token_map,  # noqa: E402,F401
                                  token_position, top_queries)
 from models.recording import ForwardRecord, run_recorded  # noqa: E402
@@ -51,34 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- model and input
 
-def build_args(main_argv: Sequence[str]) -> argparse.Namespace:
-    """main.py flags -> validated args with num_classes set and a device that exists here."""
-    args = parse_args(list(main_argv))
-    if args.num_classes is None:
-        try:
-            from datasets import num_classes
-            args.num_classes = int(num_classes(args))
-        except (ImportError, AttributeError, FileNotFoundError):
-            args.num_classes = 91  # COCO's id range
-    args.device = resolve_device(args.device)
-    ops.check_impl(args.device)  # MSDA_IMPL against the device: one line now, not a traceback later
-    return args
-
-
-def load_model(args):
-    """(model in eval mode on args.device, postprocessors); weights from --resume/--pretrained if given."""
-    from models import build_model
-    from models.weights import load_pretrained
-    from util.checkpoint import load_checkpoint
-    torch.manual_seed(args.seed)  # a random-init picture is reproducible
-    model, _, postprocessors = build_model(args)
-    weights = args.resume or args.pretrained
-    if weights:
-        flag = "--resume" if args.resume else "--pretrained"
-        trusted = bool(args.unsafe_trust_checkpoint) and (os.path.realpath(args.unsafe_trust_checkpoint)
-                                                          == os.path.realpath(weights))
-        load_pretrained(model, weights, loaded=load_checkpoint(weights, trusted=trusted, flag=flag))
-    return model.to(args.device).eval(), postprocessors
+def load_model(main_argv: Sequence[str]) -> LoadedRun:
+    """The model to draw, in eval mode on its device: the checkpoint ``--resume`` names (see the
+    module's docstring), else a random initialisation of the flags' configuration."""
+    starts = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag, default in (("--resume", ""), ("--pretrained", ""), ("--config", None),
+                          ("--unsafe_trust_checkpoint", "")):
+        starts.add_argument(flag, default=default)
+    given, flags = starts.parse_known_args(list(main_argv))
+    if given.pretrained:
+        raise InputError(f"--pretrained {given.pretrained}: name the checkpoint to draw with --resume (its weights "
+                         "must fit the model exactly; --pretrained would load what fits and leave the rest random)")
+    if given.resume:
+        return load_run(given.resume, "--resume", given.config, flags, given.unsafe_trust_checkpoint)
+    config = random_init_configuration((["--config", given.config] if given.config else []) + flags)
+    return build_loaded_run(config, seed=config.seed)  # a random-init picture is reproducible
 
 
 def load_image(spec: str, args, resize: bool = True) -> torch.Tensor:
@@ -123,13 +116,12 @@ def synthetic_sample(args, index: int) -> Tuple[torch.Tensor, Dict]:
 
 def load_target(spec: str, args) -> Optional[Dict]:
     """The ground truth of ``--image`` (synthetic images have it, files do not) when the model's guidance
-    reads it (the oracle source); else None. ValueError (one line) when it is needed and absent."""
+    reads it (the oracle source); else None. InputError (one line) when it is needed and absent."""
     from models.guidance import guidance_needs
     if not guidance_needs(args)[0]:
         return None
     if not spec.startswith("synthetic"):
-        raise ValueError(f"--ref_source {args.ref_source} reads the image's ground-truth boxes: use --image "
-                         "synthetic[:N] (an image file has none)")
+        refuse_ground_truth_guidance(args, f"--image {spec}", "use --image synthetic[:N], whose ground truth it reads")
     return synthetic_sample(args, int(spec.split(":", 1)[1]) if ":" in spec else 0)[1]
 
 
@@ -159,22 +151,14 @@ def _pyplot():
 
 
 def draw_predictions(image: torch.Tensor, outputs: Dict, postprocessors, score_thresh: float, path: str,
-                     fallback: int = 5, class_names: Optional[Dict[int, str]] = None) -> int:
-    """Boxes above ``score_thresh`` (util.draw); when none pass (e.g. random init), the top ``fallback``
-    dashed. Returns the number of boxes drawn."""
+                     fallback: int = 5, class_names: Optional[Dict[int, str]] = None) -> None:
+    """The prediction panel (``util.draw.prediction_panel``: boxes scoring at least ``score_thresh``;
+    when none does, e.g. at random init, the top ``fallback`` dashed) of ``image`` (normalised (3, H, W))."""
     h, w = image.shape[-2:]
     result = postprocessors["bbox"](outputs, torch.tensor([[h, w]], device=outputs["pred_logits"].device))[0]
     result = {k: v.cpu() for k, v in result.items()}
-    keep = result["scores"] > score_thresh
-    dashed = not bool(keep.any())
-    if dashed:
-        keep = torch.arange(len(result["scores"])) < fallback
     picture, scale = draw.enlarged(draw.to_pil(image))
-    picture = draw.draw_boxes(picture, result["boxes"][keep] * scale, result["labels"][keep],
-                              result["scores"][keep], class_names, dashed=dashed)
-    title = f"predictions > {score_thresh}" if not dashed else f"none > {score_thresh}; top {fallback} dashed"
-    draw.draw_caption(picture, title).save(path)
-    return int(keep.sum())
+    draw.prediction_panel(picture, scale, result, class_names, score_thresh, fallback).save(path)
 
 
 def draw_attention_map(image: torch.Tensor, weights: torch.Tensor, shapes: List[Tuple[int, int]], path: str,
@@ -239,18 +223,17 @@ def _save(fig, path: str) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
-def visualize(args, image: torch.Tensor, out_dir: str, tokens: int = 4, token_ids: Optional[List[int]] = None,
-              score_thresh: float = 0.3, map_layer: int = -1, map_queries: str = "all", model=None,
-              postprocessors=None, target: Optional[Dict] = None) -> List[str]:
-    """Run the model on ``image`` (normalised (3, H, W)) and write the PNGs; returns their paths.
-    ``target``: the image's ground truth, for a model whose guidance reads it (``load_target``)."""
-    if model is None:
-        model, postprocessors = load_model(args)
+def visualize(run: LoadedRun, image: torch.Tensor, out_dir: str, tokens: int = 4,
+              token_ids: Optional[List[int]] = None, score_thresh: float = 0.3, map_layer: int = -1,
+              map_queries: str = "all", target: Optional[Dict] = None) -> List[str]:
+    """Run the model of ``run`` (``load_model``) on ``image`` (normalised (3, H, W)) and write the PNGs;
+    returns their paths. ``target``: the image's ground truth, for a model whose guidance reads it
+    (``load_target``)."""
     os.makedirs(out_dir, exist_ok=True)
-    outputs, record = run_model(model, image, args.device, args, target)
+    outputs, record = run_model(run.model, image, run.device, run.config, target)
     shapes = level_shapes(record)
     written = [os.path.join(out_dir, "predictions.png")]
-    draw_predictions(image, outputs, postprocessors, score_thresh, written[-1])
+    draw_predictions(image, outputs, run.postprocessors, score_thresh, written[-1], class_names=run.class_names)
 
     queries = top_queries(outputs, 10) if map_queries == "top" else None
     weights = token_map(record, map_layer, queries)
@@ -270,10 +253,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(parser)
     own, main_argv = parser.parse_known_args(argv)
     try:
-        args = build_args(main_argv)
-        target = load_target(own.image, args)
-        image = load_image(own.image, args, resize=own.resize)
-        paths = visualize(args, image, own.out, tokens=own.tokens, token_ids=own.token_ids,
+        run = load_model(main_argv)
+        target = load_target(own.image, run.config)
+        image = load_image(own.image, run.config, resize=own.resize)
+        paths = visualize(run, image, own.out, tokens=own.tokens, token_ids=own.token_ids,
                           score_thresh=own.score_thresh, map_layer=own.map_layer, map_queries=own.map_queries,
                           target=target)
     except (InputError, ValueError, FileNotFoundError) as exc:  # bad input: one line (exit 2), as main.py

@@ -114,3 +114,23 @@ def test_progressive_references_are_previous_sampling_locations():
     for (_, previous_locations), (refs, _) in zip(seen[:-1], seen[1:]):
         assert refs.shape == previous_locations.shape
         assert torch.equal(refs, previous_locations)
+
+
+# levels 1 uses the stride-32 map (layer4, which needs the stages before it); 2 uses strides 8 and 16 only
+@pytest.mark.parametrize("levels,stages", [(1, {"layer2", "layer3", "layer4"}), (2, {"layer2", "layer3"}),
+                                           (3, {"layer2", "layer3", "layer4"})])
+def test_fewer_levels_build_only_the_backbone_stages_they_use(levels, stages):
+    """Every trainable parameter gets a gradient (what DDP with find_unused_parameters off needs)."""
+    import models
+    from tests.helpers import simple_targets, two_padded_images
+    from util.nested_tensor import nested_tensor_from_tensor_list
+
+    args = tiny_args("--num_feature_levels", str(levels), "--no-find_unused_parameters")
+    model, criterion, _ = models.build_model(args)
+    body = model.backbone[0].body
+    assert {name for name in ("layer2", "layer3", "layer4") if hasattr(body, name)} == stages
+    samples = nested_tensor_from_tensor_list(two_padded_images())
+    losses = criterion(model(samples), simple_targets())
+    sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"trainable parameters without a gradient: {no_grad[:5]}"

@@ -31,6 +31,34 @@ def test_draw_boxes_outlines_in_the_class_colour_and_leaves_the_rest():
     assert np.asarray(image).max() == 128  # the input is not drawn on
 
 
+def test_prediction_panel_draws_what_scores_at_least_the_threshold_else_the_best_dashed():
+    """The one panel of detections (predict.py, the validation pictures, visualize_refs): boxes scoring
+    >= the threshold; when none does, the ``fallback`` best dashed; with fallback 0, none."""
+    import torch
+
+    image = Image.new("RGB", (400, 400), (128, 128, 128))
+    result = {"scores": torch.tensor([0.2, 0.6]), "labels": torch.tensor([1, 2]),
+              "boxes": torch.tensor([[10.0, 200.0, 110.0, 300.0], [200.0, 100.0, 300.0, 200.0]])}
+    # left edges, halfway down each box (away from the label and the caption band)
+    first, second = (250, 10), (150, 200)
+
+    def edge(picture, at, label):
+        return (np.asarray(picture)[at] == np.array(draw.class_colour(label))).all()
+
+    drawn = draw.prediction_panel(image, 1.0, result, {2: "ellipse"}, 0.6, caption=False)
+    assert edge(drawn, second, 2) and not edge(drawn, first, 1)  # 0.6 >= 0.6, 0.2 < 0.6
+    scaled = draw.prediction_panel(image.resize((800, 800)), 2.0, result, None, 0.6, caption=False)
+    assert edge(scaled, (300, 400), 2)  # boxes in image pixels, drawn on the enlarged picture
+    none_pass = draw.prediction_panel(image, 1.0, result, None, 0.9, fallback=1, caption=False)
+    column = np.asarray(none_pass)[100:200, 200]  # the best box's left edge, dashed: partly coloured
+    coloured = (column == np.array(draw.class_colour(2))).all(axis=1)
+    assert 0 < coloured.sum() < len(column) and not edge(none_pass, first, 1)
+    assert np.array_equal(np.asarray(draw.prediction_panel(image, 1.0, result, None, 0.9, fallback=0,
+                                                           caption=False)), np.asarray(image))
+    captioned = draw.prediction_panel(image, 1.0, result, None, 0.6)
+    assert (np.asarray(captioned)[2, 2] == 0).all()  # the caption band in the top-left corner
+
+
 def test_label_text_uses_names_and_falls_back_to_ids():
     assert draw.label_text(2, 0.876, {2: "ellipse"}) == "ellipse 0.88"
     assert draw.label_text(5, 0.5, {}) == "5 0.50" and draw.label_text(5, None, None) == "5"

@@ -19,6 +19,7 @@ import bench_model  # noqa: E402
 import summarize  # noqa: E402
 import visualize_refs  # noqa: E402
 from cli.config import expand_stages, load_variants, parse_args  # noqa: E402
+from cli.run_loading import random_init_configuration  # noqa: E402
 
 VARIANTS = ["baseline", "cascade", "v3.0.1", "v3.0.2", "v3.0.3", "v3.0.4"]
 CONTROLS = ["v3.0.4_gt", "v3.0.4_gt_distance", "v3.0.4_random"]
@@ -349,19 +350,17 @@ def test_choose_tokens_spreads_over_levels():
 
 def test_visualize_refs_guided_random_init(tmp_path):
     """A random-init guided model: non-empty PNGs, and the guided layer's references are not stock."""
-    args = visualize_refs.build_args(TINY_GUIDED + ["--variant", "v3.0.4"])
-    model, postprocessors = visualize_refs.load_model(args)
+    run = visualize_refs.load_model(TINY_GUIDED + ["--variant", "v3.0.4"])
     image = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(0))
 
-    _, record = visualize_refs.run_model(model, image, args.device)
+    _, record = visualize_refs.run_model(run.model, image, run.device)
     stock, guided = record.encoder_references
     assert guided.shape[:2] == stock.shape[:2] and guided.shape[-3:] == (4, 4, 2)  # (bs, T, L, P, 2)
     # v3.0.4 keeps point 0 at the token itself; the other points come from the map
     assert torch.allclose(guided[..., 0, :], stock, atol=1e-5)
     assert not torch.allclose(guided[..., 1:, :], stock[..., None, :].expand_as(guided[..., 1:, :]), atol=1e-3)
 
-    paths = visualize_refs.visualize(args, image, str(tmp_path / "vis"), tokens=2, model=model,
-                                     postprocessors=postprocessors)
+    paths = visualize_refs.visualize(run, image, str(tmp_path / "vis"), tokens=2)
     names = sorted(os.path.basename(p) for p in paths)
     assert names == ["attn_map.png", "predictions.png", "refs_token_0.png", "refs_token_1.png"]
     assert all(os.path.getsize(p) > 1000 for p in paths)
@@ -382,7 +381,7 @@ def test_visualize_refs_on_synthetic_image(tmp_path):
     data = ["--dataset_file", "synthetic", "--coco_path", str(tmp_path / "data"), "--synthetic_num_train", "1",
             "--synthetic_num_val", "3", "--synthetic_image_size", "64", "--eval_size", "64", "--max_size", "96",
             "--num_classes", "7"]  # the synthetic category ids go up to 6: loading checks they fit the classifier
-    args = visualize_refs.build_args(TINY_GUIDED + data)
+    args = random_init_configuration(TINY_GUIDED + data)
     image = visualize_refs.load_image("synthetic:2", args)
     assert image.shape[0] == 3 and min(image.shape[1:]) == 64  # val image 2 through the evaluation transforms
     assert not torch.equal(image, visualize_refs.load_image("synthetic:0", args))
@@ -431,7 +430,7 @@ def test_visualize_refs_input_matches_evaluation_transform(tmp_path, height, wid
     pixels = (torch.rand(height, width, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
     path = tmp_path / "img.png"
     Image.fromarray(pixels.numpy()).save(path)
-    args = visualize_refs.build_args(TINY_GUIDED + ["--eval_size", "480", "--max_size", "800"])
+    args = random_init_configuration(TINY_GUIDED + ["--eval_size", "480", "--max_size", "800"])
 
     image = visualize_refs.load_image(str(path), args)
     assert tuple(image.shape) == (3, *expected)

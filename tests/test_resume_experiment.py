@@ -16,7 +16,7 @@ import yaml
 
 import main as main_module
 from cli.config import parse_args
-from tests.test_reliability import assert_one_line_error, cli, synthetic_flags
+from tests.run_helpers import assert_one_line_error, cli, synthetic_flags
 from util.checkpoint import atomic_save, load_checkpoint
 from util.optim import build_lr_scheduler, build_optimizer
 

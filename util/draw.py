@@ -2,9 +2,10 @@
 
 The one place boxes are drawn: scripts/predict.py (annotated images), the validation pictures
 that training sends to TensorBoard (extras/validation_pictures.py) and scripts/visualize_refs.py all
-call ``draw_boxes``. Drawing uses PIL only (no matplotlib), so it is cheap enough to run during
-training. Line widths and fonts grow with the image, so a label is readable at the image's own
-size; images smaller than ``MIN_SIDE`` are enlarged first (a 128-pixel image has no room for text).
+draw a model's detections with ``prediction_panel`` (ground truth with ``draw_boxes``). Drawing
+uses PIL only (no matplotlib), so it is cheap enough to run during training. Line widths and fonts
+grow with the image, so a label is readable at the image's own size; images smaller than
+``MIN_SIDE`` are enlarged first (a 128-pixel image has no room for text).
 """
 import colorsys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -177,3 +178,31 @@ def draw_references(image: Image.Image, tokens: List[Tuple[float, float, List[Tu
                      width=max(2, width))
     return out
 
+
+
+def prediction_panel(picture: Image.Image, scale: float, result: Dict[str, torch.Tensor],
+                     class_names: Optional[Dict[int, str]], score_thr: float, fallback: int = 3,
+                     caption: bool = True) -> Image.Image:
+    """The one picture of a model's detections (predict.py, the validation pictures, visualize_refs).
+
+    Args:
+        picture: the image (RGB PIL), ``scale`` times the size the boxes are in (see ``enlarged``).
+        result: {'scores' (K,), 'labels' (K,), 'boxes' (K, 4) absolute xyxy} on the CPU, as the
+            postprocessor gives them.
+        score_thr: detections scoring at least this are drawn (predict.py saves the same ones).
+        fallback: when none does, the ``fallback`` best are drawn dashed instead, so that an
+            untrained model still shows where it looks; 0: nothing then.
+        caption: a band saying what is drawn.
+    """
+    scores = result["scores"]
+    keep = scores >= score_thr
+    dashed = fallback > 0 and not bool(keep.any())
+    if dashed:
+        keep = torch.zeros_like(keep)
+        keep[scores.argsort(descending=True)[:fallback]] = True
+    drawn = draw_boxes(picture, result["boxes"][keep] * scale, result["labels"][keep], scores[keep], class_names,
+                       dashed=dashed)
+    if not caption:
+        return drawn
+    return draw_caption(drawn, f"none >= {score_thr}: top {fallback} dashed" if dashed
+                        else f"predictions >= {score_thr}")
