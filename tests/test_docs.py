@@ -30,7 +30,7 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 DESIGN_REF = re.compile(r"\b(?:docs/)?design(?:\.md)?\s*(?:§|section)\s*(\d+)", re.IGNORECASE)
 NUMBERED_SECTION = re.compile(r"^##\s+(\d+)\.\s")
 OUTSIDE_REF = re.compile(r"DESIGN\.md|\.\./shared\b|/work/shared\b")
-REPO_PATH = re.compile(r"(?<![\w/.-])((?:scripts|configs|tests|models|ops|util|datasets|cli|docs)/[\w./-]*\w\.(?:py|sh|yaml|md|png|txt))")
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:scripts|configs|tests|models|ops|util|datasets|cli|runner|extras|docs)/[\w./-]*\w\.(?:py|sh|yaml|md|png|txt))")
 
 
 def _walk(suffixes: Tuple[str, ...]) -> Iterator[str]:
