@@ -24,7 +24,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 
 import ops.dispatch as dispatch
-from models import build_model, cross_attn_map, enc_reference
+from models import build_model, sparse_rows
+from models.guidance import top_per_token
 from ops import ms_deform_attn_registered
 from ops.ms_deform_attn_cuda import _backward_op, _forward_op
 from tests.fake_cuda import ROOT, assert_all_on, fake_like, fake_state, located_failures
@@ -211,7 +212,8 @@ class ArangeWithoutDevice:
         return torch.arange(*args, **kwargs)
 
 
-@pytest.mark.parametrize("module", [enc_reference, cross_attn_map], ids=["enc_reference", "cross_attn_map"])
+# the per-token ranking and the map's row merge (models/sparse_rows.py) build tensors with torch.arange
+@pytest.mark.parametrize("module", [top_per_token, sparse_rows], ids=["top_per_token", "sparse_rows"])
 def test_a_tensor_made_on_the_cpu_fails_with_its_file_and_line(module, monkeypatch, pytorch_path):
     monkeypatch.setattr(module, "torch", ArangeWithoutDevice())
     model, _, postprocessors = model_for("--variant", "v3.0.2", *FORMS["mixed"])
