@@ -89,6 +89,7 @@ rm -f "$OUT/msda_kernels.o"
 # TRITON_INTERPRET unset: the GPU tests need the compiled Triton kernels (the interpreted ones
 # are what tests/test_ops_triton.py runs on CPU in every CI run).
 MSDA_JIT=0 step tests "${TEST_TIMEOUT:-360}" env -u TRITON_INTERPRET "$python" -m pytest tests/test_ops_cuda.py \
+    tests/test_guidance_controls.py::test_random_ranking_on_cuda_draws_from_a_cuda_generator_reproducibly \
     tests/test_ops_triton_gpu.py tests/test_compile.py tests/test_ops.py -q -rs --durations=25 \
     --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
 

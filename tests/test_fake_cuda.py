@@ -9,7 +9,7 @@ bug fails the test with the project file and line where it happened.
 The deformable attention runs two ways, as on a GPU: ``MSDA_IMPL=pytorch`` (the PyTorch path,
 what a GPU without the compiled op runs) and the compiled-op route (``torch.ops.msda.*``, whose
 fake implementations stand in for the kernels). Neither may try to load or build the compiled
-op here. The full matrix (44 combinations, 2-6 s each on 2 busy cores) is slow-marked; a subset
+op here. The full matrix (62 combinations, 2-6 s each on 2 busy cores) is slow-marked; a subset
 covering each guidance mode, each form and denoising on and off runs always.
 """
 import importlib
@@ -25,7 +25,8 @@ from torch.func import functional_call
 
 import ops.dispatch as dispatch
 from models import build_model, sparse_rows
-from models.guidance import top_per_token
+from models.enc_reference import GuidanceState
+from models.guidance import guidance_inputs, top_per_token
 from ops import ms_deform_attn_registered
 from ops.ms_deform_attn_cuda import _backward_op, _forward_op
 from tests.fake_cuda import ROOT, assert_all_on, fake_like, fake_state, located_failures
@@ -48,8 +49,10 @@ FORMS = {
 DENOISING = {"dn_off": [], "dn_on": ["--use_dn", "--dn_number", "8"]}
 # always run: each guidance mode (none, per_level, per_point, o2o, keep_self with upstream eval),
 # each form, denoising on and off
+# and the controls whose guidance reads the forward's ``guidance`` argument (the ground truth, the seed)
 FAST = {("baseline", "stock", "dn_on"), ("v3.0.1", "hybrid", "dn_on"), ("v3.0.2", "mixed", "dn_on"),
-        ("v3.0.3", "mixed", "dn_off"), ("v3.0.4_upstream_eval", "hybrid", "dn_off")}
+        ("v3.0.3", "mixed", "dn_off"), ("v3.0.4_upstream_eval", "hybrid", "dn_off"),
+        ("v3.0.4_gt", "mixed", "dn_on"), ("v3.0.4_random", "hybrid", "dn_off")}
 
 
 def matrix():
@@ -92,9 +95,10 @@ def model_for(*flags):
     return build_model(tiny_args(*flags))
 
 
-def check_detector_on_fake_cuda(model, postprocessors, what: str) -> None:
+def check_detector_on_fake_cuda(model, postprocessors, what: str, settings=None) -> None:
     """Train-mode forward (with targets for denoising), eval-mode forward under no_grad and the
-    postprocessor, all on fake CUDA tensors.
+    postprocessor, all on fake CUDA tensors. ``settings`` (the parsed flags) gives the forward the
+    ``guidance`` argument its guidance reads (the fake ground truth, a seed), as the engine does.
 
     No backward: autograd's engine asks the CUDA runtime about the device of every fake CUDA
     gradient, which a torch build without CUDA cannot answer. The operator's backward is checked
@@ -104,11 +108,12 @@ def check_detector_on_fake_cuda(model, postprocessors, what: str) -> None:
         state = fake_state(model)
         images = [fake_like(image) for image in two_padded_images()]
         targets = [{key: fake_like(value) for key, value in target.items()} for target in simple_targets()]
+        guidance = guidance_inputs(settings, targets, (0, 1, 2))
         model.train()
-        train_outputs = functional_call(model, state, (images, targets))
+        train_outputs = functional_call(model, state, (images, targets), {"guidance": guidance})
         model.eval()
         with torch.no_grad():
-            eval_outputs = functional_call(model, state, (images,))
+            eval_outputs = functional_call(model, state, (images,), {"guidance": guidance})
             target_sizes = torch.tensor([list(image.shape[-2:]) for image in images], device="cuda")
             detections = postprocessors["bbox"](eval_outputs, target_sizes)
     assert_all_on(train_outputs, what=f"{what}, train outputs")
@@ -117,10 +122,23 @@ def check_detector_on_fake_cuda(model, postprocessors, what: str) -> None:
     assert len(detections) == 2 and detections[0]["boxes"].shape[-1] == 4
 
 
+@pytest.fixture
+def host_random_generator(monkeypatch):
+    """A CUDA ``torch.Generator`` asks the CUDA driver for its state, which this machine lacks: the
+    random ranking draws from a CPU generator here (under fake tensors the draw's device is checked,
+    not its values); the GPU check (scripts/gpu_check.sh) runs the real one."""
+    def generator(state):
+        if state._random is None:
+            state._random = torch.Generator().manual_seed(state.inputs.seed)
+        return state._random
+    monkeypatch.setattr(GuidanceState, "random_generator", generator)
+
+
 @pytest.mark.parametrize("variant,form,dn", matrix())
-def test_detector_on_fake_cuda(variant, form, dn, pytorch_path):
-    model, _, postprocessors = model_for("--variant", variant, *FORMS[form], *DENOISING[dn])
-    check_detector_on_fake_cuda(model, postprocessors, f"{variant} {form} {dn}")
+def test_detector_on_fake_cuda(variant, form, dn, pytorch_path, host_random_generator):
+    flags = ("--variant", variant, *FORMS[form], *DENOISING[dn])
+    model, _, postprocessors = model_for(*flags)
+    check_detector_on_fake_cuda(model, postprocessors, f"{variant} {form} {dn}", tiny_args(*flags))
 
 
 @pytest.mark.parametrize("flags", [

@@ -179,3 +179,24 @@ def test_random_ranking_resumes_bit_exactly(tmp_path):
     a = load_checkpoint(str(straight / "checkpoint.pth"))["model"]
     b = load_checkpoint(str(resumed / "checkpoint.pth"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+def test_random_ranking_on_cuda_draws_from_a_cuda_generator_reproducibly():
+    """On a GPU the random ranking's generator lives on the device (the fake-CUDA test stands a CPU one
+    in): the same seed parts give the same references, other seed parts other ones."""
+    args = tiny_args("--variant", "v3.0.4_random", "--enc_n_points", "4")
+    torch.manual_seed(0)
+    model, _, _ = build_model(args)
+    model.cuda().eval()
+    samples, targets = one_padded_image()
+    samples = NestedTensor(samples.tensors.cuda(), samples.mask.cuda())
+
+    def references(seed_parts):
+        with torch.no_grad(), record_forward(model) as record:
+            model(samples, guidance=guidance_inputs(args, targets, seed_parts))
+        return record.encoder[1].reference_points
+
+    first = references((0, 1, 2))
+    assert first.is_cuda and torch.equal(first, references((0, 1, 2)))
+    assert not torch.equal(first, references((0, 1, 3)))
