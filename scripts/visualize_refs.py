@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=4, help="tokens whose references are drawn")
     parser.add_argument("--token_ids", type=int, nargs="+", default=None,
                         help="flattened token indices to draw instead of the highest-map-weight ones")
-    parser.add_argument("--score_thresh", type=float, default=0.3, help="predictions drawn above this score")
+    parser.add_argument("--score_thresh", type=float, default=0.3, help="predictions scoring at least this are drawn")
     parser.add_argument("--map_layer", type=int, default=-1, help="decoder layer whose map is drawn")
     parser.add_argument("--map_queries", choices=["all", "top"], default="all",
                         help="sum the map over all queries or only the top-scoring ones")
