@@ -214,7 +214,7 @@ class SetCriterion(nn.Module):
                     losses[f"{k}{suffix}_{i}"] = v
         return losses
 
-    def _one2many_losses(self, outputs, targets, num_boxes, boxes_per_process) -> Dict[str, Tensor]:
+    def _one2many_losses(self, outputs, targets, boxes_per_process) -> Dict[str, Tensor]:
         main = {"pred_logits": outputs["pred_logits_one2many"], "pred_boxes": outputs["pred_boxes_one2many"]}
         aux = outputs.get("aux_outputs_one2many", [])
         if self.one2many == "hybrid":
@@ -222,7 +222,8 @@ class SetCriterion(nn.Module):
             # the repeated count's average, clamped to >= 1 after the repetition (a batch without
             # boxes divides by 1, not by k)
             targets = repeat_targets(targets, self.k_one2many)
-            num_boxes = (boxes_per_process * self.k_one2many).clamp(min=1.0)
+            boxes_per_process = boxes_per_process * self.k_one2many
+        num_boxes = boxes_per_process.clamp(min=1.0)
         return self._decoder_losses(main, aux, targets, self.o2m_matcher, num_boxes, "_one2many", log=False)
 
     def _denoising_losses(self, dn_outputs: Dict, targets, num_boxes) -> Dict[str, Tensor]:
@@ -261,7 +262,7 @@ class SetCriterion(nn.Module):
             enc = self._match_and_loss(outputs["enc_outputs"], _class_agnostic(targets), self.enc_matcher, num_boxes)
             losses.update({k + "_enc": v for k, v in enc.items()})
         if self.one2many is not None and "pred_logits_one2many" in outputs:
-            losses.update(self._one2many_losses(outputs, targets, num_boxes, boxes_per_process))
+            losses.update(self._one2many_losses(outputs, targets, boxes_per_process))
         if "dn_outputs" in outputs:
             losses.update(self._denoising_losses(outputs["dn_outputs"], targets, num_boxes))
         return losses
