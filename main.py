@@ -82,8 +82,6 @@ class RunContext:
 
 # ----------------------------------------------------------------------------- setup helpers
 
-
-
 def compile_if_asked(model: torch.nn.Module, config) -> torch.nn.Module:
     """``torch.compile(model)`` under ``--compile`` (shares parameters with ``model``), else ``model``."""
     return torch.compile(model) if config.compile else model

@@ -9,16 +9,24 @@ from util.dist import say
 from .config import Config, resolve_config, validate_paths
 
 
-def prepare(args) -> Config:
-    """Check the files the run needs and resolve the parsed ``args`` into the read-only configuration
-    (device after the CPU fallback, classifier size from the dataset when unset); check that the
-    attention implementation ``MSDA_IMPL`` asks for runs on that device. Raises ValueError or
-    FileNotFoundError, before any work."""
+def prepare(args, check_paths: bool = True) -> Config:
+    """Check the files the run needs (``check_paths``) and resolve the parsed ``args`` into the
+    read-only configuration (device after the CPU fallback, classifier size from the dataset when
+    unset). Raises ValueError or FileNotFoundError, before any work."""
     import datasets
+
+    num_classes = args.num_classes if args.num_classes is not None else datasets.num_classes(args)
+    return resolved(args, int(num_classes), check_paths)
+
+
+def resolved(args, num_classes: int, check_paths: bool = False) -> Config:
+    """The read-only configuration of parsed ``args`` with ``num_classes``; with ``check_paths``,
+    the data (and output) folders it names are checked first. The attention implementation
+    ``MSDA_IMPL`` asks for is checked against its device. ValueError / FileNotFoundError, one line."""
     import ops
 
-    validate_paths(args)
-    num_classes = args.num_classes if args.num_classes is not None else datasets.num_classes(args)
+    if check_paths:
+        validate_paths(args)
     config = resolve_config(args, num_classes)
     ops.check_impl(config.device)
     return config

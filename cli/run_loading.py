@@ -25,7 +25,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from cli.checkpoint_config import check_checkpoint_configuration, differences_from_checkpoint
-from cli.config import Config, parse_args, resolve_config, validate_paths
+from cli.config import Config, parse_args
+from cli.prepare import prepare, resolved
 from util.checkpoint import (find_latest_checkpoint, has_upstream_args, load_checkpoint, saved_class_names,
                              saved_config)
 from util.dist import say
@@ -100,29 +101,13 @@ def classes_in_weights(contents: Any) -> Optional[int]:
 
 # ----------------------------------------------------------------------------- configurations
 
-def resolved(args, num_classes: int, check_paths: bool = False) -> Config:
-    """The read-only configuration of parsed ``args`` with ``num_classes``; with ``check_paths``,
-    the data (and output) folders it names are checked first. The attention implementation
-    ``MSDA_IMPL`` asks for is checked against its device. ValueError / FileNotFoundError, one line."""
-    import ops
-
-    if check_paths:
-        validate_paths(args)
-    config = resolve_config(args, num_classes)
-    ops.check_impl(config.device)
-    return config
-
-
 def random_init_configuration(flags: Sequence[str], check_paths: bool = False, evaluating: bool = False) -> Config:
     """The configuration of main.py ``flags`` for a model without a checkpoint: the classifier size
     is ``--num_classes``, else the dataset's (ValueError when neither tells it). ``evaluating``: the
     model is only evaluated (``check_paths`` then checks the validation data only)."""
-    import datasets
-
     args = parse_args(list(flags))
     args.eval = args.eval or evaluating
-    num_classes = args.num_classes if args.num_classes is not None else datasets.num_classes(args)
-    return resolved(args, int(num_classes), check_paths)
+    return prepare(args, check_paths)
 
 
 def checkpoint_configuration(contents: Any, path: str, flag: str, config_file: Optional[str] = None,
@@ -144,11 +129,11 @@ def checkpoint_configuration(contents: Any, path: str, flag: str, config_file: O
     args = parse_args([*head, *LOADING_FLAGS, *flags], config_values=saved,
                       config_source=f"{flag} {path}: its recorded configuration")
     args.eval = True  # an evaluation of the checkpoint: only the validation data is read (and checked)
-    num_classes = args.num_classes if args.num_classes is not None else classes_in_weights(contents)
+    in_weights = classes_in_weights(contents)
+    num_classes = args.num_classes if args.num_classes is not None else in_weights
     if num_classes is None:
         raise InputError(f"{flag} {path}: neither its configuration nor its weights say how many classes the "
                          f"model has (no {CLASSIFIER_KEY}): pass --num_classes N")
-    in_weights = classes_in_weights(contents)
     if in_weights is not None and in_weights != num_classes:
         raise InputError(f"{flag} {path}: its classifier has {in_weights} classes but the configuration says "
                          f"--num_classes {num_classes}")

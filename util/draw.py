@@ -179,7 +179,6 @@ def draw_references(image: Image.Image, tokens: List[Tuple[float, float, List[Tu
     return out
 
 
-
 def prediction_panel(picture: Image.Image, scale: float, result: Dict[str, torch.Tensor],
                      class_names: Optional[Dict[int, str]], score_thr: float, fallback: int = 3,
                      caption: bool = True) -> Image.Image:
